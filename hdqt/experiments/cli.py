@@ -1,0 +1,150 @@
+"""The `hdqt run` sub-command: flags and TOML in, runs, tables out.
+
+Mode: the highest-precedence layer (flags over file) that names ``recipe`` or
+``compare`` decides between one run and a comparison; when neither is named,
+the command compares ``fp32`` against ``hdqt``. With no arguments at all it runs
+the embedded default (digits, iCaRL, fp32 against hdqt) in ``runs/default``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from hdqt.experiments.config import (
+    CONFIG_KEYS, DEFAULT_COMPARE, ConfigError, RunConfig, load_toml, parse_name_list,
+    resolve_config,
+)
+
+DEFAULT_OUT = Path("runs/default")
+
+# (flag, config key, type, help). Every flag defaults to None so that "not given"
+# can be told apart from "given the default", which the precedence rules need.
+_FLAGS = [
+    ("--dataset", "dataset", str, "dataset name (default: digits)"),
+    ("--backbone", "backbone", str, "network (default: the dataset's)"),
+    ("--method", "method", str, "class-incremental learner (default: icarl)"),
+    ("--recipe", "recipe", str, "quantization recipe for a single run, e.g. fp32, hdqt, int"),
+    ("--bits", "bits", int, "weight/activation/gradient bits (default: the recipe's)"),
+    ("--acc-bits", "acc_bits", int, "accumulator bits; 0 = unlimited (default: the recipe's)"),
+    ("--tile", "tile", int, "reduction length per accumulator (default: the recipe's)"),
+    ("--seed", "seed", int, "seed for class order, data split, init and rounding (default: 0)"),
+    ("--epochs", "epochs", int, "epochs per task (default: the dataset's)"),
+    ("--lr", "lr", float, "learning rate (default: the dataset's)"),
+    ("--batch-size", "batch_size", int, "batch size (default: the dataset's)"),
+    ("--milestones", "milestones", str, "comma-separated epochs where lr decays by gamma"),
+    ("--memory", "memory", int, "total exemplar budget (default: the dataset's)"),
+    ("--init-classes", "init_classes", int, "classes in the first task"),
+    ("--increment", "increment", int, "classes in each later task"),
+    ("--data-root", "data_root", str, "directory with the datasets (default: HDQT_DATA)"),
+    ("--device", "device", str, "torch device, e.g. cpu or cuda (default: cpu)"),
+]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "run", help="run a class-incremental experiment (the default command)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="TOML file; flags override its values")
+    for flag, key, kind, help_text in _FLAGS:
+        parser.add_argument(flag, dest=key, type=kind, default=None, help=help_text)
+    parser.add_argument("--compare", metavar="A,B,...", default=None,
+                        help="run each recipe with the same seed and class order and print "
+                             "them side by side (default when no --recipe: fp32,hdqt)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="output directory; rerunning with the same one resumes "
+                             "(default: runs/default with no arguments, else runs/<name>-<hash>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard a run with another configuration in --out instead of failing")
+    parser.set_defaults(func=run_command)
+    return parser
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    label: str
+    config: RunConfig
+    out_dir: Path
+
+
+def plan_runs(args: argparse.Namespace) -> tuple[list[PlannedRun], bool]:
+    """Resolve flags and file into validated runs; returns (runs, is_comparison)."""
+    file_values: dict[str, Any] = load_toml(args.config) if args.config else {}
+    source = str(args.config) if args.config else "the config file"
+    flags = {key: getattr(args, key) for key in CONFIG_KEYS if getattr(args, key, None) is not None}
+    recipes = _choose_recipes(file_values, flags, args.compare, source)
+    comparison = recipes is not None
+    configs = ([resolve_config(file_values, {**flags, "recipe": r}, source=source) for r in recipes]
+               if comparison else [resolve_config(file_values, flags, source=source)])
+    out = args.out or file_values.get("out")
+    if out is None:
+        given_anything = bool(flags) or args.config is not None or args.compare is not None
+        out = _default_out(configs, comparison) if given_anything else DEFAULT_OUT
+    out = Path(out)
+    if comparison:
+        return [PlannedRun(c.recipe, c, out / c.recipe) for c in configs], True
+    return [PlannedRun(configs[0].recipe, configs[0], out)], False
+
+
+def _choose_recipes(file_values: Mapping[str, Any], flags: Mapping[str, Any],
+                    compare_flag: str | None, source: str) -> tuple[str, ...] | None:
+    """The recipes to compare, or None for a single run (see the module docstring)."""
+    layers = [("flags", flags.get("recipe"), compare_flag),
+              (source, file_values.get("recipe"), file_values.get("compare"))]
+    for where, recipe, compare in layers:
+        if recipe is not None and compare is not None:
+            raise ConfigError(f"{where}: give either recipe or compare, not both "
+                              f"(recipe={recipe!r}, compare={compare!r})")
+        if compare is not None:
+            return parse_name_list(compare, f"compare (from {where})")
+        if recipe is not None:
+            return None
+    return DEFAULT_COMPARE
+
+
+def _default_out(configs: list[RunConfig], comparison: bool) -> Path:
+    # The hash makes the same command find (and resume) the same directory while a
+    # changed option starts a new one instead of clashing with the old run.
+    identity = json.dumps([c.identity() for c in configs], sort_keys=True)
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
+    first = configs[0]
+    mode = "-vs-".join(c.recipe for c in configs) if comparison else first.recipe
+    return Path("runs") / f"{first.dataset}-{first.method}-{mode}-seed{first.seed}-{digest}"
+
+
+def run_command(args: argparse.Namespace) -> int:
+    # Imported here so that `hdqt --help` does not load torch and the learners.
+    from hdqt.experiments.progress import ConsoleProgress
+    from hdqt.experiments.runner import run_experiment
+    from hdqt.experiments.tables import compare_table, run_table
+
+    try:
+        runs, comparison = plan_runs(args)
+    except ConfigError as error:
+        print(f"hdqt run: error: {error}", file=sys.stderr)
+        return 2
+    results = []
+    for run in runs:
+        print(f"== {run.label}: output in {run.out_dir}", flush=True)
+        try:
+            results.append(run_experiment(run.config, run.out_dir, overwrite=args.overwrite,
+                                          progress=ConsoleProgress(run.label)))
+        except ConfigError as error:
+            print(f"hdqt run: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"\nhdqt run: interrupted; rerun the same command to resume from the "
+                  f"last finished task in {run.out_dir}", file=sys.stderr)
+            return 130
+        print(flush=True)
+        print(run_table(results[-1].metrics, results[-1].history), flush=True)
+        print(flush=True)
+    if comparison:
+        print(f"Comparison (same seed {runs[0].config.seed}, same class order; "
+              f"differences to {runs[0].label}):")
+        print(compare_table([r.label for r in runs], [r.metrics for r in results]), flush=True)
+    return 0

@@ -1,0 +1,233 @@
+"""Run one class-incremental experiment task by task, with checkpoints and resume.
+
+After every finished task the runner writes, in this order: the checkpoint (the
+learner's state, the RNG states and the per-task history), then ``metrics.json``
+and ``tasks.csv`` derived from that history. The checkpoint is the source of
+truth: a rerun in the same directory loads it and continues with the next task,
+and because the learner state and every RNG state are restored, the final
+metrics equal those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from hdqt.experiments import outputs
+from hdqt.experiments.config import ConfigError, RunConfig, check_split
+from hdqt.experiments.progress import Progress, SilentProgress
+from hdqt.experiments.summary import summarize
+
+CHECKPOINT_VERSION = 1
+
+
+class ConfigMismatchError(ConfigError):
+    """The output directory holds a run with a different configuration."""
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    out_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    resumed_after: int = 0  # number of tasks loaded from a checkpoint
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_policy(config: RunConfig):
+    """The engine's QuantPolicy for the configured recipe; unset widths keep its defaults."""
+    import hdqt
+
+    overrides = {key: getattr(config, key) for key in ("bits", "acc_bits", "tile")
+                 if getattr(config, key) is not None}
+    if overrides.get("acc_bits") == 0:
+        overrides["acc_bits"] = None  # 0 on the command line: an unlimited accumulator
+    try:
+        return hdqt.recipe(config.recipe, **overrides)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"recipe {config.recipe!r} with {overrides}: {error}") from None
+
+
+def build_train_config(config: RunConfig):
+    from hdqt.cl.learners.base import TrainConfig
+
+    return TrainConfig(
+        epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
+        momentum=config.momentum, weight_decay=config.weight_decay,
+        milestones=tuple(config.milestones), gamma=config.gamma, memory=config.memory,
+        selection=config.selection, temperature=config.temperature, device=config.device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_states() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def _restore_rng_states(states: Mapping[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+
+
+def prepare_out_dir(config: RunConfig, out_dir: Path, overwrite: bool) -> None:
+    """Claim ``out_dir`` for ``config``: a new run, a resume of the same one, or --overwrite."""
+    if overwrite:
+        for name in outputs.RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    config_path = out_dir / outputs.CONFIG_JSON
+    if config_path.exists():
+        _check_same_config(config, config_path)
+    payload = {"config": config.to_dict(), "policy": _policy_dict(config)}
+    outputs.write_json(config_path, payload)
+    outputs.write_text(out_dir / outputs.CONFIG_TOML, outputs.to_toml(
+        config.to_dict(), header="Resolved configuration of this run; "
+        "reuse it with `hdqt run --config config.toml`."))
+
+
+def _check_same_config(config: RunConfig, config_path: Path) -> None:
+    hint = "use another --out, or --overwrite to discard that run"
+    try:
+        stored = RunConfig.from_dict(outputs.read_json(config_path)["config"]).identity()
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigMismatchError(f"{config_path} is not a config this version can read "
+                                  f"({error}); {hint}") from None
+    wanted = config.identity()
+    changed = [f"{key}: {stored[key]!r} -> {wanted[key]!r}" for key in wanted
+               if stored.get(key) != wanted[key]]
+    if changed:
+        raise ConfigMismatchError(f"{config_path.parent} holds a run with a different "
+                                  f"configuration ({', '.join(changed)}); {hint}")
+
+
+def _policy_dict(config: RunConfig) -> dict[str, Any]:
+    policy = build_policy(config)
+    return policy.to_dict() if hasattr(policy, "to_dict") else {"repr": repr(policy)}
+
+
+def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = False,
+                   progress: Progress | None = None) -> RunResult:
+    """Run (or resume, or just report) the experiment in ``out_dir``."""
+    from hdqt.cl.learners import create_learner
+    from hdqt.cl.scenario import ClassIncrementalScenario
+    from hdqt.data import prepare
+
+    out_dir = Path(out_dir)
+    progress = progress or SilentProgress()
+    prepare_out_dir(config, out_dir, overwrite)
+
+    data = prepare(config.dataset, root=config.data_root, seed=config.seed,
+                   test_fraction=config.test_fraction)
+    num_classes = len(data.class_names)
+    check_split(num_classes, config.init_classes, config.increment, config.dataset)
+    scenario = ClassIncrementalScenario(
+        data.x_train, data.y_train, data.x_test, data.y_test,
+        init_classes=config.init_classes, increment=config.increment, seed=config.seed)
+    seed_everything(config.seed)
+    learner = create_learner(
+        config.method, backbone=config.backbone, input_shape=data.input_shape,
+        num_classes=num_classes, policy=build_policy(config),
+        config=build_train_config(config), seed=config.seed, augment=data.augment)
+
+    history: list[dict[str, Any]] = []
+    checkpoint_path = out_dir / outputs.CHECKPOINT
+    if checkpoint_path.exists():
+        state = outputs.read_checkpoint(checkpoint_path)
+        _check_checkpoint(state, config, scenario, checkpoint_path)
+        learner.load_state_dict(state["learner"])
+        _restore_rng_states(state["rng"])
+        history = list(state["history"])
+    resumed_after = len(history)
+
+    progress.run_started(config, scenario.num_tasks, resumed_after)
+    for task in scenario.tasks[resumed_after:]:
+        progress.task_started(task, scenario.num_tasks)
+        started = time.perf_counter()
+        learner.before_task(task)
+        learner.train_task(task, on_epoch=progress.epoch)
+        learner.after_task(task)
+        seconds = time.perf_counter() - started
+        record = _evaluate(learner, task, scenario, seconds)
+        history.append(record)
+        outputs.write_checkpoint(checkpoint_path, {
+            "version": CHECKPOINT_VERSION, "config": config.identity(),
+            "class_order": [int(c) for c in scenario.class_order],
+            "learner": learner.state_dict(), "rng": _rng_states(), "history": history})
+        _write_reports(out_dir, config, scenario, history)
+        progress.task_finished(record, scenario.num_tasks)
+
+    # Also rewrites the reports of a run that was already complete (cheap, idempotent).
+    metrics = _write_reports(out_dir, config, scenario, history)
+    result = RunResult(config, out_dir, metrics, history, resumed_after)
+    progress.run_finished(result)
+    return result
+
+
+def _check_checkpoint(state: Mapping[str, Any], config: RunConfig, scenario,
+                      path: Path) -> None:
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(f"{path} has checkpoint version {state.get('version')!r}, "
+                          f"expected {CHECKPOINT_VERSION}; use --overwrite to start afresh")
+    if state["config"] != config.identity():
+        raise ConfigMismatchError(f"{path} was written by a different configuration; "
+                                  f"use --overwrite to start afresh")
+    if list(state["class_order"]) != [int(c) for c in scenario.class_order]:
+        raise ConfigMismatchError(
+            f"{path}: the class order differs from this run's (same seed, other data?); "
+            f"use --overwrite to start afresh")
+
+
+def _to_numpy(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _evaluate(learner, task, scenario, seconds: float) -> dict[str, Any]:
+    """Accuracy (percent) on all seen classes and on each task's classes so far."""
+    labels = _to_numpy(task.y_test)
+    predictions = learner.evaluate(task.x_test, task.y_test)
+    accuracy: dict[str, dict[str, Any]] = {}
+    for classifier, preds in predictions.items():
+        correct = _to_numpy(preds) == labels
+        per_task = []
+        for earlier in scenario.tasks[: task.index + 1]:
+            mask = np.isin(labels, np.asarray(earlier.classes))
+            per_task.append(100.0 * float(correct[mask].mean()) if mask.any() else float("nan"))
+        accuracy[classifier] = {"seen": 100.0 * float(correct.mean()), "per_task": per_task}
+    return {"task": int(task.index), "classes": [int(c) for c in task.classes],
+            "num_seen_classes": len(task.seen_classes), "train_samples": int(len(task.y_train)),
+            "seconds": round(seconds, 3), "accuracy": accuracy}
+
+
+def _write_reports(out_dir: Path, config: RunConfig, scenario,
+                   history: list[dict[str, Any]]) -> dict[str, Any]:
+    metrics = summarize(history, scenario.num_tasks, config.method)
+    metrics = {"dataset": config.dataset, "method": config.method, "recipe": config.recipe,
+               "seed": config.seed, "class_order": [int(c) for c in scenario.class_order],
+               **metrics}
+    outputs.write_json(out_dir / outputs.METRICS_JSON, metrics)
+    classifiers = sorted({name for record in history for name in record["accuracy"]})
+    header = ["task", "new_classes", "num_seen_classes", "train_samples", "seconds"]
+    header += [f"{name}_accuracy" for name in classifiers]
+    rows = []
+    for record in history:
+        row = [record["task"] + 1, " ".join(map(str, record["classes"])),
+               record["num_seen_classes"], record["train_samples"], record["seconds"]]
+        row += [round(record["accuracy"][name]["seen"], 4) if name in record["accuracy"] else ""
+                for name in classifiers]
+        rows.append(row)
+    outputs.write_csv(out_dir / outputs.TASKS_CSV, header, rows)
+    return metrics
+
