@@ -1,0 +1,5 @@
+import sys
+
+from hdqt.cli import main
+
+sys.exit(main())

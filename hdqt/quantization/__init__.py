@@ -1,0 +1,16 @@
+"""The quantization engine: formats, quantizers, Hadamard transforms, tiled
+integer matmuls, quantized layers, policies and recipes."""
+from hdqt.quantization.convert import policy_from_state_dict, quant_layers, quantize_model, reseed_quantizers
+from hdqt.quantization.formats import IntFormat
+from hdqt.quantization.hadamard import HADAMARD_RULES, block_layout, hadamard_transform
+from hdqt.quantization.layers import QuantConv2d, QuantLinear
+from hdqt.quantization.policy import OPERANDS, QuantPolicy
+from hdqt.quantization.quantizer import DynamicScaling, NonFiniteError, QTensor, Quantizer, int_quantizer
+from hdqt.quantization.recipes import list_recipes, recipe
+
+__all__ = [
+    "DynamicScaling", "HADAMARD_RULES", "IntFormat", "NonFiniteError", "OPERANDS", "QTensor",
+    "QuantConv2d", "QuantLinear", "QuantPolicy", "Quantizer", "block_layout", "hadamard_transform",
+    "int_quantizer", "list_recipes", "policy_from_state_dict", "quant_layers", "quantize_model",
+    "recipe", "reseed_quantizers",
+]

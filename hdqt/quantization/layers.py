@@ -1,0 +1,143 @@
+"""QuantLinear and QuantConv2d: drop-in nn.Linear / nn.Conv2d whose training
+matmuls (forward and backward) run under a QuantPolicy.
+
+They subclass the float layers, so code that looks for nn.Linear heads keeps
+working, and they share the float layer's Parameters when converted, so an
+optimizer built before conversion still updates them. The policy and the
+stochastic-rounding generator states are saved in the state_dict (extra state).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hdqt.quantization.functional import QuantConv2dFunction, QuantLinearFunction
+from hdqt.quantization.policy import QuantPolicy
+from hdqt.quantization.runtime import LayerRuntime, derive_seed
+
+
+def _initial_seed(policy: QuantPolicy, name: str) -> int:
+    if policy.seed is not None:
+        return derive_seed(policy.seed, name)
+    # Without a policy seed, follow torch's global RNG so torch.manual_seed reproduces runs.
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+class _QuantMixin:
+    """Policy handling shared by the quantized layers."""
+
+    _rt: LayerRuntime
+
+    def _init_quant(self, policy: QuantPolicy, name: str) -> None:
+        if not isinstance(policy, QuantPolicy):
+            raise ValueError(f"policy must be a QuantPolicy, got {type(policy).__name__}")
+        self._rt = LayerRuntime(policy, name, _initial_seed(policy, name))
+
+    @property
+    def policy(self) -> QuantPolicy:
+        return self._rt.policy
+
+    @property
+    def layer_name(self) -> str:
+        return self._rt.name
+
+    def set_policy(self, policy: QuantPolicy) -> None:
+        if not isinstance(policy, QuantPolicy):
+            raise ValueError(f"policy must be a QuantPolicy, got {type(policy).__name__}")
+        self._rt.policy = policy
+
+    def reseed(self, seed: int) -> None:
+        self._rt.reseed(seed)
+
+    def get_extra_state(self) -> dict:
+        return {
+            "policy": self._rt.policy.to_dict(),
+            "seed": self._rt.seed,
+            "generator_states": self._rt.generator_states(),
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        self._rt.policy = QuantPolicy.from_dict(state["policy"])
+        self._rt.seed = int(state["seed"])
+        self._rt.restore_generator_states(state.get("generator_states", {}))
+
+    def extra_repr(self) -> str:  # shown by print(model)
+        return f"{super().extra_repr()}, policy={self._rt.policy.name!r}"
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, policy: QuantPolicy,
+                 name: str = "", device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_quant(policy, name)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, policy: QuantPolicy, name: str = "") -> "QuantLinear":
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight  # shared Parameter: optimizers keep working
+        layer.bias = linear.bias
+        layer._init_quant(policy, name)
+        layer.train(linear.training)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        policy = self._rt.policy
+        if policy.is_float:
+            return F.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        y = QuantLinearFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self._rt)
+        y = y.reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias  # the bias stays in float
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError("QuantConv2d: padding='same' needs an even total padding; pass explicit padding")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, *, policy: QuantPolicy, name: str = "",
+                 device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         device=device, dtype=dtype)
+        self._check_supported()
+        self._init_quant(policy, name)
+
+    def _check_supported(self) -> None:
+        if self.groups != 1:
+            raise ValueError(f"QuantConv2d supports groups=1 only, got groups={self.groups}")
+        self._explicit_pad = _explicit_padding(self)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, policy: QuantPolicy, name: str = "") -> "QuantConv2d":
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                     "transposed", "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(layer, attr, getattr(conv, attr))
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        layer._check_supported()
+        layer._init_quant(policy, name)
+        layer.train(conv.training)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        policy = self._rt.policy
+        if policy.is_float:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self._explicit_pad, self.dilation)
+        y = QuantConv2dFunction.apply(x, self.weight, self._rt, tuple(self.stride), self._explicit_pad,
+                                      tuple(self.dilation))
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)

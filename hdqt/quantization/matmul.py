@@ -1,0 +1,77 @@
+"""Integer matmuls with a tiled, saturating low-bit accumulator.
+
+Operands hold integers in a float dtype. A float32 sum of integers is exact while
+every partial sum stays below 2^24; when the worst case could exceed that, the
+product runs in float64 (exact to 2^53) so results always equal an int64 reference.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_FLOAT32_EXACT = 2**24
+
+
+def accumulator_limit(acc_bits: int) -> int:
+    """Largest magnitude a signed ``acc_bits`` accumulator holds (symmetric range)."""
+    return 2 ** (acc_bits - 1) - 1
+
+
+def exact_dtype(length: int, max_a: float, max_b: float, dtype: torch.dtype) -> torch.dtype:
+    """float32 if a length-``length`` dot product of such integers is exact in it, else float64."""
+    if dtype == torch.float64 or length * max_a * max_b < _FLOAT32_EXACT:
+        return dtype
+    return torch.float64
+
+
+def _tiles(k: int, tile: int) -> int:
+    return math.ceil(k / tile)
+
+
+def tiled_matmul(x: torch.Tensor, w: torch.Tensor, tile: int, acc_bits: int | None) -> torch.Tensor:
+    """``x @ w.T`` for x (M, K), w (N, K), with each length-``tile`` chunk of the
+    reduction summed into an accumulator that saturates at ±(2^(acc_bits-1)-1).
+
+    The tiles' partial sums are added in float (the accumulator of the next level).
+    ``acc_bits=None`` means an unlimited accumulator: one plain matmul.
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    if acc_bits is None:
+        return x @ w.T
+    limit = accumulator_limit(acc_bits)
+    tiles = _tiles(k, tile)
+    if tiles == 1:
+        return (x @ w.T).clamp_(-limit, limit)
+    pad = tiles * tile - k
+    if pad:  # zero padding adds nothing to any tile's sum
+        x = F.pad(x, (0, pad))
+        w = F.pad(w, (0, pad))
+    # (tiles, M, T) @ (tiles, T, N) -> every tile's partial sums in one batched matmul
+    partial = torch.bmm(x.reshape(m, tiles, tile).transpose(0, 1), w.reshape(n, tiles, tile).permute(1, 2, 0))
+    return partial.clamp_(-limit, limit).sum(0)
+
+
+def tiled_matmul_batched(w: torch.Tensor, x: torch.Tensor, tile: int, acc_bits: int | None) -> torch.Tensor:
+    """``w @ x`` for w (N, K) and a batch x (B, K, L) -> (B, N, L), tiled along K.
+
+    This is the im2col product of a convolution: every output position is a
+    length-K reduction, tiled and saturated exactly like ``tiled_matmul``.
+    """
+    b, k, l = x.shape
+    n = w.shape[0]
+    if acc_bits is None:
+        return torch.matmul(w, x)
+    limit = accumulator_limit(acc_bits)
+    tiles = _tiles(k, tile)
+    if tiles == 1:
+        return torch.matmul(w, x).clamp_(-limit, limit)
+    pad = tiles * tile - k
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+        w = F.pad(w, (0, pad))
+    # (tiles, N, T) @ (B, tiles, T, L) -> (B, tiles, N, L)
+    partial = torch.matmul(w.reshape(n, tiles, tile).transpose(0, 1), x.reshape(b, tiles, tile, l))
+    return partial.clamp_(-limit, limit).sum(1)

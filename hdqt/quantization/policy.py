@@ -1,0 +1,94 @@
+"""QuantPolicy: which quantizer applies to each of the six operands of training.
+
+For a layer Y = X W^T with upstream gradient G, training runs three products:
+
+* forward  Y  = Q(X) Q(W)^T            -> ``forward_input``, ``forward_weight``
+* backward dX = Q(G H) Q(H W)           -> ``grad_output_dx``, ``backward_weight``
+* backward dW = Q(G^T H) Q(H X)         -> ``grad_output_dw``, ``backward_input``
+
+(H: the Hadamard transform along the product's reduction dimension, when
+``hadamard`` is on.) ``None`` for a quantizer means that operand stays float.
+The policy is plain data: frozen, comparable, and round-trips through a dict/JSON.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+
+from hdqt.quantization.hadamard import check_rule
+from hdqt.quantization.quantizer import NONFINITE_MODES, Quantizer
+
+OPERANDS = (
+    "forward_input",
+    "forward_weight",
+    "backward_input",
+    "backward_weight",
+    "grad_output_dx",
+    "grad_output_dw",
+)
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    forward_input: Quantizer | None = None
+    forward_weight: Quantizer | None = None
+    backward_input: Quantizer | None = None
+    backward_weight: Quantizer | None = None
+    grad_output_dx: Quantizer | None = None
+    grad_output_dw: Quantizer | None = None
+    acc_bits: int | None = None  # forward accumulator width; None = unlimited
+    tile: int = 32  # reduction length summed into one accumulator before saturation
+    saturate_backward: bool = False  # also tile and saturate the two backward products
+    hadamard: bool = False
+    hadamard_rule: str = "paper"
+    nonfinite: str = "raise"  # "raise" on NaN/Inf in a quantized operand, or "propagate"
+    seed: int | None = None  # base seed of stochastic rounding; None draws from torch's RNG
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for op in OPERANDS:
+            q = getattr(self, op)
+            if q is not None and not isinstance(q, Quantizer):
+                raise ValueError(f"{op} must be a Quantizer or None, got {type(q).__name__}")
+        if self.acc_bits is not None and (
+            isinstance(self.acc_bits, bool) or not isinstance(self.acc_bits, int) or not 2 <= self.acc_bits <= 32
+        ):
+            raise ValueError(f"acc_bits must be None (unlimited) or an integer in 2..32, got {self.acc_bits!r}")
+        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
+            raise ValueError(f"tile must be an integer >= 1, got {self.tile!r}")
+        check_rule(self.hadamard_rule)
+        if self.nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {self.nonfinite!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
+
+    @property
+    def is_float(self) -> bool:
+        """True when training under this policy is plain float32 training."""
+        return all(getattr(self, op) is None for op in OPERANDS) and self.acc_bits is None
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, Quantizer) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantPolicy":
+        valid = {f.name for f in fields(cls)}
+        unknown = set(data) - valid
+        if unknown:
+            raise ValueError(f"unknown QuantPolicy field(s) {sorted(unknown)}; valid fields: {sorted(valid)}")
+        kwargs = dict(data)
+        for op in OPERANDS:
+            if kwargs.get(op) is not None:
+                kwargs[op] = Quantizer.from_dict(kwargs[op])
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantPolicy":
+        return cls.from_dict(json.loads(text))

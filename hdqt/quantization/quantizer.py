@@ -1,0 +1,130 @@
+"""A quantizer is a format, a scaling rule and a rounding mode (QPyTorch style).
+
+``Quantizer.quantize`` returns a ``QTensor``: integer-valued ``values`` (kept in a
+float dtype so that BLAS can multiply them exactly) and a per-tensor ``scale``
+such that ``values * scale`` approximates the input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from hdqt.quantization.formats import IntFormat, format_from_dict
+from hdqt.quantization.rounding import check_rounding, round_nearest_, round_stochastic_
+
+NONFINITE_MODES = ("raise", "propagate")
+
+
+class NonFiniteError(ValueError):
+    """A tensor that is about to be quantized holds NaN or Inf."""
+
+
+class QTensor(NamedTuple):
+    values: torch.Tensor  # integer-valued, float dtype
+    scale: float  # dequantized tensor = values * scale
+
+    def dequantize(self) -> torch.Tensor:
+        return self.values * self.scale
+
+
+@dataclass(frozen=True)
+class DynamicScaling:
+    """Per-tensor scale recomputed at every call from the tensor's max magnitude.
+
+    The clip value is ``clip_ratio * max|t|``: a ratio below 1 trades clipping of
+    the few largest values for a finer grid for all others (the paper's forward
+    quantizer uses 0.975).
+    """
+
+    clip_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.clip_ratio, (int, float)) and 0.0 < self.clip_ratio <= 1.0):
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+
+    def to_dict(self) -> dict:
+        return {"kind": "dynamic", "clip_ratio": float(self.clip_ratio)}
+
+
+def scaling_from_dict(data: dict) -> DynamicScaling:
+    data = dict(data)
+    kind = data.pop("kind", "dynamic")
+    if kind != "dynamic":
+        raise ValueError(f"scaling kind must be one of ('dynamic',), got {kind!r}")
+    return DynamicScaling(**data)
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    format: IntFormat = field(default_factory=IntFormat)
+    scaling: DynamicScaling = field(default_factory=DynamicScaling)
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        check_rounding(self.rounding)
+        if not isinstance(self.format, IntFormat):
+            raise ValueError(f"format must be an IntFormat, got {type(self.format).__name__}")
+        if not isinstance(self.scaling, DynamicScaling):
+            raise ValueError(f"scaling must be a DynamicScaling, got {type(self.scaling).__name__}")
+
+    def quantize(
+        self,
+        tensor: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        nonfinite: str = "raise",
+        role: str = "tensor",
+    ) -> QTensor:
+        """Quantize ``tensor`` (not modified). ``role`` names it in error messages."""
+        lo, hi = torch.aminmax(tensor.detach())
+        lo, hi = lo.item(), hi.item()  # one host sync gives sign, magnitude and finiteness
+        amax = max(-lo, hi)
+        if not math.isfinite(amax):
+            if nonfinite == "raise":
+                raise NonFiniteError(
+                    f"{role} contains NaN or Inf; set the policy's nonfinite='propagate' "
+                    "to let it flow through instead"
+                )
+            return QTensor(tensor * math.nan, math.nan)
+        fmt = self.format
+        signed = fmt.signed == "signed" or (fmt.signed == "auto" and lo < 0)
+        qmax = fmt.signed_max if signed else fmt.unsigned_max
+        qmin = -qmax if signed else 0
+        clip = self.scaling.clip_ratio * amax
+        # An all-zero tensor gets scale 1 so that it maps to zeros, not NaN.
+        scale = clip / qmax if clip > 0 else 1.0
+        values = tensor.detach() / scale
+        if self.rounding == "nearest":
+            values = round_nearest_(values).clamp_(qmin, qmax)
+        else:
+            # Clamp first: floor(v + u) of a clamped v never leaves [qmin, qmax].
+            if self.scaling.clip_ratio < 1.0 or not signed:
+                values.clamp_(qmin, qmax)
+            values = round_stochastic_(values, generator)
+        return QTensor(values, scale)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format.to_dict(),
+            "scaling": self.scaling.to_dict(),
+            "rounding": self.rounding,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Quantizer":
+        unknown = set(data) - {"format", "scaling", "rounding"}
+        if unknown:
+            raise ValueError(f"unknown quantizer field(s) {sorted(unknown)}; valid: format, scaling, rounding")
+        return cls(
+            format=format_from_dict(data.get("format", {})),
+            scaling=scaling_from_dict(data.get("scaling", {})),
+            rounding=data.get("rounding", "nearest"),
+        )
+
+
+def int_quantizer(bits: int, *, signed: str = "signed", clip_ratio: float = 1.0, rounding: str = "nearest") -> Quantizer:
+    """Shorthand for the common case: an integer grid with dynamic per-tensor scaling."""
+    return Quantizer(IntFormat(bits, signed), DynamicScaling(clip_ratio), rounding)

@@ -1,0 +1,77 @@
+"""Named recipes: ``recipe("hdqt", bits=4, acc_bits=8, tile=32)`` -> QuantPolicy.
+
+A recipe is a function of a few knobs that returns a policy; overrides given by
+name replace fields of the result, so any policy field can be set from a recipe.
+"""
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import Callable
+
+from hdqt.quantization.formats import check_bits
+from hdqt.quantization.policy import QuantPolicy
+from hdqt.quantization.quantizer import int_quantizer
+
+FORWARD_CLIP_RATIO = 0.975  # the paper's forward clip: c = 0.975 * max|t|
+
+
+def _fp32() -> QuantPolicy:
+    return QuantPolicy(name="fp32")
+
+
+def _integer_fqt(bits: int, acc_bits: int | None, tile: int, hadamard: bool, name: str, clip_ratio: float) -> QuantPolicy:
+    check_bits(bits)
+    return QuantPolicy(
+        # Forward: round to nearest with a clipped per-tensor scale. Inputs take the
+        # unsigned range when they have no negatives (after ReLU); weights are signed.
+        forward_input=int_quantizer(bits, signed="auto", clip_ratio=clip_ratio),
+        forward_weight=int_quantizer(bits, signed="signed", clip_ratio=clip_ratio),
+        # Backward: the weight operand of dX is rounded to nearest; gradients and the
+        # input operand of dW use stochastic rounding, where bias would accumulate.
+        backward_weight=int_quantizer(bits, rounding="nearest"),
+        backward_input=int_quantizer(bits, rounding="stochastic"),
+        grad_output_dx=int_quantizer(bits, rounding="stochastic"),
+        grad_output_dw=int_quantizer(bits, rounding="stochastic"),
+        acc_bits=acc_bits,
+        tile=tile,
+        hadamard=hadamard,
+        name=name,
+    )
+
+
+def _hdqt(bits: int = 4, acc_bits: int | None = 8, tile: int = 32, clip_ratio: float = FORWARD_CLIP_RATIO) -> QuantPolicy:
+    return _integer_fqt(bits, acc_bits, tile, True, "hdqt", clip_ratio)
+
+
+def _int(bits: int = 4, acc_bits: int | None = 8, tile: int = 32, clip_ratio: float = FORWARD_CLIP_RATIO) -> QuantPolicy:
+    return _integer_fqt(bits, acc_bits, tile, False, "int", clip_ratio)
+
+
+_RECIPES: dict[str, Callable[..., QuantPolicy]] = {"fp32": _fp32, "hdqt": _hdqt, "int": _int}
+_KNOBS = ("bits", "acc_bits", "tile", "clip_ratio")
+
+
+def list_recipes() -> list[str]:
+    return sorted(_RECIPES)
+
+
+def recipe(name: str, **overrides) -> QuantPolicy:
+    """Build the named policy. Overrides: bits, acc_bits, tile, clip_ratio, or any QuantPolicy field."""
+    if name not in _RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(list_recipes())}")
+    valid_fields = {f.name for f in fields(QuantPolicy)}
+    unknown = set(overrides) - valid_fields - set(_KNOBS)
+    if unknown:
+        raise ValueError(
+            f"unknown recipe override(s) {sorted(unknown)}; valid: {sorted(set(_KNOBS) | valid_fields)}"
+        )
+    knobs = {k: overrides.pop(k) for k in _KNOBS if k in overrides}
+    if name == "fp32":
+        # fp32 quantizes nothing: the knobs are still validated (so a typo is caught
+        # in a --compare run) but do not apply.
+        if knobs.get("bits") is not None:
+            check_bits(knobs["bits"])
+        policy = _fp32()
+    else:
+        policy = _RECIPES[name](**knobs)
+    return replace(policy, **overrides) if overrides else policy
