@@ -1,0 +1,112 @@
+"""Datasets for class-incremental HAR and image experiments.
+
+    from hdqt import data
+    ds = data.load("dsads")              # whole dataset: ds.x, ds.y, ds.subject, ...
+    prepared = data.prepare("dsads", seed=0)   # train/test split, normalised
+
+See docs/data.md for where each loader looks, the accepted layouts and the
+feature recipes.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from hdqt.data.base import Dataset, DatasetSource
+from hdqt.data.errors import DatasetFormatError, DatasetNotFoundError
+from hdqt.data.paths import cache_dir, data_roots
+from hdqt.data.prepare import PreparedData, prepare_dataset
+
+__all__ = [
+    "Dataset",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "PreparedData",
+    "cache_dir",
+    "data_roots",
+    "dataset_info",
+    "list_datasets",
+    "load",
+    "prepare",
+]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about one dataset: its loader module and how it is trained."""
+
+    name: str
+    module: str
+    kind: str  # "har" (subject split), "image" (own split, augmentation) or "table" (stratified)
+    default_backbone: str
+
+    def loader(self):
+        return importlib.import_module(self.module)
+
+    @property
+    def source(self) -> DatasetSource | None:
+        """Where its files are looked for; None for datasets that need no files."""
+        return getattr(self.loader(), "SOURCE", None)
+
+
+_DATASETS = MappingProxyType({
+    info.name: info
+    for info in (
+        DatasetInfo("dsads", "hdqt.data.dsads", "har", "fcnet"),
+        DatasetInfo("hapt", "hdqt.data.hapt", "har", "fcnet"),
+        DatasetInfo("pamap2", "hdqt.data.pamap2", "har", "fcnet"),
+        DatasetInfo("cifar100", "hdqt.data.cifar100", "image", "resnet32"),
+        DatasetInfo("fashion_mnist", "hdqt.data.fashion_mnist", "image", "convnet"),
+        DatasetInfo("digits", "hdqt.data.digits", "table", "fcnet"),
+    )
+})
+_ALIASES = MappingProxyType({"fashion-mnist": "fashion_mnist", "cifar-100": "cifar100"})
+
+
+def list_datasets() -> list[str]:
+    """Canonical dataset names (aliases such as "fashion-mnist" are also accepted)."""
+    return list(_DATASETS)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The ``DatasetInfo`` of a dataset name or alias; ValueError listing the choices if unknown."""
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _DATASETS:
+        choices = ", ".join(list(_DATASETS) + list(_ALIASES))
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {choices}")
+    return _DATASETS[key]
+
+
+def load(name: str, root: str | os.PathLike | None = None, features: bool = True, **kwargs) -> Dataset:
+    """Load a whole dataset.
+
+    ``root``: folder holding ``<dataset>/`` sub-folders; default: ``$HDQT_DATA`` then the
+    per-user cache (``cache_dir()``). ``features``: HAR datasets give feature vectors
+    (True) or raw windows (N, T, C) (False); ignored by image datasets; digits gives
+    (N, 64) or (N, 1, 8, 8). Extra keyword arguments go to the loader (e.g. PAMAP2's
+    ``window``, ``step``, ``max_missing``).
+    """
+    return dataset_info(name).loader().load(root=root, features=features, **kwargs)
+
+
+def prepare(
+    name: str,
+    root: str | os.PathLike | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    features: bool = True,
+) -> PreparedData:
+    """Load, split and normalise a dataset for training.
+
+    HAR: ~``test_fraction`` of the subjects (seeded) are held out. Images: the dataset's
+    own train/test split (``test_fraction`` unused) and ``augment`` set. digits: a seeded
+    stratified split. Normalisation statistics come from the training part only.
+    """
+    info = dataset_info(name)
+    ds = load(info.name, root=root, features=features)
+    return prepare_dataset(
+        ds, info.default_backbone, seed=seed, test_fraction=test_fraction, augment=info.kind == "image"
+    )

@@ -1,0 +1,109 @@
+"""``prepare``: load a dataset, split it into train/test and normalise it for training."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from hdqt.data.augment import RandomCropFlip
+from hdqt.data.base import Dataset
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+_MIN_STD = 1e-8  # features constant on the training part (e.g. digits' border pixels) are only centred
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Train/test arrays ready for a learner: float32 inputs, int64 labels 0..K-1.
+
+    Inputs are normalised with ``mean``/``std`` fitted on the training part only
+    (per feature for vectors, per channel for windows and images).
+    ``test_subjects`` lists the held-out subjects of a HAR dataset (None otherwise).
+    """
+
+    name: str
+    description: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    input_shape: tuple[int, ...]
+    default_backbone: str
+    augment: Augment | None = None
+    mean: np.ndarray = field(default=None, repr=False)
+    std: np.ndarray = field(default=None, repr=False)
+    test_subjects: tuple[int, ...] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def prepare_dataset(
+    ds: Dataset, default_backbone: str, seed: int = 0, test_fraction: float = 0.2, augment: bool = False
+) -> PreparedData:
+    """Split (by subject, own split, or stratified) and normalise a loaded ``Dataset``.
+
+    ``augment=True`` attaches ``RandomCropFlip(padding=4)`` (image datasets only).
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    test_subjects = None
+    if ds.subject is not None:
+        test_subjects = held_out_subjects(ds.subject, seed, test_fraction)
+        is_test = np.isin(ds.subject, test_subjects)
+    elif ds.split is not None:
+        is_test = np.asarray(ds.split) == "test"
+    else:
+        is_test = stratified_test_mask(ds.y, seed, test_fraction)
+    x = ds.x
+    images = x.ndim == 4
+    if images and x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    x = x.astype(np.float32, copy=False)
+    x_train, x_test = x[~is_test], x[is_test]
+    # statistics over every axis except the feature/channel one
+    axes = (0, 2, 3) if images else tuple(range(x.ndim - 1))
+    mean = x_train.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = x_train.std(axis=axes, keepdims=True, dtype=np.float64)
+    std = np.where(std < _MIN_STD, 1.0, std)
+    normalise = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+    return PreparedData(
+        name=ds.name,
+        description=ds.description,
+        x_train=normalise(x_train),
+        y_train=ds.y[~is_test].astype(np.int64),
+        x_test=normalise(x_test),
+        y_test=ds.y[is_test].astype(np.int64),
+        class_names=list(ds.class_names),
+        input_shape=tuple(int(d) for d in x.shape[1:]),
+        default_backbone=default_backbone,
+        augment=RandomCropFlip(padding=4) if augment and images else None,
+        mean=mean.squeeze(0).astype(np.float32),
+        std=std.squeeze(0).astype(np.float32),
+        test_subjects=None if test_subjects is None else tuple(int(s) for s in test_subjects),
+    )
+
+
+def held_out_subjects(subject: np.ndarray, seed: int, test_fraction: float) -> np.ndarray:
+    """A seeded choice of round(test_fraction x #subjects) subjects (at least 1, never all)."""
+    subjects = np.unique(subject)
+    if len(subjects) < 2:
+        raise ValueError(f"a subject split needs at least 2 subjects, found {len(subjects)}")
+    n_test = int(np.clip(round(test_fraction * len(subjects)), 1, len(subjects) - 1))
+    return np.sort(np.random.default_rng(seed).choice(subjects, size=n_test, replace=False))
+
+
+def stratified_test_mask(y: np.ndarray, seed: int, test_fraction: float) -> np.ndarray:
+    """A seeded stratified test mask holding ~test_fraction of each class."""
+    from sklearn.model_selection import train_test_split  # deferred: heavy import
+
+    _, test_index = train_test_split(
+        np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed
+    )
+    mask = np.zeros(len(y), dtype=bool)
+    mask[test_index] = True
+    return mask
