@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from hdqt.quantization import IntFormat, NonFiniteError, int_quantizer
+from hdqt.quantization.matmul import tiled_matmul, tiled_matmul_batched
+
+
+def int64_reference(x: torch.Tensor, w: torch.Tensor, tile: int, acc_bits: int | None) -> torch.Tensor:
+    """Tile by tile in int64, saturating each tile's partial sum."""
+    x, w = x.long(), w.long()
+    k = x.shape[1]
+    out = torch.zeros(x.shape[0], w.shape[0], dtype=torch.long)
+    for start in range(0, k, tile):
+        part = x[:, start:start + tile] @ w[:, start:start + tile].T
+        if acc_bits is not None:
+            lim = 2 ** (acc_bits - 1) - 1
+            part = part.clamp(-lim, lim)
+        out += part
+    return out
+
+
+@pytest.mark.parametrize("acc_bits", [8, 12, 16, None])
+@pytest.mark.parametrize("k", [7, 32, 70, 405])
+@pytest.mark.parametrize("signed_input", [True, False])
+def test_tiled_matmul_equals_int64_reference(acc_bits, k, signed_input):
+    g = torch.Generator().manual_seed(k)
+    lo = -7 if signed_input else 0
+    hi = 8 if signed_input else 16
+    x = torch.randint(lo, hi, (9, k), generator=g)
+    w = torch.randint(-7, 8, (5, k), generator=g)
+    ref = int64_reference(x, w, 32, acc_bits if acc_bits is not None else None)
+    out = tiled_matmul(x.float(), w.float(), 32, acc_bits)
+    assert torch.equal(out.long(), ref)
+    if acc_bits == 8 and k >= 70:
+        # the saturating path must actually have saturated something here
+        assert not torch.equal(ref, int64_reference(x, w, 32, None))
+
+
+@pytest.mark.parametrize("acc_bits", [8, 12, None])
+def test_batched_tiled_matmul_equals_reference(acc_bits):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(-7, 8, (6, 75), generator=g)
+    x = torch.randint(0, 16, (3, 75, 11), generator=g)
+    out = tiled_matmul_batched(w.float(), x.float(), 32, acc_bits)
+    for b in range(3):
+        ref = int64_reference(x[b].T, w, 32, acc_bits).T
+        assert torch.equal(out[b].long(), ref)
+
+
+def test_forward_quantizer_signed_and_unsigned_ranges():
+    q = int_quantizer(4, signed="auto", clip_ratio=0.975)
+    t = torch.tensor([-2.0, -1.0, 0.0, 0.5, 4.0])
+    qt = q.quantize(t)
+    assert qt.values.min() >= -7 and qt.values.max() <= 7
+    assert math.isclose(qt.scale, 0.975 * 4.0 / 7)
+    relu = torch.tensor([0.0, 0.1, 1.0, 2.0])
+    qr = q.quantize(relu)
+    assert qr.values.max() == 15 and qr.values.min() == 0  # unsigned path uses all 16 levels
+    assert math.isclose(qr.scale, 0.975 * 2.0 / 15)
+    # values beyond the clip are clamped to the clip
+    assert qt.dequantize()[-1].item() == pytest.approx(0.975 * 4.0)
+
+
+def test_all_zero_tensor_quantizes_to_zero():
+    for rounding in ("nearest", "stochastic"):
+        qt = int_quantizer(4, rounding=rounding).quantize(torch.zeros(3, 4), torch.Generator().manual_seed(0))
+        assert torch.equal(qt.values, torch.zeros(3, 4)) and math.isfinite(qt.scale)
+
+
+def test_nonfinite_raises_or_propagates():
+    q = int_quantizer(4)
+    bad = torch.tensor([1.0, float("nan")])
+    with pytest.raises(NonFiniteError, match="my operand"):
+        q.quantize(bad, role="my operand")
+    out = q.quantize(bad, nonfinite="propagate")
+    assert torch.isnan(out.dequantize()).all()
+
+
+def test_stochastic_rounding_is_unbiased_and_reproducible():
+    q = int_quantizer(4, rounding="stochastic")
+    t = torch.tensor([7.0, -2.3, 0.61, 3.5, -6.9, 0.05])  # scale = 1 since max|t| = 7
+    draws = torch.stack([q.quantize(t, torch.Generator().manual_seed(s)).values for s in range(4000)])
+    # std of a Bernoulli mean over 4000 draws <= 0.5/sqrt(4000) ~ 0.008; allow 4 sigma
+    assert torch.allclose(draws.mean(0), t, atol=0.032)
+    assert set(torch.unique(draws[:, 2]).tolist()) == {0.0, 1.0}
+    a = q.quantize(t, torch.Generator().manual_seed(5)).values
+    b = q.quantize(t, torch.Generator().manual_seed(5)).values
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [1, 17, 4.5])
+def test_invalid_bits_raise(bad):
+    with pytest.raises(ValueError, match="bits must be an integer in 2..16"):
+        IntFormat(bad)
