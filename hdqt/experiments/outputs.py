@@ -11,7 +11,7 @@ import io
 import json
 import math
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -28,9 +28,11 @@ RUN_FILES = (CONFIG_JSON, CONFIG_TOML, METRICS_JSON, TASKS_CSV, CHECKPOINT)
 
 def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A unique sibling (same filesystem, so os.replace is atomic); opened with "x"
+    # rather than mkstemp so that the file gets the usual umask permissions.
+    tmp_name = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp_name, "xb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hdqt.experiments import outputs
-from hdqt.experiments.config import ConfigError, RunConfig, check_split
+from hdqt.experiments.config import ConfigError, RunConfig
 from hdqt.experiments.progress import Progress, SilentProgress
 from hdqt.experiments.summary import summarize
 
@@ -120,7 +120,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
                    progress: Progress | None = None) -> RunResult:
     """Run (or resume, or just report) the experiment in ``out_dir``."""
     from hdqt.cl.learners import create_learner
-    from hdqt.cl.scenario import ClassIncrementalScenario
+    from hdqt.cl.scenario import ClassIncrementalScenario, check_split
     from hdqt.data import prepare
 
     out_dir = Path(out_dir)
@@ -130,7 +130,11 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
     data = prepare(config.dataset, root=config.data_root, seed=config.seed,
                    test_fraction=config.test_fraction)
     num_classes = len(data.class_names)
-    check_split(num_classes, config.init_classes, config.increment, config.dataset)
+    try:
+        check_split(num_classes, config.init_classes, config.increment)
+    except ValueError as error:
+        raise ConfigError(f"impossible split for {config.dataset} ({num_classes} classes): "
+                          f"{error}") from None
     scenario = ClassIncrementalScenario(
         data.x_train, data.y_train, data.x_test, data.y_test,
         init_classes=config.init_classes, increment=config.increment, seed=config.seed)
@@ -158,7 +162,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
         learner.train_task(task, on_epoch=progress.epoch)
         learner.after_task(task)
         seconds = time.perf_counter() - started
-        record = _evaluate(learner, task, scenario, seconds)
+        record = _evaluate(learner, task, scenario, data.class_names, seconds)
         history.append(record)
         outputs.write_checkpoint(checkpoint_path, {
             "version": CHECKPOINT_VERSION, "config": config.identity(),
@@ -194,21 +198,23 @@ def _to_numpy(values) -> np.ndarray:
     return np.asarray(values)
 
 
-def _evaluate(learner, task, scenario, seconds: float) -> dict[str, Any]:
-    """Accuracy (percent) on all seen classes and on each task's classes so far."""
+def _evaluate(learner, task, scenario, class_names, seconds: float) -> dict[str, Any]:
+    """Accuracy (percent) on all seen classes, and row ``task.index`` of the matrix."""
+    from hdqt.cl.metrics import accuracy, task_accuracies
+
     labels = _to_numpy(task.y_test)
-    predictions = learner.evaluate(task.x_test, task.y_test)
-    accuracy: dict[str, dict[str, Any]] = {}
-    for classifier, preds in predictions.items():
-        correct = _to_numpy(preds) == labels
-        per_task = []
-        for earlier in scenario.tasks[: task.index + 1]:
-            mask = np.isin(labels, np.asarray(earlier.classes))
-            per_task.append(100.0 * float(correct[mask].mean()) if mask.any() else float("nan"))
-        accuracy[classifier] = {"seen": 100.0 * float(correct.mean()), "per_task": per_task}
-    return {"task": int(task.index), "classes": [int(c) for c in task.classes],
+    class_to_task = scenario.task_of_class(np.arange(scenario.num_classes))
+    accuracies: dict[str, dict[str, Any]] = {}
+    for classifier, preds in learner.evaluate(task.x_test, task.y_test).items():
+        preds = _to_numpy(preds)
+        row = task_accuracies(labels, preds, class_to_task, scenario.num_tasks)
+        accuracies[classifier] = {"seen": accuracy(labels, preds),
+                                  "per_task": row[: task.index + 1].tolist()}
+    original = [int(scenario.class_order[c]) for c in task.classes]
+    return {"task": int(task.index), "classes": original,
+            "class_names": [str(class_names[c]) for c in original],
             "num_seen_classes": len(task.seen_classes), "train_samples": int(len(task.y_train)),
-            "seconds": round(seconds, 3), "accuracy": accuracy}
+            "seconds": round(seconds, 3), "accuracy": accuracies}
 
 
 def _write_reports(out_dir: Path, config: RunConfig, scenario,
@@ -219,12 +225,13 @@ def _write_reports(out_dir: Path, config: RunConfig, scenario,
                **metrics}
     outputs.write_json(out_dir / outputs.METRICS_JSON, metrics)
     classifiers = sorted({name for record in history for name in record["accuracy"]})
-    header = ["task", "new_classes", "num_seen_classes", "train_samples", "seconds"]
+    header = ["task", "new_classes", "new_class_names", "num_seen_classes", "train_samples",
+              "seconds"]
     header += [f"{name}_accuracy" for name in classifiers]
     rows = []
     for record in history:
         row = [record["task"] + 1, " ".join(map(str, record["classes"])),
-               record["num_seen_classes"], record["train_samples"], record["seconds"]]
+               "; ".join(record["class_names"]), record["num_seen_classes"], record["train_samples"], record["seconds"]]
         row += [round(record["accuracy"][name]["seen"], 4) if name in record["accuracy"] else ""
                 for name in classifiers]
         rows.append(row)

@@ -32,14 +32,10 @@ def classifier_metrics(history: Sequence[dict[str, Any]], classifier: str) -> di
 
     matrix = accuracy_matrix(history, classifier)
     incremental = [record["accuracy"][classifier]["seen"] for record in history]
-    return {
-        "avg_incremental_accuracy": float(np.mean(incremental)),
-        "last_accuracy": float(incremental[-1]),
-        "forgetting": _none_if_nan(metrics.forgetting(matrix)),
-        "backward_transfer": _none_if_nan(metrics.backward_transfer(matrix)),
-        "incremental_accuracy": incremental,
-        "accuracy_matrix": [[_none_if_nan(v) for v in row] for row in matrix.tolist()],
-    }
+    scalars = metrics.summary(matrix, incremental)
+    return {**{key: _none_if_nan(scalars[key]) for key in METRIC_NAMES},
+            "incremental_accuracy": incremental,
+            "accuracy_matrix": [[_none_if_nan(v) for v in row] for row in matrix.tolist()]}
 
 
 def _none_if_nan(value: float) -> float | None:

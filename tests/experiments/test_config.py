@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from hdqt.experiments.config import (
-    Choices, ConfigError, RunConfig, check_split, load_toml, resolve_config, scaled_milestones,
+    Choices, ConfigError, RunConfig, load_toml, resolve_config, scaled_milestones,
 )
 
 # Fixed choices keep these tests independent of which components are registered.
@@ -71,15 +71,6 @@ def test_wrong_type_in_file_names_the_source(tmp_path):
 def test_unknown_names_list_valid_choices(key, value, listed):
     with pytest.raises(ConfigError, match=f"unknown {key} '{value}'.*valid choices: {listed}"):
         resolve(flags={key: value})
-
-
-def test_impossible_split_is_explained():
-    with pytest.raises(ConfigError, match=r"remaining 7 classes.*increment=2.*valid init_classes are \[2, 4, 6, 8, 10\]"):
-        check_split(10, 3, 2, "digits")
-    with pytest.raises(ConfigError, match="exceeds the 10 classes"):
-        check_split(10, 11, 1, "digits")
-    assert check_split(10, 2, 2, "digits") == 5
-    assert check_split(100, 20, 20, "cifar100") == 5
 
 
 def test_ranges_are_checked():
