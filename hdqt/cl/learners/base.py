@@ -1,0 +1,404 @@
+"""The shared base of every class-incremental learner.
+
+A run drives a learner task by task::
+
+    learner.before_task(task)      # grow heads / add extractors, (re)quantize, reseed
+    learner.train_task(task, on_epoch=callback)
+    learner.after_task(task)       # memory update, class means, old-model snapshot
+    predictions = learner.evaluate(task.x_test, task.y_test)   # {"cnn": ..., "nme": ...}
+
+Subclasses override small hooks (``_loss``, ``_grow``, ``_training_data``,
+``train_task``...), PyCIL style. Everything random is derived from
+``(seed, purpose, task index)``: module initialisation runs under
+``torch.random.fork_rng`` with a derived seed, batches are shuffled by a
+``torch.Generator`` with a derived seed, and the quantizers are reseeded at
+every task. Nothing depends on the global RNG history, so a learner restored
+with ``load_state_dict`` after task t continues exactly like the original.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hdqt
+from hdqt.cl.learners.config import TrainConfig
+from hdqt.cl.learners.networks import IncrementalNet
+from hdqt.cl.memory import ExemplarMemory
+from hdqt.cl.scenario import Task
+
+__all__ = ["Learner", "TrainConfig", "derive_seed", "EpochCallback"]
+
+EpochCallback = Callable[[int, int, dict], None]
+STATE_VERSION = 1
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A stable 63-bit seed from a base seed and keys (independent of PYTHONHASHSEED)."""
+    text = ":".join(str(k) for k in (seed, *keys))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+class Learner:
+    """Base class: one network, optional exemplar memory, optional frozen old network.
+
+    Class attributes set by subclasses:
+        name: registry name.
+        uses_memory: keeps an ExemplarMemory (rehearsal and NME classification).
+        keeps_old_network: snapshots the network after each task (distillation).
+    """
+
+    name: ClassVar[str] = "base"
+    uses_memory: ClassVar[bool] = False
+    keeps_old_network: ClassVar[bool] = False
+
+    def __init__(self, *, backbone: str, input_shape: tuple, num_classes: int, policy,
+                 config: TrainConfig, seed: int, augment=None):
+        _check_args(backbone, input_shape, num_classes, policy, config, seed, augment)
+        if self.uses_memory and config.memory < num_classes:
+            raise ValueError(
+                f"memory={config.memory} cannot keep one exemplar for each of the "
+                f"{num_classes} classes that {self.name} will see; use memory >= {num_classes}")
+        self.backbone_name = backbone
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.num_classes = int(num_classes)
+        self.policy = policy
+        self.config = config
+        self.seed = int(seed)
+        self.augment = augment
+        self.device = torch.device(config.device)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh state: the network before any task, empty memory, nothing learnt."""
+        self.task_sizes: list[int] = []  # new classes per task started; replayed on load
+        self.known_classes = 0  # classes of finished tasks
+        self.finished_tasks = 0
+        self._current_task: int | None = None
+        self.memory = (ExemplarMemory(self.config.memory, self.config.selection)
+                       if self.uses_memory else None)
+        self.old_network: nn.Module | None = None
+        with self._seeded("init"):
+            self.network = self._build_network()
+            self._quantize()
+
+    # ------------------------------------------------------------------ hooks
+    def _build_network(self) -> nn.Module:
+        return IncrementalNet(self._new_backbone())
+
+    def _new_backbone(self) -> nn.Module:
+        from hdqt.models import create_model
+
+        return create_model(self.backbone_name, self.input_shape)
+
+    def _grow(self, task_index: int, num_new: int) -> None:
+        """Make room for ``num_new`` classes (called under a seed derived from the task)."""
+        self.network.add_classes(num_new)
+
+    def _training_data(self, task: Task) -> tuple[np.ndarray, np.ndarray]:
+        """The samples trained on in this task: new data, plus exemplars when kept."""
+        if self.memory is not None and len(self.memory):
+            x_mem, y_mem = self.memory.data()
+            return (np.concatenate([task.x_train, x_mem]),
+                    np.concatenate([task.y_train, y_mem]))
+        return task.x_train, task.y_train
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits over all seen classes) for one batch."""
+        raise NotImplementedError
+
+    def _set_train_mode(self) -> None:
+        self.network.train()
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the memory herds on and NME classifies with."""
+        return self.network.features(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ task protocol
+    @property
+    def total_classes(self) -> int:
+        """Classes the network currently outputs (known + the current task's)."""
+        return sum(self.task_sizes)
+
+    def before_task(self, task: Task) -> None:
+        if self._current_task is not None:
+            raise RuntimeError(f"task {self._current_task} was started but not finished "
+                               f"with after_task")
+        if task.index != self.finished_tasks:
+            raise ValueError(f"tasks must run in order: expected task {self.finished_tasks}, "
+                             f"got task {task.index}")
+        classes = np.asarray(task.classes)
+        expected = np.arange(self.known_classes, self.known_classes + len(classes))
+        if len(classes) == 0 or not np.array_equal(classes, expected):
+            raise ValueError(f"task {task.index} must bring the labels that follow the "
+                             f"{self.known_classes} known ones ({expected.tolist()}), got "
+                             f"{classes.tolist()}; use ClassIncrementalScenario")
+        if self.known_classes + len(classes) > self.num_classes:
+            raise ValueError(f"task {task.index} would bring the classes seen to "
+                             f"{self.known_classes + len(classes)}, more than "
+                             f"num_classes={self.num_classes}")
+        self._current_task = task.index
+        self.task_sizes.append(len(classes))
+        with self._seeded("grow", task.index):
+            self._grow(task.index, len(classes))
+            self._quantize()
+        self._reseed_quantizers(task.index)
+
+    def train_task(self, task: Task, on_epoch: EpochCallback | None = None) -> dict:
+        """Train on the task; returns the last epoch's logs."""
+        self._check_current(task)
+        x, y = self._training_data(task)
+        return self._fit(x, y, self._loss, self.network.parameters(), task_index=task.index,
+                         stage="main", on_epoch=on_epoch)
+
+    def after_task(self, task: Task) -> None:
+        self._check_current(task)
+        if self.memory is not None:
+            self.memory.update(task.x_train, task.y_train, self.extract_features,
+                               seed=derive_seed(self.seed, "memory", task.index))
+        self.known_classes = self.total_classes
+        self.finished_tasks += 1
+        self._current_task = None
+        if self.keeps_old_network:
+            self._snapshot_old_network()
+
+    @torch.no_grad()
+    def evaluate(self, x, y=None) -> dict[str, np.ndarray]:
+        """Predicted labels of the network's classifier ("cnn") and, when the
+        learner has exemplar means, of the nearest-mean-of-exemplars ("nme").
+        ``y`` is accepted for symmetry with the metrics and not used."""
+        if self.total_classes == 0:
+            raise RuntimeError("evaluate needs at least one task: call before_task first")
+        self.network.eval()
+        preds, feats = [], []
+        for xb in self._batches(x):
+            preds.append(self._logits(xb).argmax(dim=1).cpu())
+            if self.memory is not None and self.memory.has_means:
+                feats.append(self._features(xb).cpu())
+        out = {"cnn": torch.cat(preds).numpy().astype(np.int64)}
+        if feats:
+            out["nme"] = self.memory.nme_predict(torch.cat(feats).double().numpy())
+        return out
+
+    @torch.no_grad()
+    def extract_features(self, x) -> np.ndarray:
+        self.network.eval()
+        return torch.cat([self._features(xb).cpu() for xb in self._batches(x)]).double().numpy()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after the last finished task."""
+        if self._current_task is not None:
+            raise RuntimeError(f"state_dict is only defined between tasks; task "
+                               f"{self._current_task} is still running")
+        return _to_cpu({
+            "version": STATE_VERSION, "learner": self.name, "backbone": self.backbone_name,
+            "input_shape": list(self.input_shape), "num_classes": self.num_classes,
+            "seed": self.seed, "task_sizes": list(self.task_sizes),
+            "network": self.network.state_dict(),
+            "memory": None if self.memory is None else self.memory.state_dict(),
+            "extra": self._extra_state(),
+        })
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state_dict saved by a learner built with the same arguments."""
+        expected = {"version": STATE_VERSION, "learner": self.name, "backbone": self.backbone_name,
+                    "input_shape": list(self.input_shape), "num_classes": self.num_classes}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ValueError(f"state_dict has {key}={state.get(key)!r} but this learner has "
+                                 f"{key}={value!r}")
+        self._reset()
+        for index, size in enumerate(state["task_sizes"]):
+            self.task_sizes.append(int(size))
+            with self._seeded("grow", index):
+                self._grow(index, int(size))
+                self._quantize()
+        self.network.load_state_dict(state["network"])
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])
+        self._load_extra_state(state["extra"])
+        self.known_classes = self.total_classes
+        self.finished_tasks = len(self.task_sizes)
+        if self.keeps_old_network and self.finished_tasks:
+            # The snapshot after_task takes is a copy of the network at that point,
+            # which is exactly the network just loaded.
+            self._snapshot_old_network()
+
+    # ------------------------------------------------------------------ machinery
+    def _fit(self, x, y, loss_fn, parameters, *, task_index: int, stage: str,
+             on_epoch: EpochCallback | None, epoch_offset: int = 0,
+             total_epochs: int | None = None, weight_decay: float | None = None,
+             set_mode: Callable[[], None] | None = None, augment: bool = True) -> dict:
+        """SGD + MultiStepLR over (x, y) for ``config.epochs`` epochs.
+
+        Batches are shuffled (and augmented) by a generator seeded by
+        (seed, task, stage); anything else random in training (dropout) runs under
+        a forked global RNG seeded the same way.
+        """
+        cfg = self.config
+        params = [p for p in parameters if p.requires_grad]
+        if not params:
+            raise RuntimeError(f"{self.name}: nothing to train in stage {stage!r}")
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay if weight_decay is None
+                                    else weight_decay)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones),
+                                                         gamma=cfg.gamma)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "batches", task_index,
+                                                              stage))
+        x_all = _as_float_tensor(x)
+        y_all = torch.as_tensor(np.asarray(y), dtype=torch.long)
+        total_epochs = cfg.epochs if total_epochs is None else total_epochs
+        set_mode = set_mode or self._set_train_mode
+        logs: dict = {}
+        with self._seeded("train", task_index, stage):
+            for epoch in range(cfg.epochs):
+                set_mode()
+                loss_sum, correct = 0.0, 0
+                for idx in _batch_indices(len(y_all), cfg.batch_size, generator):
+                    xb = x_all[idx]
+                    if augment and self.augment is not None:
+                        xb = self.augment(xb, generator)
+                    xb, yb = xb.to(self.device), y_all[idx].to(self.device)
+                    loss, logits = loss_fn(xb, yb)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    loss_sum += float(loss.detach()) * len(idx)
+                    correct += int((logits.detach().argmax(dim=1) == yb).sum())
+                logs = {"loss": loss_sum / len(y_all), "accuracy": 100.0 * correct / len(y_all),
+                        "lr": optimizer.param_groups[0]["lr"], "stage": stage}
+                scheduler.step()
+                if on_epoch is not None:
+                    on_epoch(epoch_offset + epoch + 1, total_epochs, logs)
+        return logs
+
+    @contextmanager
+    def _seeded(self, *keys: object) -> Iterator[None]:
+        """Run a block under the global RNG seeded from (seed, keys), then restore it."""
+        devices = []
+        if self.device.type == "cuda":
+            devices = [self.device.index if self.device.index is not None
+                       else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(derive_seed(self.seed, *keys))
+            yield
+
+    def _quantize(self) -> None:
+        # Idempotent in the engine: converts only float layers added since the last call
+        # (a grown head, a new extractor); the rest keep their state.
+        if self.policy is not None:
+            hdqt.quantize_model(self.network, self.policy)
+        self.network.to(self.device)
+
+    def _reseed_quantizers(self, task_index: int) -> None:
+        if self.policy is None:
+            return
+        hdqt.reseed_quantizers(self.network, derive_seed(self.seed, "quantizers", task_index))
+        if self.old_network is not None:
+            hdqt.reseed_quantizers(self.old_network,
+                                   derive_seed(self.seed, "old-quantizers", task_index))
+
+    def _snapshot_old_network(self) -> None:
+        self.old_network = copy.deepcopy(self.network).eval()
+        for p in self.old_network.parameters():
+            p.requires_grad_(False)
+
+    def _check_current(self, task: Task) -> None:
+        if self._current_task != task.index:
+            raise RuntimeError(f"call before_task(task {task.index}) first"
+                               if self._current_task is None else
+                               f"task {self._current_task} is running, got task {task.index}")
+
+    def _batches(self, x) -> Iterator[torch.Tensor]:
+        x_all = _as_float_tensor(x)
+        size = max(self.config.batch_size, 256)
+        for start in range(0, len(x_all), size):
+            yield x_all[start:start + size].to(self.device)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(backbone={self.backbone_name!r}, "
+                f"classes={self.total_classes}/{self.num_classes}, "
+                f"finished_tasks={self.finished_tasks})")
+
+
+# ---------------------------------------------------------------------- losses
+def distillation_loss(logits: torch.Tensor, old_logits: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Cross-entropy between temperature-softened old and new outputs (Hinton et al.;
+    the form LwF, iCaRL-in-PyCIL and BiC use), averaged over the batch."""
+    soft_targets = F.softmax(old_logits / temperature, dim=1)
+    log_probs = F.log_softmax(logits / temperature, dim=1)
+    return -(soft_targets * log_probs).sum(dim=1).mean()
+
+
+# ---------------------------------------------------------------------- helpers
+def _batch_indices(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    starts = list(range(0, n, batch_size))
+    # A trailing batch of one sample breaks BatchNorm in training mode; fold it into
+    # the previous batch instead of dropping the sample.
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    ends = starts[1:] + [n]
+    return [order[s:e] for s, e in zip(starts, ends)]
+
+
+def _as_float_tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(dtype=torch.float32)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    return obj
+
+
+def _check_args(backbone, input_shape, num_classes, policy, config, seed, augment) -> None:
+    if not isinstance(backbone, str) or not backbone:
+        raise ValueError(f"backbone must be a model name such as 'fcnet', got {backbone!r}")
+    try:
+        dims = tuple(input_shape)
+    except TypeError:
+        dims = ()
+    if not dims or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
+                       for d in dims):
+        raise ValueError(f"input_shape must be a tuple of positive integers (one sample's "
+                         f"shape), got {input_shape!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if policy is not None and not isinstance(policy, hdqt.QuantPolicy):
+        raise ValueError(f"policy must be a QuantPolicy from hdqt.recipe(...) or None for plain "
+                         f"float layers, got {type(policy).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if augment is not None and not callable(augment):
+        raise ValueError(f"augment must be None or a callable (x, generator) -> x, "
+                         f"got {type(augment).__name__}")
