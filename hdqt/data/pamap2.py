@@ -83,7 +83,7 @@ def load(
     found = SOURCE.locate(root)
     key = fingerprint(found.files, window, step, max_missing)
     raw = cached_arrays("pamap2", key, lambda: parse(found, window, step, max_missing))
-    if len(raw["y"]) == 0:
+    if len(raw["activity"]) == 0:
         raise DatasetFormatError(found.folder, f"no complete {window}-sample window of a labelled activity")
     ids = np.unique(raw["activity"])
     x = (
@@ -130,7 +130,7 @@ def _activity_column(table: np.ndarray, path: Path) -> np.ndarray:
     if bad.any():
         line = int(np.argmax(bad)) + 1
         raise DatasetFormatError(
-            path, f"activity id {column[line - 1]!r} is not 0 or one of {sorted(ACTIVITY_NAMES)}", line=line
+            path, f"activity id {column[line - 1]:g} is not 0 or one of {sorted(ACTIVITY_NAMES)}", line=line
         )
     return column.astype(np.int64)
 
