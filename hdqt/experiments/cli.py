@@ -119,11 +119,14 @@ def _default_out(configs: list[RunConfig], comparison: bool) -> Path:
 def run_command(args: argparse.Namespace) -> int:
     # Imported here so that `hdqt --help` does not load torch and the learners.
     from hdqt.experiments.progress import ConsoleProgress
-    from hdqt.experiments.runner import run_experiment
+    from hdqt.experiments.runner import build_policy, build_train_config, run_experiment
     from hdqt.experiments.tables import compare_table, run_table
 
     try:
         runs, comparison = plan_runs(args)
+        for run in runs:  # fail on any recipe's options before the first run starts
+            build_policy(run.config)
+            build_train_config(run.config)
     except ConfigError as error:
         print(f"hdqt run: error: {error}", file=sys.stderr)
         return 2

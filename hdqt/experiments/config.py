@@ -44,6 +44,9 @@ class RunConfig:
     selection: str = "herding"
     temperature: float = 2.0
     test_fraction: float = 0.2
+    # Method-specific; None keeps the learner's own default.
+    bic_val_fraction: float | None = None
+    aux_loss_weight: float | None = None
     # Where the run happens, not what it computes: ignored when checking that a
     # resumed run has the same configuration (see ``identity``).
     data_root: str | None = field(default=None, compare=False)
@@ -74,9 +77,9 @@ RUN_KEYS = ("compare", "out")
 
 _INT_KEYS = {"epochs", "memory", "init_classes", "increment", "seed", "bits",
              "acc_bits", "tile", "batch_size"}
-_FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "temperature", "test_fraction"}
+_FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "temperature", "test_fraction",
+               "bic_val_fraction", "aux_loss_weight"}
 _STR_KEYS = {"dataset", "method", "recipe", "backbone", "selection", "data_root", "device"}
-SELECTIONS = ("herding", "random")
 
 _HAR = dict(backbone="fcnet", epochs=100, lr=0.01, memory=200, init_classes=2,
             increment=2, batch_size=128, momentum=0.9)
@@ -200,7 +203,7 @@ def resolve_config(file_values: Mapping[str, Any] | None = None,
     ``choices`` lists the valid names; by default they are read from the installed
     engine, data, model and learner registries.
     """
-    layers = [(source, file_values or {}), ("--flags", flag_values or {})]
+    layers = [(source, file_values or {}), ("the command line", flag_values or {})]
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for layer_name, layer in layers:
@@ -241,6 +244,7 @@ class Choices:
     methods: tuple[str, ...]
     recipes: tuple[str, ...]
     backbones: tuple[str, ...]
+    selections: tuple[str, ...] = ("herding", "random")
 
     @classmethod
     def installed(cls) -> "Choices":
@@ -248,11 +252,12 @@ class Choices:
         # CLI should only pay for once it actually runs.
         import hdqt
         from hdqt.cl.learners import list_learners
+        from hdqt.cl.memory import SELECTIONS
         from hdqt.data import list_datasets
         from hdqt.models import list_models
 
         return cls(tuple(list_datasets()), tuple(list_learners()),
-                   tuple(hdqt.list_recipes()), tuple(list_models()))
+                   tuple(hdqt.list_recipes()), tuple(list_models()), tuple(SELECTIONS))
 
 
 def _check_choice(key: str, value: str, valid: tuple[str, ...], origin: Mapping[str, str]) -> None:
@@ -268,7 +273,7 @@ def validate(config: RunConfig, choices: Choices, origin: Mapping[str, str] | No
     _check_choice("method", config.method, choices.methods, origin)
     _check_choice("recipe", config.recipe, choices.recipes, origin)
     _check_choice("backbone", config.backbone, choices.backbones, origin)
-    _check_choice("selection", config.selection, SELECTIONS, origin)
+    _check_choice("selection", config.selection, choices.selections, origin)
     positive = {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size,
                 "init_classes": config.init_classes, "increment": config.increment,
                 "temperature": config.temperature}

@@ -57,11 +57,17 @@ def build_policy(config: RunConfig):
 def build_train_config(config: RunConfig):
     from hdqt.cl.learners.base import TrainConfig
 
-    return TrainConfig(
-        epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
-        momentum=config.momentum, weight_decay=config.weight_decay,
-        milestones=tuple(config.milestones), gamma=config.gamma, memory=config.memory,
-        selection=config.selection, temperature=config.temperature, device=config.device)
+    optional = {key: getattr(config, key) for key in ("bic_val_fraction", "aux_loss_weight")
+                if getattr(config, key) is not None}
+    try:
+        return TrainConfig(
+            epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
+            momentum=config.momentum, weight_decay=config.weight_decay,
+            milestones=tuple(config.milestones), gamma=config.gamma, memory=config.memory,
+            selection=config.selection, temperature=config.temperature, device=config.device,
+            **optional)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def seed_everything(seed: int) -> None:
@@ -139,10 +145,13 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
         data.x_train, data.y_train, data.x_test, data.y_test,
         init_classes=config.init_classes, increment=config.increment, seed=config.seed)
     seed_everything(config.seed)
-    learner = create_learner(
-        config.method, backbone=config.backbone, input_shape=data.input_shape,
-        num_classes=num_classes, policy=build_policy(config),
-        config=build_train_config(config), seed=config.seed, augment=data.augment)
+    try:
+        learner = create_learner(
+            config.method, backbone=config.backbone, input_shape=data.input_shape,
+            num_classes=num_classes, policy=build_policy(config),
+            config=build_train_config(config), seed=config.seed, augment=data.augment)
+    except ValueError as error:  # e.g. a memory too small for the classes
+        raise ConfigError(f"method {config.method!r}: {error}") from None
 
     history: list[dict[str, Any]] = []
     checkpoint_path = out_dir / outputs.CHECKPOINT

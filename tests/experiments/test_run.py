@@ -1,0 +1,120 @@
+"""`hdqt run` end to end on digits: outputs, determinism, resume after SIGKILL, compare."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, read_metrics, run_cli, subprocess_cli
+
+REQUIRED = ("avg_incremental_accuracy", "last_accuracy", "forgetting", "backward_transfer",
+            "accuracy_matrix")
+
+
+def test_run_writes_config_metrics_csv_and_checkpoint(reference_run):
+    config = json.loads((reference_run / "config.json").read_text())
+    assert config["config"]["recipe"] == "hdqt" and config["config"]["epochs"] == 2
+    assert config["policy"]["name"] == "hdqt" and config["policy"]["hadamard"] is True
+    assert 'recipe = "hdqt"' in (reference_run / "config.toml").read_text()
+
+    metrics = read_metrics(reference_run)
+    assert metrics["complete"] and metrics["num_tasks"] == 5 and metrics["finished_tasks"] == 5
+    assert sorted(metrics["class_order"]) == list(range(10))
+    assert metrics["primary_classifier"] == "nme"  # iCaRL's own classifier
+    for source in (metrics, metrics["cnn"], metrics["nme"]):
+        for key in REQUIRED:
+            assert key in source, key
+        matrix = np.array(source["accuracy_matrix"], dtype=float)  # None -> nan
+        assert matrix.shape == (5, 5)
+        assert np.isnan(matrix[np.triu_indices(5, 1)]).all()
+        lower = matrix[np.tril_indices(5)]
+        assert ((lower >= 0) & (lower <= 100)).all()
+        assert 0 <= source["avg_incremental_accuracy"] <= 100
+    assert metrics["avg_incremental_accuracy"] == metrics["nme"]["avg_incremental_accuracy"]
+    # Even two 4-bit epochs learn something: above the 50% chance of the first task.
+    assert metrics["nme"]["incremental_accuracy"][0] > 60
+
+    with open(reference_run / "tasks.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["task"] for row in rows] == ["1", "2", "3", "4", "5"]
+    assert [int(row["num_seen_classes"]) for row in rows] == [2, 4, 6, 8, 10]
+    assert float(rows[-1]["nme_accuracy"]) == pytest.approx(metrics["nme"]["last_accuracy"], abs=1e-3)
+
+    checkpoint = torch.load(reference_run / "checkpoint.pt", weights_only=False)
+    assert len(checkpoint["history"]) == 5 and "learner" in checkpoint
+    assert not list(reference_run.glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_same_seed_same_metrics_and_config_toml_repeats_the_run(reference_run, tmp_path):
+    again = tmp_path / "again"
+    assert run_cli("--config", str(reference_run / "config.toml"), "--out", str(again)) == 0
+    assert read_metrics(again) == read_metrics(reference_run)
+
+    other_seed = tmp_path / "seed1"
+    assert run_cli(*TINY, "--recipe", "hdqt", "--seed", "1", "--out", str(other_seed)) == 0
+    assert read_metrics(other_seed)["class_order"] != read_metrics(reference_run)["class_order"]
+
+
+def test_resume_after_sigkill_mid_task_equals_uninterrupted_run(reference_run, tmp_path):
+    out = tmp_path / "killed"
+    args = (*TINY, "--recipe", "hdqt", "--out", str(out))
+    process = subprocess_cli(*args, cwd=tmp_path)
+    seen = []
+    for line in process.stdout:  # wait until task 2 is done: task 3 is then training
+        seen.append(line)
+        if "task 2/5" in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "".join(seen)
+    partial = read_metrics(out)
+    assert not partial["complete"] and 2 <= partial["finished_tasks"] < 5
+
+    resumed = subprocess_cli(*args, cwd=tmp_path)
+    log, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, log
+    assert f"resuming after task {partial['finished_tasks']}/5" in log
+    assert read_metrics(out) == read_metrics(reference_run)
+
+    # A finished run is reported, not retrained.
+    finished = subprocess_cli(*args, cwd=tmp_path)
+    log, _ = finished.communicate(timeout=120)
+    assert finished.returncode == 0 and "already complete" in log
+    assert read_metrics(out) == read_metrics(reference_run)
+
+
+def test_other_config_in_out_dir_is_refused_unless_overwrite(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run_cli(*TINY, "--recipe", "fp32", "--epochs", "1", "--out", out) == 0
+    capsys.readouterr()
+    assert run_cli(*TINY, "--recipe", "fp32", "--out", out) == 2
+    error = capsys.readouterr().err
+    assert "different configuration" in error and "epochs: 1 -> 2" in error
+    assert "--overwrite" in error
+    assert read_metrics(tmp_path / "run")["finished_tasks"] == 5  # old run untouched
+    assert run_cli(*TINY, "--recipe", "fp32", "--out", out, "--overwrite") == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["epochs"] == 2
+
+
+def test_compare_prints_both_recipes_and_their_difference(reference_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    # The hdqt half was already run with this exact config: it is reused, not retrained.
+    shutil.copytree(reference_run, out / "hdqt")
+    assert run_cli(*TINY, "--compare", "fp32,hdqt", "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    fp32, hdqt = read_metrics(out / "fp32"), read_metrics(out / "hdqt")
+    assert hdqt == read_metrics(reference_run)
+    assert fp32["recipe"] == "fp32" and fp32["class_order"] == hdqt["class_order"]
+
+    table = printed[printed.index("Comparison"):]
+    header = table.splitlines()[1].split()
+    assert header[-3:] == ["fp32", "hdqt", "hdqt-fp32"]
+    row = next(line for line in table.splitlines()
+               if line.startswith("avg incremental accuracy [nme]")).split()
+    a, b = fp32["avg_incremental_accuracy"], hdqt["avg_incremental_accuracy"]
+    assert row[-3:] == [f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"]
