@@ -109,7 +109,9 @@ class QuantConv2dFunction(torch.autograd.Function):
         y = tiled_matmul_batched(wq.values.reshape(n, k).to(dtype), cols, policy.tile, policy.acc_bits)
         out_h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
         out_w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        ctx.save_for_backward(xq.values, wq.values)
+        # The columns are kept for dW: unfolding again in backward costs more than the memory.
+        ctx.save_for_backward(cols.to(x.dtype), wq.values)
+        ctx.input_shape = x.shape
         ctx.scales = (xq.scale, wq.scale)
         ctx.rt = rt
         ctx.conv = (stride, padding, dilation)
@@ -117,11 +119,12 @@ class QuantConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x_values, w_values = ctx.saved_tensors
+        cols, w_values = ctx.saved_tensors
         x_scale, w_scale = ctx.scales
         rt: LayerRuntime = ctx.rt
         policy = rt.policy
         stride, padding, dilation = ctx.conv
+        input_shape = ctx.input_shape
         acc = policy.acc_bits if policy.saturate_backward else None
         b, n = grad.shape[:2]
         _, c, kh, kw = w_values.shape
@@ -137,17 +140,16 @@ class QuantConv2dFunction(torch.autograd.Function):
             if acc is None:
                 # Unlimited accumulators: the col2im of W^T G is exactly a transposed conv.
                 grad_x = torch.nn.grad.conv2d_input(
-                    x_values.shape, w.values.reshape(n, c, kh, kw), g.values.reshape(grad.shape),
+                    input_shape, w.values.reshape(n, c, kh, kw), g.values.reshape(grad.shape),
                     stride=stride, padding=padding, dilation=dilation,
                 )
             else:
-                cols = tiled_matmul_batched(w.values.T.contiguous(), g.values, policy.tile, acc)
-                grad_x = F.fold(cols, x_values.shape[2:], (kh, kw), dilation=dilation, padding=padding, stride=stride)
+                cols_dx = tiled_matmul_batched(w.values.T.contiguous(), g.values, policy.tile, acc)
+                grad_x = F.fold(cols_dx, input_shape[2:], (kh, kw), dilation=dilation, padding=padding, stride=stride)
             grad_x.mul_(scale)
         if ctx.needs_input_grad[1]:
             # dW: reduction over each sample's positions (and the batch); the
             # Hadamard runs along the positions L of every sample at once.
-            cols = F.unfold(x_values, (kh, kw), dilation=dilation, padding=padding, stride=stride)
             g, x, extra = backward_operands(
                 rt, grad_cols, 2, policy.grad_output_dw, "output gradient (dW)",
                 cols, 2, policy.backward_input, "backward input",

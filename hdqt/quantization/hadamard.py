@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hdqt.quantization import native
+
 HADAMARD_RULES = ("paper", "binary")
 _MAX_RADIX_BITS = 5  # radix 32 per stage
 
@@ -108,6 +110,12 @@ def _fwht_uniform(x: torch.Tensor, dim: int, p: int, cache: dict | None) -> torc
     pre = math.prod(shape[:dim])
     post = math.prod(shape[dim + 1 :])
     blocks = shape[dim] // p
+    if post == 1 and x.device.type == "cpu" and x.dtype == torch.float32:
+        lib = native.load()
+        if lib is not None:  # rows along the last dim: all stages while the row is in cache
+            out = x.clone()
+            lib.hdqt_fwht_rows_f32(out.data_ptr(), out.numel() // p, p)
+            return out
     radices = _radices(p)
     outer = pre * blocks
     for i, r in enumerate(radices):

@@ -6,10 +6,7 @@ product runs in float64 (exact to 2^53) so results always equal an int64 referen
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 _FLOAT32_EXACT = 2**24
 
@@ -26,10 +23,6 @@ def exact_dtype(length: int, max_a: float, max_b: float, dtype: torch.dtype) -> 
     return torch.float64
 
 
-def _tiles(k: int, tile: int) -> int:
-    return math.ceil(k / tile)
-
-
 def tiled_matmul(x: torch.Tensor, w: torch.Tensor, tile: int, acc_bits: int | None) -> torch.Tensor:
     """``x @ w.T`` for x (M, K), w (N, K), with each length-``tile`` chunk of the
     reduction summed into an accumulator that saturates at ±(2^(acc_bits-1)-1).
@@ -42,16 +35,17 @@ def tiled_matmul(x: torch.Tensor, w: torch.Tensor, tile: int, acc_bits: int | No
     if acc_bits is None:
         return x @ w.T
     limit = accumulator_limit(acc_bits)
-    tiles = _tiles(k, tile)
-    if tiles == 1:
-        return (x @ w.T).clamp_(-limit, limit)
-    pad = tiles * tile - k
-    if pad:  # zero padding adds nothing to any tile's sum
-        x = F.pad(x, (0, pad))
-        w = F.pad(w, (0, pad))
-    # (tiles, M, T) @ (tiles, T, N) -> every tile's partial sums in one batched matmul
-    partial = torch.bmm(x.reshape(m, tiles, tile).transpose(0, 1), w.reshape(n, tiles, tile).permute(1, 2, 0))
-    return partial.clamp_(-limit, limit).sum(0)
+    full = k // tile
+    out = None
+    if full:
+        # (tiles, M, T) @ (tiles, T, N) -> every full tile's partial sums in one batched matmul
+        xs = x[:, : full * tile].reshape(m, full, tile).transpose(0, 1)
+        ws = w[:, : full * tile].reshape(n, full, tile).permute(1, 2, 0)
+        out = torch.bmm(xs, ws).clamp_(-limit, limit).sum(0)
+    if k % tile:  # the short last tile, without padding copies of the operands
+        rest = (x[:, full * tile :] @ w[:, full * tile :].T).clamp_(-limit, limit)
+        out = rest if out is None else out.add_(rest)
+    return out
 
 
 def tiled_matmul_batched(w: torch.Tensor, x: torch.Tensor, tile: int, acc_bits: int | None) -> torch.Tensor:
@@ -65,13 +59,15 @@ def tiled_matmul_batched(w: torch.Tensor, x: torch.Tensor, tile: int, acc_bits: 
     if acc_bits is None:
         return torch.matmul(w, x)
     limit = accumulator_limit(acc_bits)
-    tiles = _tiles(k, tile)
-    if tiles == 1:
-        return torch.matmul(w, x).clamp_(-limit, limit)
-    pad = tiles * tile - k
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))
-        w = F.pad(w, (0, pad))
-    # (tiles, N, T) @ (B, tiles, T, L) -> (B, tiles, N, L)
-    partial = torch.matmul(w.reshape(n, tiles, tile).transpose(0, 1), x.reshape(b, tiles, tile, l))
-    return partial.clamp_(-limit, limit).sum(1)
+    full = k // tile
+    out = None
+    if full:
+        # (tiles, N, T) @ (B, tiles, T, L) -> (B, tiles, N, L); the K-slice of a
+        # contiguous (B, K, L) tensor reshapes to tiles without a copy.
+        ws = w[:, : full * tile].reshape(n, full, tile).transpose(0, 1)
+        xs = x[:, : full * tile].reshape(b, full, tile, l)
+        out = torch.matmul(ws, xs).clamp_(-limit, limit).sum(1)
+    if k % tile:
+        rest = torch.matmul(w[:, full * tile :], x[:, full * tile :]).clamp_(-limit, limit)
+        out = rest if out is None else out.add_(rest)
+    return out

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from hdqt.quantization import native
 from hdqt.quantization.formats import IntFormat, format_from_dict
 from hdqt.quantization.rounding import check_rounding, round_nearest_, round_stochastic_
 
@@ -96,6 +97,10 @@ class Quantizer:
         clip = self.scaling.clip_ratio * amax
         # An all-zero tensor gets scale 1 so that it maps to zeros, not NaN.
         scale = clip / qmax if clip > 0 else 1.0
+        if self.rounding == "stochastic" and tensor.device.type == "cpu" and tensor.dtype == torch.float32:
+            lib = native.load()
+            if lib is not None:
+                return self._stochastic_native(tensor, generator, lib, scale, qmin, qmax)
         values = tensor.detach() / scale
         if self.rounding == "nearest":
             values = round_nearest_(values).clamp_(qmin, qmax)
@@ -105,6 +110,14 @@ class Quantizer:
                 values.clamp_(qmin, qmax)
             values = round_stochastic_(values, generator)
         return QTensor(values, scale)
+
+    def _stochastic_native(self, tensor, generator, lib, scale, qmin, qmax) -> QTensor:
+        """One fused pass (scale, clamp, draw, floor); the stream's seed comes from ``generator``."""
+        src = tensor.detach().contiguous()
+        out = torch.empty_like(src)
+        seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
+        lib.hdqt_sr_quantize_f32(src.data_ptr(), out.data_ptr(), src.numel(), 1.0 / scale, qmin, qmax, seed)
+        return QTensor(out, scale)
 
     def to_dict(self) -> dict:
         return {
