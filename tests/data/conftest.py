@@ -9,10 +9,14 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory) -> Path:
     # One cache per test session: real data is parsed once, never into the user's cache.
-    return tmp_path_factory.mktemp("hdqt-cache")
+    # Session-scoped so that it is in place before module-scoped fixtures load data.
+    cache = tmp_path_factory.mktemp("hdqt-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HDQT_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture(autouse=True)
