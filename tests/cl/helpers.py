@@ -1,0 +1,46 @@
+"""Shared helpers for the learner tests."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+import hdqt
+from hdqt.cl.learners import TrainConfig, create_learner
+
+from conftest import DIM, NUM_CLASSES
+
+# Enough to learn the blobs well above chance.
+LEARN = TrainConfig(epochs=3, lr=0.05, batch_size=32, memory=30)
+# Cheapest run that still exercises a milestone; for tests that compare runs, not accuracy.
+FAST = TrainConfig(epochs=2, lr=0.05, batch_size=32, memory=30, milestones=(1,))
+
+
+def build(name, recipe="hdqt", seed=3, config=FAST, **kwargs):
+    return create_learner(name, backbone="fcnet", input_shape=(DIM,), num_classes=NUM_CLASSES,
+                          policy=hdqt.recipe(recipe), config=config, seed=seed, **kwargs)
+
+
+def run_tasks(learner, tasks, on_epoch=None):
+    for task in tasks:
+        learner.before_task(task)
+        learner.train_task(task, on_epoch=on_epoch)
+        learner.after_task(task)
+    return learner
+
+
+def weights(learner) -> torch.Tensor:
+    return torch.cat([v.flatten().float() for v in learner.network.state_dict().values()
+                      if isinstance(v, torch.Tensor)])
+
+
+def through_torch_save(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def accuracy(pred, y) -> float:
+    return 100.0 * float(np.mean(np.asarray(pred) == np.asarray(y)))

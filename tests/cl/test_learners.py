@@ -1,0 +1,150 @@
+"""Every learner on a tiny separable problem: learns, stays quantized, resumes exactly."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import hdqt
+from hdqt.cl.learners import create_learner, list_learners
+
+from conftest import DIM, NUM_CLASSES
+from helpers import FAST, LEARN, accuracy, build, run_tasks, through_torch_save, weights
+
+ALL = ["finetune", "joint", "lwf", "icarl", "bic", "der", "memo"]
+WITH_MEMORY = {"icarl", "bic", "der", "memo"}
+CHANCE = 100.0 / NUM_CLASSES
+
+
+def test_registry_lists_every_method():
+    assert list_learners() == ALL
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "hdqt"])
+@pytest.mark.parametrize("name", ALL)
+def test_learner_beats_chance_and_heads_stay_quantized(scenario, name, recipe):
+    learner = build(name, recipe, config=LEARN)
+    for task in scenario:
+        learner.before_task(task)
+        learner.train_task(task)
+        learner.after_task(task)
+        assert learner.network.head.out_features == len(task.seen_classes)
+        if recipe == "hdqt":
+            linears = [m for m in learner.network.modules() if isinstance(m, nn.Linear)]
+            assert linears and all(isinstance(m, hdqt.QuantLinear) for m in linears)
+            assert all(m.policy.name == "hdqt" for m in linears)
+    last = scenario.tasks[-1]
+    predictions = learner.evaluate(last.x_test, last.y_test)
+    assert set(predictions) == ({"cnn", "nme"} if name in WITH_MEMORY else {"cnn"})
+    for key, pred in predictions.items():
+        assert pred.shape == last.y_test.shape and pred.dtype == np.int64
+        # finetune forgets the first tasks by design: it only knows the last 2 of 6 classes
+        floor = 25.0 if name == "finetune" else 40.0
+        assert accuracy(pred, last.y_test) > max(floor, CHANCE), (name, recipe, key)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_dict_round_trip_continues_exactly(scenario, name):
+    tasks = scenario.tasks
+    uninterrupted = run_tasks(build(name), tasks)
+    expected = uninterrupted.evaluate(tasks[-1].x_test)
+
+    first = run_tasks(build(name), tasks[:1])
+    state = through_torch_save(first.state_dict())
+    torch.manual_seed(1234)  # resumed runs must not depend on the global RNG
+    resumed = build(name)
+    torch.rand(7)
+    resumed.load_state_dict(state)
+    assert resumed.finished_tasks == 1 and resumed.known_classes == 2
+    run_tasks(resumed, tasks[1:])
+    got = resumed.evaluate(tasks[-1].x_test)
+    assert set(got) == set(expected)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+    assert torch.equal(weights(resumed), weights(uninterrupted))
+
+
+@pytest.mark.parametrize("name", ["icarl", "der"])
+def test_round_trip_after_two_tasks(scenario, name):
+    tasks = scenario.tasks
+    expected = run_tasks(build(name), tasks).evaluate(tasks[-1].x_test)
+    state = through_torch_save(run_tasks(build(name), tasks[:2]).state_dict())
+    resumed = build(name)
+    resumed.load_state_dict(state)
+    got = run_tasks(resumed, tasks[2:]).evaluate(tasks[-1].x_test)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+@pytest.mark.parametrize("name", ["icarl", "memo"])
+def test_same_seed_same_result_regardless_of_global_rng(scenario, name):
+    runs = []
+    for global_seed in (0, 99):
+        torch.manual_seed(global_seed)
+        np.random.seed(global_seed)
+        runs.append(run_tasks(build(name, seed=5), scenario.tasks[:2]))
+    assert torch.equal(weights(runs[0]), weights(runs[1]))
+    other = run_tasks(build(name, seed=6), scenario.tasks[:2])
+    assert not torch.equal(weights(runs[0]), weights(other))
+
+
+def test_head_grows_keeping_old_rows(scenario):
+    learner = run_tasks(build("icarl"), scenario.tasks[:1])
+    before = learner.network.head.weight.detach().clone()
+    learner.before_task(scenario.tasks[1])
+    head = learner.network.head
+    assert isinstance(head, hdqt.QuantLinear) and head.out_features == 4
+    assert torch.equal(head.weight.detach()[:2], before)
+
+
+def test_on_epoch_reports_every_epoch(scenario):
+    calls = []
+    learner = build("icarl")
+    run_tasks(learner, scenario.tasks[:1], on_epoch=lambda e, n, logs: calls.append((e, n, logs)))
+    assert [(e, n) for e, n, _ in calls] == [(1, 2), (2, 2)]
+    assert all(np.isfinite(logs["loss"]) for _, _, logs in calls)
+    # the milestone at epoch 1 decays the lr for epoch 2
+    assert calls[1][2]["lr"] == pytest.approx(FAST.lr * FAST.gamma)
+
+
+def test_lwf_finetune_joint_keep_no_exemplars(scenario):
+    for name in ("lwf", "finetune", "joint"):
+        assert build(name).memory is None
+    joint = run_tasks(build("joint"), scenario.tasks[:2])
+    x, y = joint._training_data(scenario.tasks[2])
+    assert sorted(set(y.tolist())) == list(range(6))  # all data seen so far, not exemplars
+    assert len(y) == sum(len(t.y_train) for t in scenario.tasks)
+
+
+def test_augment_is_used_with_a_seeded_generator(scenario):
+    seen = []
+
+    def augment(x, generator):
+        assert isinstance(generator, torch.Generator)
+        seen.append(x.shape[0])
+        return x + 0.01 * torch.randn(x.shape, generator=generator)
+
+    a = run_tasks(build("icarl", augment=augment), scenario.tasks[:1])
+    b = run_tasks(build("icarl", augment=augment), scenario.tasks[:1])
+    assert sum(seen) == 2 * 2 * len(scenario.tasks[0].y_train)  # 2 runs x 2 epochs
+    assert torch.equal(weights(a), weights(b))
+
+
+def test_errors_name_the_problem(scenario):
+    with pytest.raises(ValueError, match=r"unknown learner 'ewc'; choose one of \['finetune'"):
+        create_learner("ewc", backbone="fcnet", input_shape=(DIM,), num_classes=6,
+                       policy=None, config=FAST, seed=0)
+    with pytest.raises(ValueError, match="memory=3 cannot keep one exemplar"):
+        build("icarl", config=FAST.__class__(epochs=1, lr=0.1, memory=3))
+    with pytest.raises(ValueError, match="policy must be a QuantPolicy"):
+        create_learner("icarl", backbone="fcnet", input_shape=(DIM,), num_classes=6,
+                       policy="hdqt", config=FAST, seed=0)
+    learner = build("icarl")
+    with pytest.raises(RuntimeError, match="evaluate needs at least one task"):
+        learner.evaluate(scenario.tasks[0].x_test)
+    with pytest.raises(ValueError, match="expected task 0, got task 1"):
+        learner.before_task(scenario.tasks[1])
+    learner.before_task(scenario.tasks[0])
+    with pytest.raises(RuntimeError, match="state_dict is only defined between tasks"):
+        learner.state_dict()
+    with pytest.raises(ValueError, match="learner='icarl'"):
+        build("der").load_state_dict(run_tasks(build("icarl"), scenario.tasks[:1]).state_dict())
