@@ -1,0 +1,134 @@
+"""Backbones: shapes, feature sizes, parameter counts, registry, MEMO split."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hdqt.models import FCNet, create_model, list_models, register_model, split_backbone
+from hdqt.models.resnet import ZeroPadShortcut
+
+CASES = [
+    ("fcnet", (405,), 405),
+    ("fcnet", (128, 6), 768),  # raw windows are flattened
+    ("resnet32", (3, 32, 32), 64),
+    ("resnet20", (3, 32, 32), 64),
+    ("convnet", (1, 28, 28), 128),
+    ("convnet", (3, 28, 28), 128),
+]
+# Layers the quantization engine converts (Linear, Conv2d) or leaves in float.
+ALLOWED_LEAVES = (
+    nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
+    nn.Flatten, nn.Identity, ZeroPadShortcut,
+)
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name, shape, out_dim", CASES)
+def test_forward_gives_out_dim_features(name, shape, out_dim):
+    torch.manual_seed(0)
+    model = create_model(name, shape)
+    assert model.out_dim == out_dim
+    features = model(torch.randn(3, *shape))
+    assert features.shape == (3, out_dim)
+    assert torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("name, shape, out_dim", CASES)
+def test_backbones_use_only_quantizable_or_float_safe_layers(name, shape, out_dim):
+    model = create_model(name, shape)
+    leaves = [m for m in model.modules() if not list(m.children())]
+    assert all(isinstance(m, ALLOWED_LEAVES) for m in leaves), {type(m).__name__ for m in leaves}
+
+
+def test_fcnet_is_the_papers_405_405_405_without_bias():
+    model = create_model("fcnet", (405,))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(405, 405), (405, 405)]
+    assert all(m.bias is None for m in linears)
+    assert _n_params(model) == 2 * 405 * 405
+    assert create_model("fcnet", (243,), hidden=100).layer1[0].weight.shape == (100, 243)
+
+
+def test_fcnet_features_are_non_negative_relu_outputs():
+    out = create_model("fcnet", (20,))(torch.randn(8, 20))
+    assert (out >= 0).all() and (out > 0).any()
+
+
+def test_resnet32_structure_and_parameter_count():
+    model = create_model("resnet32", (3, 32, 32))
+    assert [len(s) for s in (model.stage1, model.stage2, model.stage3)] == [5, 5, 5]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 31  # + the classifier head = 32 weighted layers
+    assert [convs[i].out_channels for i in (0, 1, 11, 21)] == [16, 16, 32, 64]
+    # CIFAR ResNet-32 has 0.46M parameters; option-A shortcuts add none
+    assert 455_000 < _n_params(model) < 465_000
+    assert not any(p for m in model.modules() if isinstance(m, ZeroPadShortcut) for p in m.parameters())
+
+
+def test_option_a_shortcut_subsamples_and_zero_pads():
+    x = torch.randn(2, 16, 8, 8)
+    y = ZeroPadShortcut(16, 32, stride=2)(x)
+    assert y.shape == (2, 32, 4, 4)
+    assert torch.equal(y[:, 8:24], x[:, :, ::2, ::2])
+    assert torch.count_nonzero(y[:, :8]) == 0 and torch.count_nonzero(y[:, 24:]) == 0
+
+
+@pytest.mark.parametrize("name, shape, out_dim", CASES)
+def test_split_backbone_shares_shallow_layers_and_builds_fresh_deep_ones(name, shape, out_dim):
+    torch.manual_seed(0)
+    model = create_model(name, shape)
+    model.eval()
+    generalized, make_specialized = split_backbone(model)
+    model_params = {id(p) for p in model.parameters()}
+    assert {id(p) for p in generalized.parameters()} <= model_params
+    first, second = make_specialized(), make_specialized()
+    assert first.out_dim == out_dim
+    assert not ({id(p) for p in first.parameters()} & model_params)
+    assert _n_params(generalized) + _n_params(first) == _n_params(model)
+    first.eval()
+    x = torch.randn(2, *shape)
+    assert first(generalized(x)).shape == (2, out_dim)
+    # loading the model's deep weights into a fresh specialised block reproduces the model
+    deep = {k: v for k, v in model.state_dict().items() if not any(
+        k.startswith(prefix) for prefix in _shallow_prefixes(name))}
+    second.load_state_dict(dict(zip(second.state_dict(), deep.values())))
+    second.eval()
+    torch.testing.assert_close(second(generalized(x)), model(x))
+
+
+def _shallow_prefixes(name: str) -> tuple[str, ...]:
+    return {"fcnet": ("layer1",), "convnet": ("block1",)}.get(name, ("stem", "stage1", "stage2"))
+
+
+def test_split_backbone_rejects_modules_without_split():
+    with pytest.raises(TypeError, match="Linear has no split"):
+        split_backbone(nn.Linear(2, 2))
+
+
+def test_registry_lists_and_rejects_unknown_names():
+    assert {"fcnet", "resnet32", "convnet"} <= set(list_models())
+    with pytest.raises(ValueError, match=r"unknown model 'resnet18'.*convnet, fcnet"):
+        create_model("resnet18", (3, 32, 32))
+
+
+def test_registry_checks_shapes_and_duplicates():
+    with pytest.raises(ValueError, match=r"resnet32 needs input_shape \(C, H, W\)"):
+        create_model("resnet32", (405,))
+    with pytest.raises(ValueError, match="positive"):
+        create_model("fcnet", (0,))
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("fcnet")(lambda input_shape: FCNet(4))
+
+
+def test_backbones_train_under_quantization():
+    import hdqt
+
+    model = hdqt.quantize_model(create_model("resnet20", (3, 32, 32)), hdqt.recipe("hdqt"))
+    features = model(torch.randn(4, 3, 32, 32))
+    features.sum().backward()
+    assert features.shape == (4, 64)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
