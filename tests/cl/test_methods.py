@@ -1,0 +1,138 @@
+"""What makes each method that method: BiC's two stages, DER/MEMO's expansion, distillation."""
+import numpy as np
+import pytest
+import torch
+
+import hdqt
+from hdqt.cl.learners.base import distillation_loss
+
+from helpers import FAST, build, run_tasks
+
+
+def clone_params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def changed(before, module):
+    # parameters created since ``before`` (grown heads, new layers) count as changed
+    return {n for n, p in module.named_parameters()
+            if n not in before or not torch.equal(before[n], p.detach())}
+
+
+def test_distillation_loss_is_soft_cross_entropy_at_temperature():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    old = torch.tensor([[1.0, 1.0, 0.0]])
+    t = 2.0
+    soft = torch.softmax(old / t, dim=1)
+    expected = -(soft * torch.log_softmax(logits / t, dim=1)).sum()
+    assert distillation_loss(logits, old, t).item() == pytest.approx(expected.item())
+    # minimised when the new outputs match the old ones
+    assert distillation_loss(old, old, t) < distillation_loss(logits, old, t)
+
+
+def test_bic_trains_only_the_newest_bias_layer_in_stage_two(scenario):
+    calls = []
+    bic = run_tasks(build("bic"), scenario.tasks[:1])
+    assert bic.bias_parameters() == [(1.0, 0.0)]  # no correction in the first task
+    bic.before_task(scenario.tasks[1])
+    bic.train_task(scenario.tasks[1], on_epoch=lambda e, n, logs: calls.append((e, n, logs)))
+    bic.after_task(scenario.tasks[1])
+    # stage 1 then stage 2, numbered as one run of 2 * epochs
+    assert [(e, n, logs["stage"]) for e, n, logs in calls] == [
+        (1, 4, "main"), (2, 4, "main"), (3, 4, "bias"), (4, 4, "bias")]
+    (a0, b0), (a1, b1) = bic.bias_parameters()
+    assert (a0, b0) == (1.0, 0.0) and (a1, b1) != (1.0, 0.0)
+    before = clone_params(bic.network)
+    run_tasks(bic, scenario.tasks[2:])
+    moved = changed(before, bic.network)
+    assert "bias_layers.1.alpha" not in moved and "bias_layers.1.beta" not in moved
+    a2, b2 = bic.bias_parameters()[2]
+    assert (a2, b2) != (1.0, 0.0)
+    # the correction applies to the new classes' logits only
+    net = bic.network
+    raw = torch.zeros(1, 6) + 1.0
+    np.testing.assert_allclose(net.correct(raw)[0, 4:].detach().numpy(), a2 + b2, rtol=1e-6)
+
+
+def test_bic_validation_set_is_balanced_and_disjoint(scenario):
+    bic = run_tasks(build("bic"), scenario.tasks[:1])  # memory 30: 15 exemplars per class
+    task = scenario.tasks[1]
+    bic.before_task(task)
+    (x_tr, y_tr), (x_val, y_val) = bic._split(task)
+    # round(0.1 * 15) = 2 per class, old and new alike
+    assert np.bincount(y_val).tolist() == [2, 2, 2, 2]
+    assert len(y_tr) + len(y_val) == len(task.y_train) + len(bic.memory)
+    rows_train = {r.tobytes() for r in x_tr}
+    assert not any(r.tobytes() in rows_train for r in x_val)
+
+
+@pytest.mark.parametrize("name", ["der", "memo"])
+def test_expansion_adds_a_branch_per_task_and_freezes_old_ones(scenario, name):
+    learner = run_tasks(build(name), scenario.tasks[:1])
+    net = learner.network
+    assert len(net.branches) == 1 and net.aux_head is None
+    learner.before_task(scenario.tasks[1])
+    assert len(net.branches) == 2
+    # the new branch starts from the previous one, as in the reference code
+    for (n0, p0), (n1, p1) in zip(net.branches[0].named_parameters(),
+                                  net.branches[1].named_parameters()):
+        assert torch.equal(p0, p1)
+    dim = net.branch_dims[-1]
+    assert net.head.in_features == sum(net.branch_dims) and net.head.out_features == 4
+    assert (net.aux_head.in_features, net.aux_head.out_features) == (dim, 2 + 1)
+    assert isinstance(net.aux_head, hdqt.QuantLinear)
+    before = clone_params(net)
+    learner.train_task(scenario.tasks[1])
+    learner.after_task(scenario.tasks[1])
+    moved = changed(before, net)
+    assert not any(n.startswith("branches.0.") for n in moved)  # frozen old branch
+    assert any(n.startswith("branches.1.") for n in moved)
+    if name == "memo":
+        # one shared generalised part, trained in every task
+        assert any(n.startswith("generalized.") for n in moved)
+    # weight aligning: new rows now have the old rows' mean norm
+    norms = net.head.weight.detach().norm(dim=1)
+    assert norms[2:].mean().item() == pytest.approx(norms[:2].mean().item(), rel=1e-5)
+
+
+def test_der_features_concatenate_all_branches(scenario):
+    der = run_tasks(build("der"), scenario.tasks[:2])
+    x = torch.as_tensor(scenario.tasks[0].x_test[:5])
+    der.network.eval()
+    with torch.no_grad():
+        parts = [b(x) for b in der.network.branches]
+        torch.testing.assert_close(der.network.features(x), torch.cat(parts, dim=1))
+    assert der.extract_features(scenario.tasks[0].x_test).shape[1] == sum(der.network.branch_dims)
+
+
+def test_memo_shares_the_generalised_blocks(scenario):
+    memo = run_tasks(build("memo"), scenario.tasks)
+    gen = memo.network.generalized
+    assert len(memo.network.branches) == 3
+    shared = {id(p) for p in gen.parameters()}
+    assert shared and not any(id(p) in shared for b in memo.network.branches
+                              for p in b.parameters())
+
+
+@pytest.mark.parametrize("name", ["lwf", "icarl"])
+def test_distilling_learners_keep_a_frozen_old_network(scenario, name):
+    learner = run_tasks(build(name), scenario.tasks[:1])
+    old = learner.old_network
+    assert old is not None and not old.training
+    assert all(not p.requires_grad for p in old.parameters())
+    for (n, p), (_, q) in zip(old.named_parameters(), learner.network.named_parameters()):
+        assert torch.equal(p, q) and p is not q
+    run_tasks(learner, scenario.tasks[1:2])
+    assert learner.old_network.head.out_features == 4  # refreshed after each task
+
+
+def test_lwf_distillation_reduces_forgetting_compared_with_finetune(scenario):
+    tasks = scenario.tasks
+    first = tasks[0]
+    def old_task_accuracy(name):
+        learner = run_tasks(build(name, config=FAST.__class__(epochs=3, lr=0.05, batch_size=32)),
+                            tasks)
+        pred = learner.evaluate(first.x_test)["cnn"]
+        mask = first.y_test < 2
+        return float(np.mean(pred[mask] == first.y_test[mask]))
+    assert old_task_accuracy("lwf") > old_task_accuracy("finetune")
