@@ -233,3 +233,60 @@ def test_hapt_missing_signal_file_is_a_partial_dataset(tmp_path):
     (raw / "acc_exp02_user01.txt").unlink()
     with pytest.raises(DatasetNotFoundError, match=r"acc_exp02_user01\.txt"):
         data.load("hapt", root=tmp_path)
+
+
+# --- DSADS (UCI text layout, scaled down) ----------------------------------------------
+
+def _write_dsads_tree(data_dir, seed=0):
+    """Segment files for activities a01, a19, subject p8, segments s01, s60 (a 4-file 'full' set)."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    for a in (1, 19):
+        for s in (1, 60):
+            x = rng.normal(scale=30, size=(125, 45)).round(5)
+            path = data_dir / f"a{a:02d}" / "p8" / f"s{s:02d}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savetxt(path, x, delimiter=",", fmt="%.5f")
+            values[(a, s)] = x
+    return values
+
+
+@pytest.mark.parametrize("layout", ["text", "zip"])
+def test_dsads_text_and_archive_give_the_npz_layout(tmp_path, monkeypatch, layout):
+    from hdqt.data import dsads
+
+    monkeypatch.setattr(dsads, "_EXPECTED_FILES", 4)  # accept the 4-file set as complete
+    monkeypatch.setenv("HDQT_CACHE", str(tmp_path / "cache"))
+    values = _write_dsads_tree(tmp_path / "src" / "data")
+    if layout == "text":
+        root = tmp_path / "src"
+        (root / "dsads").mkdir()
+        (root / "data").rename(root / "dsads" / "data")
+    else:
+        import shutil
+
+        root = tmp_path / "zipped"
+        (root / "dsads").mkdir(parents=True)
+        shutil.make_archive(str(root / "dsads" / "uci"), "zip", tmp_path / "src")
+    ds = data.load("dsads", root=root, features=False)
+    np.testing.assert_array_equal(ds.y, [0, 0, 18, 18])
+    np.testing.assert_array_equal(ds.extra["segment"], [1, 60, 1, 60])
+    np.testing.assert_array_equal(ds.subject, [8, 8, 8, 8])
+    np.testing.assert_allclose(ds.x[3], values[(19, 60)], rtol=5e-4, atol=1e-7)
+    (cached,) = (tmp_path / "cache" / "parsed").glob("dsads-*.npz")  # the parsed signal
+    with np.load(cached) as npz:
+        assert {k: npz[k].dtype.name for k in npz.files} == {
+            "x": "float16", "y": "int16", "subject": "int16", "segment": "int16"}
+    feats = data.load("dsads", root=root)
+    assert feats.x.shape == (4, 405)
+
+
+def test_dsads_truncated_segment_names_file_and_line(tmp_path, monkeypatch):
+    from hdqt.data import dsads
+
+    monkeypatch.setattr(dsads, "_EXPECTED_FILES", 4)
+    _write_dsads_tree(tmp_path / "dsads" / "data")
+    path = tmp_path / "dsads" / "data" / "a19" / "p8" / "s01.txt"
+    path.write_text("\n".join(path.read_text().splitlines()[:120]) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"a19/p8/s01\.txt, line 121: expected 125 rows"):
+        data.load("dsads", root=tmp_path)
