@@ -148,3 +148,49 @@ def test_errors_name_the_problem(scenario):
         learner.state_dict()
     with pytest.raises(ValueError, match="learner='icarl'"):
         build("der").load_state_dict(run_tasks(build("icarl"), scenario.tasks[:1]).state_dict())
+
+
+@pytest.mark.parametrize("name", ["bic", "der", "memo", "icarl"])
+def test_evaluate_matches_the_network_forward(scenario, name):
+    learner = run_tasks(build(name), scenario.tasks[:2])
+    x = scenario.tasks[1].x_test
+    learner.network.eval()
+    with torch.no_grad():
+        direct = learner.network(torch.as_tensor(x)).argmax(dim=1).numpy()
+    np.testing.assert_array_equal(learner.evaluate(x)["cnn"], direct)
+
+
+def image_scenario():
+    """Four classes of noisy 1x8x8 prototypes, for the convolutional backbone."""
+    rng = np.random.default_rng(0)
+    protos = rng.normal(size=(4, 1, 8, 8))
+
+    def draw(n):
+        y = np.repeat(np.arange(4), n)
+        return (protos[y] + 0.5 * rng.normal(size=(len(y), 1, 8, 8))).astype(np.float32), y
+
+    from hdqt.cl.scenario import ClassIncrementalScenario
+    return ClassIncrementalScenario(*draw(12), *draw(4), init_classes=2, increment=2, seed=0)
+
+
+@pytest.mark.parametrize("name", ["der", "memo"])
+def test_conv_backbone_branches_stay_quantized_and_resume_exactly(name):
+    from hdqt.cl.learners import TrainConfig
+    from hdqt.data.augment import RandomCropFlip
+
+    tasks = image_scenario().tasks
+    config = TrainConfig(epochs=1, lr=0.05, batch_size=8, memory=8)
+
+    def make():
+        return create_learner(name, backbone="convnet", input_shape=(1, 8, 8), num_classes=4,
+                              policy=hdqt.recipe("hdqt"), config=config, seed=0,
+                              augment=RandomCropFlip(padding=2))
+
+    full = run_tasks(make(), tasks)
+    layers = [m for m in full.network.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert sum(isinstance(m, nn.Conv2d) for m in layers) >= 3  # new conv branch for task 1
+    assert all(isinstance(m, (hdqt.QuantConv2d, hdqt.QuantLinear)) for m in layers)
+    resumed = make()
+    resumed.load_state_dict(through_torch_save(run_tasks(make(), tasks[:1]).state_dict()))
+    run_tasks(resumed, tasks[1:])
+    assert torch.equal(weights(resumed), weights(full))  # BatchNorm statistics included

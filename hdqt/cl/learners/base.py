@@ -120,8 +120,9 @@ class Learner:
         """The features the memory herds on and NME classifies with."""
         return self.network.features(x)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
+    def _logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The network's logits given ``_features`` (evaluation computes features once)."""
+        return self.network.head(features)
 
     def _extra_state(self) -> dict[str, Any]:
         return {}
@@ -185,13 +186,15 @@ class Learner:
         if self.total_classes == 0:
             raise RuntimeError("evaluate needs at least one task: call before_task first")
         self.network.eval()
+        use_nme = self.memory is not None and self.memory.has_means
         preds, feats = [], []
         for xb in self._batches(x):
-            preds.append(self._logits(xb).argmax(dim=1).cpu())
-            if self.memory is not None and self.memory.has_means:
-                feats.append(self._features(xb).cpu())
+            features = self._features(xb)
+            preds.append(self._logits_from_features(features).argmax(dim=1).cpu())
+            if use_nme:
+                feats.append(features.cpu())
         out = {"cnn": torch.cat(preds).numpy().astype(np.int64)}
-        if feats:
+        if use_nme:
             out["nme"] = self.memory.nme_predict(torch.cat(feats).double().numpy())
         return out
 

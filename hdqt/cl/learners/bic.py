@@ -74,6 +74,9 @@ class BiC(Learner):
     def _build_network(self) -> nn.Module:
         return BiCNet(self._new_backbone())
 
+    def _logits_from_features(self, features):
+        return self.network.correct(self.network.head(features))
+
     def _loss(self, x, y):
         logits = self.network(x)
         known = self.known_classes

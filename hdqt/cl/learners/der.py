@@ -33,5 +33,4 @@ class DER(ExpandingLearner):
 
     def _grow(self, task_index: int, num_new: int) -> None:
         net = self.network
-        fresh = self._new_backbone() if not len(net.branches) else None
-        net.add_branch(net.next_branch(fresh), num_new)
+        net.add_branch(net.next_branch(self._new_backbone()), num_new)

@@ -10,8 +10,6 @@ implements the classifier-rebalancing step of both methods.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,9 +47,15 @@ class ExpandingHeads(nn.Module):
                          if len(self.branches) > 1 else None)
 
     def next_branch(self, fresh: nn.Module) -> nn.Module:
-        """The branch for a new task: a copy of the newest one (it starts from what was
-        learnt, as in DER's and MEMO's reference code), or ``fresh`` for the first task."""
-        return copy.deepcopy(self.branches[-1]) if len(self.branches) else fresh
+        """The branch for a new task: ``fresh`` (a float module of the branch's
+        architecture) loaded with the newest branch's weights, so that it starts from
+        what was learnt, as in DER's and MEMO's reference code. A fresh module rather
+        than a deepcopy, so that quantize_model converts it under its own name."""
+        if len(self.branches):
+            state = {k: v for k, v in self.branches[-1].state_dict().items()
+                     if not k.endswith("_extra_state")}  # the quantizers' state is per layer
+            fresh.load_state_dict(state)
+        return fresh
 
     def freeze_old_branches_mode(self) -> None:
         """Training mode for the newest branch, eval (frozen BatchNorm statistics) for the rest."""
@@ -86,6 +90,7 @@ class ExpandingLearner(Learner):
     """Loss and training-mode logic common to DER and MEMO."""
 
     uses_memory = True
+    last_alignment: float | None = None  # weight-aligning factor of the last task (for logs)
 
     def _set_train_mode(self) -> None:
         self.network.train()

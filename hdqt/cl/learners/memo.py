@@ -41,5 +41,4 @@ class MEMO(ExpandingLearner):
 
     def _grow(self, task_index: int, num_new: int) -> None:
         net = self.network
-        fresh = self._make_specialized() if not len(net.branches) else None
-        net.add_branch(net.next_branch(fresh), num_new)
+        net.add_branch(net.next_branch(self._make_specialized()), num_new)
