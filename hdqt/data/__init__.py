@@ -17,7 +17,7 @@ from types import MappingProxyType
 from hdqt.data.base import Dataset, DatasetSource
 from hdqt.data.errors import DatasetFormatError, DatasetNotFoundError
 from hdqt.data.paths import cache_dir, data_roots
-from hdqt.data.prepare import PreparedData, prepare_dataset
+from hdqt.data.prepare import DEFAULT_CLIP, PreparedData, prepare_dataset
 
 __all__ = [
     "Dataset",
@@ -98,8 +98,12 @@ def prepare(
     seed: int = 0,
     test_fraction: float = 0.2,
     features: bool = True,
+    clip: float | None = DEFAULT_CLIP,
 ) -> PreparedData:
     """Load, split and normalise a dataset for training.
+
+    ``clip`` bounds non-image inputs to ±clip standard deviations after
+    normalisation (None: no bound); see ``prepare_dataset``.
 
     HAR: ~``test_fraction`` of the subjects (seeded) are held out. Images: the dataset's
     own train/test split (``test_fraction`` unused) and ``augment`` set. digits: a seeded
@@ -108,5 +112,6 @@ def prepare(
     info = dataset_info(name)
     ds = load(info.name, root=root, features=features)
     return prepare_dataset(
-        ds, info.default_backbone, seed=seed, test_fraction=test_fraction, augment=info.kind == "image"
+        ds, info.default_backbone, seed=seed, test_fraction=test_fraction, augment=info.kind == "image",
+        clip=clip,
     )

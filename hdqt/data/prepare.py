@@ -42,15 +42,28 @@ class PreparedData:
         return len(self.class_names)
 
 
+# Feature vectors (HAR statistics, digits pixels) are heavy-tailed: a few z-scores
+# reach 20 or more. A max-scaled 4-bit input quantizer then rounds ~95% of DSADS's
+# normalised features to zero (measured); bounding them at ±3 keeps ~83% non-zero
+# and removes the gap between fp32 and 4-bit training on DSADS. The bound is part of
+# the data, so every recipe, fp32 included, sees the same inputs.
+DEFAULT_CLIP = 3.0
+
+
 def prepare_dataset(
-    ds: Dataset, default_backbone: str, seed: int = 0, test_fraction: float = 0.2, augment: bool = False
+    ds: Dataset, default_backbone: str, seed: int = 0, test_fraction: float = 0.2, augment: bool = False,
+    clip: float | None = DEFAULT_CLIP,
 ) -> PreparedData:
     """Split (by subject, own split, or stratified) and normalise a loaded ``Dataset``.
 
     ``augment=True`` attaches ``RandomCropFlip(padding=4)`` (image datasets only).
+    ``clip`` bounds the normalised inputs of non-image datasets to [-clip, clip]
+    (None: unbounded); images are left as they are.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be None or > 0 (standard deviations), got {clip!r}")
     test_subjects = None
     if ds.subject is not None:
         test_subjects = held_out_subjects(ds.subject, seed, test_fraction)
@@ -70,7 +83,11 @@ def prepare_dataset(
     mean = x_train.mean(axis=axes, keepdims=True, dtype=np.float64)
     std = x_train.std(axis=axes, keepdims=True, dtype=np.float64)
     std = np.where(std < _MIN_STD, 1.0, std)
-    normalise = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+    bound = None if images else clip
+
+    def normalise(a: np.ndarray) -> np.ndarray:
+        z = ((a - mean) / std).astype(np.float32)
+        return z if bound is None else np.clip(z, -bound, bound, out=z)
     return PreparedData(
         name=ds.name,
         description=ds.description,

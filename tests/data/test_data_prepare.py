@@ -44,7 +44,7 @@ def test_subject_split_is_seeded():
 
 def test_normalisation_is_fitted_on_train_only():
     ds = _har()
-    prepared = prepare_dataset(ds, "fcnet", seed=0)
+    prepared = prepare_dataset(ds, "fcnet", seed=0, clip=None)
     is_test = np.isin(ds.subject, prepared.test_subjects)
     raw_train, raw_test = ds.x[~is_test].astype(np.float64), ds.x[is_test].astype(np.float64)
     np.testing.assert_allclose(prepared.x_train.mean(0), 0, atol=1e-5)
@@ -52,6 +52,20 @@ def test_normalisation_is_fitted_on_train_only():
     expected = (raw_test - raw_train.mean(0)) / raw_train.std(0)
     np.testing.assert_allclose(prepared.x_test, expected, rtol=1e-4, atol=1e-4)
     assert abs(prepared.x_test[:, 4].mean()) > 0.1  # test subjects really differ
+
+
+def test_feature_inputs_are_clipped_to_the_bound_and_images_are_not():
+    ds = _har()
+    ds.x[0, 0] = 1e4  # an outlier far beyond 3 standard deviations
+    unclipped = prepare_dataset(ds, "fcnet", seed=0, clip=None)
+    clipped = prepare_dataset(ds, "fcnet", seed=0)  # default bound: 3
+    assert np.abs(unclipped.x_train).max() > 3
+    assert np.abs(clipped.x_train).max() == pytest.approx(3.0)
+    assert np.abs(clipped.x_test).max() <= 3.0
+    inside = np.abs(unclipped.x_train) < 3
+    np.testing.assert_array_equal(clipped.x_train[inside], unclipped.x_train[inside])
+    with pytest.raises(ValueError, match="clip must be None or > 0"):
+        prepare_dataset(ds, "fcnet", clip=0)
 
 
 def test_raw_windows_are_normalised_per_channel():
