@@ -118,6 +118,7 @@ def _default_out(configs: list[RunConfig], comparison: bool) -> Path:
 
 def run_command(args: argparse.Namespace) -> int:
     # Imported here so that `hdqt --help` does not load torch and the learners.
+    from hdqt.data import DatasetFormatError, DatasetNotFoundError
     from hdqt.experiments.progress import ConsoleProgress
     from hdqt.experiments.runner import build_policy, build_train_config, run_experiment
     from hdqt.experiments.tables import compare_table, run_table
@@ -136,7 +137,7 @@ def run_command(args: argparse.Namespace) -> int:
         try:
             results.append(run_experiment(run.config, run.out_dir, overwrite=args.overwrite,
                                           progress=ConsoleProgress(run.label)))
-        except ConfigError as error:
+        except (ConfigError, DatasetNotFoundError, DatasetFormatError) as error:
             print(f"hdqt run: error: {error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

@@ -100,8 +100,8 @@ DATASET_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
         backbone="convnet", epochs=15, lr=0.05, milestones=(10,), gamma=0.1,
         weight_decay=2e-4, memory=1000, init_classes=2, increment=2)),
     "digits": MappingProxyType(dict(
-        backbone="fcnet", epochs=12, lr=0.05, memory=100, init_classes=2, increment=2,
-        batch_size=64)),
+        backbone="fcnet", epochs=15, lr=0.01, memory=100, init_classes=2, increment=2,
+        batch_size=32)),
 })
 DEFAULT_DATASET = "digits"
 DEFAULT_METHOD = "icarl"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,7 +37,6 @@ class RunResult:
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     resumed_after: int = 0  # number of tasks loaded from a checkpoint
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_policy(config: RunConfig):
