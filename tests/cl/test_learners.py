@@ -45,7 +45,10 @@ def test_learner_beats_chance_and_heads_stay_quantized(scenario, name, recipe):
 @pytest.mark.parametrize("name", ALL)
 def test_state_dict_round_trip_continues_exactly(scenario, name):
     tasks = scenario.tasks
-    uninterrupted = run_tasks(build(name), tasks)
+    uninterrupted = build(name)
+    for task in tasks:  # as `hdqt run` does: evaluate after every task
+        run_tasks(uninterrupted, [task])
+        uninterrupted.evaluate(task.x_test, task.y_test)
     expected = uninterrupted.evaluate(tasks[-1].x_test)
 
     first = run_tasks(build(name), tasks[:1])
