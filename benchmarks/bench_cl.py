@@ -127,10 +127,9 @@ def render(args, command: str, outcomes: list[GridOutcome], wall_seconds: float)
         "",
         "```", command, "```",
         "",
-        f"- Backbone {sample.backbone}; {sample.epochs} epochs per task (the paper uses 100), "
+        f"- Backbone {sample.backbone}; {sample.epochs} epoch(s) per task (the paper uses 100), "
         f"the same for every recipe; lr {sample.lr}, batch {sample.batch_size}, momentum "
-        f"{sample.momentum}; memory {sample.memory} exemplars; {sample.init_classes} initial "
-        f"classes, then {sample.increment} per task.",
+        f"{sample.momentum}; memory {sample.memory} exemplars.",
         f"- `hdqt`: {args.bits}-bit weights, activations and gradients, {args.acc_bits}-bit "
         "accumulators, Hadamard domain. `fp32`: no quantization.",
         f"- Seeds {args.seeds}; each cell is mean ± sample std over seeds. Accuracy is the "
@@ -145,7 +144,12 @@ def render(args, command: str, outcomes: list[GridOutcome], wall_seconds: float)
         header = ["method", "classifier", *(f"accuracy {r}" for r in recipes),
                   *(f"Δ {r}" for r in others), *(f"forgetting {r}" for r in recipes),
                   *(f"Δ forg. {r}" for r in others), "seeds"]
-        lines += [f"## {NAMES.get(dataset, dataset)}", "", _row(header), _row(["---"] * len(header))]
+        split = next((o.point.config for o in outcomes if o.point.config.dataset == dataset), None)
+        lines += [f"## {NAMES.get(dataset, dataset)}", ""]
+        if split is not None:
+            lines += [f"{split.init_classes} classes in the first task, then {split.increment} "
+                      f"per task.", ""]
+        lines += [_row(header), _row(["---"] * len(header))]
         for method in parse_name_list(args.methods, "--methods"):
             acc = {r: stats(dataset, method, r, "avg_incremental_accuracy") for r in recipes}
             forg = {r: stats(dataset, method, r, "forgetting") for r in recipes}

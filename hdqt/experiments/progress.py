@@ -14,7 +14,8 @@ class Progress:
 
     def task_started(self, task, num_tasks: int) -> None: ...
 
-    def epoch(self, epoch: int, total: int, logs: Mapping[str, Any] | None = None) -> None: ...
+    def epoch(self, epoch: int, total: int, logs: Mapping[str, Any] | None = None) -> None:
+        """``epoch`` counts from 1 to ``total`` over all training stages of the task."""
 
     def task_finished(self, record: Mapping[str, Any], num_tasks: int) -> None: ...
 
@@ -77,10 +78,12 @@ class ConsoleProgress(Progress):
         if self._epoch_bar is None:
             self._epoch_bar = tqdm(total=total, desc=self._task_label, unit="epoch",
                                    position=1, leave=False, dynamic_ncols=True)
-        self._epoch_bar.update(1)
-        postfix = _format_logs(logs)
-        if postfix:
-            self._epoch_bar.set_postfix(postfix, refresh=False)
+        # Learners report the epoch counted over all their stages (BiC: training, then
+        # bias correction), so set the position rather than adding one per call.
+        self._epoch_bar.total = total
+        self._epoch_bar.n = min(epoch, total)
+        self._epoch_bar.set_postfix(_format_logs(logs), refresh=False)
+        self._epoch_bar.refresh()
 
     def task_finished(self, record: Mapping[str, Any], num_tasks: int) -> None:
         if self._epoch_bar is not None:
