@@ -173,7 +173,10 @@ def render(args, command: str, outcomes: list[GridOutcome], wall_seconds: float)
 
 
 def _target_section(args, base, others, stats) -> list[str]:
-    lines = [f"## Target: `{others[0] if others else base}` within {TARGET_GAP} point of "
+    if not others:
+        return ["## Target", "", "Not evaluated: it compares a second recipe with the first "
+                "(`--recipes fp32,hdqt`).", ""]
+    lines = [f"## Target: `{others[0]}` within {TARGET_GAP} point of "
              f"`{base}` (average incremental accuracy)", "",
              _row(["dataset", "method", base, *others, "drop", "verdict", "paper fp32 → hdqt"]),
              _row(["---"] * (6 + len(others)))]

@@ -1,9 +1,11 @@
 """The `hdqt run` sub-command: flags and TOML in, runs, tables out.
 
-Mode: the highest-precedence layer (flags over file) that names ``recipe`` or
-``compare`` decides between one run and a comparison; when neither is named,
-the command compares ``fp32`` against ``hdqt``. With no arguments at all it runs
-the embedded default (digits, iCaRL, fp32 against hdqt) in ``runs/default``.
+Precedence: dataset defaults < --config file < flags. The highest-precedence
+layer that names a recipe or compare decides between one run and a comparison;
+when neither is named, the command compares fp32 against hdqt. With no
+arguments at all it runs the embedded default (digits, iCaRL, fp32 against
+hdqt) in runs/default. Rerunning a command with the same --out resumes it after
+its last finished task. See docs/cli.md.
 """
 from __future__ import annotations
 
