@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from hdqt.data.errors import DatasetNotFoundError
+from hdqt.data.errors import DatasetFormatError, DatasetNotFoundError
 from hdqt.data.paths import candidate_folders, data_roots
 
 
@@ -54,20 +54,25 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Located:
-    """Where a dataset's files were found: the folder, the source files, and their layout."""
+    """Where a dataset's files were found: the folder, the source files, and their layout.
+
+    ``partial`` is empty for a complete copy; otherwise it says what is missing from a copy
+    that still loads (e.g. PAMAP2 with fewer than its 9 subjects).
+    """
 
     folder: Path
     files: tuple[Path, ...]
     layout: str
+    partial: str = ""
 
 
 @dataclass(frozen=True)
 class DatasetSource:
     """How to find one dataset on disk.
 
-    ``probe(folder)`` returns a ``Located`` if the folder holds a complete copy,
-    a string explaining what is wrong if it holds a partial one, and None if
-    it holds nothing of this dataset.
+    ``probe(folder)`` returns a ``Located`` if the folder holds a usable copy,
+    a string explaining what is wrong if it holds an incomplete or malformed one, and
+    None if it holds nothing of this dataset.
     """
 
     name: str
@@ -82,20 +87,41 @@ class DatasetSource:
 
     def search(self, root: str | os.PathLike | None = None) -> list[tuple[Path, "Located | str | None"]]:
         """Probe every candidate folder (for ``hdqt data``); existing folders only are probed."""
-        return [(f, self.probe(f) if f.is_dir() else None) for f in self.folders(root)]
+        return [(f, self.safe_probe(f) if f.is_dir() else None) for f in self.folders(root)]
+
+    def safe_probe(self, folder: Path) -> "Located | str | None":
+        """``probe(folder)``, with a file that cannot be read or parsed while probing (e.g. a
+        malformed HAPT labels.txt) reported as a string: one bad copy must not stop a search."""
+        try:
+            return self.probe(folder)
+        except DatasetFormatError as exc:
+            return f"malformed: {exc}"
+        except OSError as exc:
+            return f"malformed: cannot read ({exc})"
 
     def locate(self, root: str | os.PathLike | None = None) -> Located:
-        """The first complete copy in search order, else ``DatasetNotFoundError``."""
-        searched, notes = [], []
+        """The first complete copy in search order, else the first partial one. Without
+        either: the first malformed file's ``DatasetFormatError`` (it names the file and line
+        to fix), else ``DatasetNotFoundError``."""
+        searched, notes, partial, malformed = [], [], None, None
         for folder in self.folders(root):
             searched.append(folder)
             if not folder.is_dir():
                 continue
-            found = self.probe(folder)
-            if isinstance(found, Located):
+            try:
+                found = self.probe(folder)
+            except DatasetFormatError as exc:  # a later root may still hold a good copy
+                malformed, found = malformed or exc, f"malformed: {exc}"
+            if isinstance(found, Located) and not found.partial:
                 return found
-            if isinstance(found, str):
+            if isinstance(found, Located):
+                partial = partial or found
+            elif isinstance(found, str):
                 notes.append(f"{folder}: {found}")
+        if partial is not None:
+            return partial
+        if malformed is not None:
+            raise malformed
         raise DatasetNotFoundError(self.name, self.expected, searched, self.url, notes)
 
 

@@ -5,6 +5,7 @@ Looks in ``<root>/cifar-100-python/`` then ``<root>/cifar100/`` and
 then for the original archive ``cifar-100-python.tar.gz`` in ``<root>/`` or ``<root>/cifar100/``
 (read in place). Keys used: ``b'data'`` (N, 3072) uint8 (1024 red, 1024 green, 1024 blue
 values per image, row-major), ``b'fine_labels'`` and, in meta, ``b'fine_label_names'``.
+Checked: data integers 0..255, labels whole numbers 0..99, meta exactly 100 names.
 """
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from hdqt.data.archives import archive_problem, iter_members
 from hdqt.data.base import Dataset, DatasetSource, Located
 from hdqt.data.errors import DatasetFormatError
 from hdqt.data.paths import cached_arrays, fingerprint
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 PARTS = ("train", "test", "meta")
+N_CLASSES = 100
 ARCHIVE = "cifar-100-python.tar.gz"
 DESCRIPTION = "CIFAR-100: 50,000 train + 10,000 test colour 32x32 images, 100 fine classes."
 
@@ -34,8 +37,15 @@ def _probe(folder: Path) -> Located | str | None:
             missing = [p for p in PARTS if p not in present]
             return f"{base} has {', '.join(present)} but lacks {', '.join(missing)}"
     if (folder / ARCHIVE).is_file():
-        return Located(folder, (folder / ARCHIVE,), "archive")
+        problem = archive_problem("cifar100", folder / ARCHIVE, _archive_coverage)
+        return problem or Located(folder, (folder / ARCHIVE,), "archive")
     return None
+
+
+def _archive_coverage(archive: Path) -> str | None:
+    names = {Path(name).name for name, _ in iter_members(archive)}
+    missing = [p for p in PARTS if p not in names]
+    return f"{archive} lacks {', '.join(missing)}" if missing else None
 
 
 SOURCE = DatasetSource(
@@ -65,29 +75,44 @@ def load(root=None, features: bool = True, **kwargs) -> Dataset:
 
 def parse(found: Located) -> dict[str, np.ndarray]:
     blobs = _read_parts(found)
-    meta = _unpickle(*blobs["meta"])
-    names = _key(meta, b"fine_label_names", blobs["meta"][0])
+    names = _fine_names(_unpickle(*blobs["meta"]), blobs["meta"][0])
     xs, ys, splits = [], [], []
     for part in ("train", "test"):
         label, blob = blobs[part]
         record = _unpickle(label, blob)
         data = np.asarray(_key(record, b"data", label))
-        labels = np.asarray(_key(record, b"fine_labels", label), dtype=np.int64)
-        if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        labels = np.asarray(_key(record, b"fine_labels", label))
+        if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
             raise DatasetFormatError(
-                label, f"b'data' must be (N, 3072) with N fine_labels, got {data.shape} and {len(labels)}"
+                label, f"b'data' must be (N, 3072) with N fine_labels, got {data.shape} and {labels.shape}"
             )
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
-            raise DatasetFormatError(label, f"fine_labels must lie in 0..{len(names) - 1}")
+        # astype would wrap 256 to 0 and truncate 3.7 to 3: check before converting
+        if data.dtype.kind not in "ui" or (data.size and (data.min() < 0 or data.max() > 255)):
+            raise DatasetFormatError(label, f"b'data' must hold integers 0..255, got dtype {data.dtype}")
+        if labels.size and (labels.dtype.kind not in "uif" or not np.all(np.isin(labels, np.arange(len(names))))):
+            raise DatasetFormatError(label, f"fine_labels must be whole numbers in 0..{len(names) - 1}")
         xs.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(labels)
+        ys.append(labels.astype(np.int64))
         splits.append(np.full(len(labels), part))
     return {
         "x": np.concatenate(xs),
         "y": np.concatenate(ys),
         "split": np.concatenate(splits),
-        "class_names": np.array([n.decode() if isinstance(n, bytes) else str(n) for n in names]),
+        "class_names": np.array(names),
     }
+
+
+def _fine_names(meta: dict, label: str) -> list[str]:
+    """The 100 class names of ``meta`` (a bare string would otherwise pass as 'names')."""
+    names = _key(meta, b"fine_label_names", label)
+    if (
+        isinstance(names, (str, bytes))
+        or not isinstance(names, (list, tuple, np.ndarray))
+        or len(names) != N_CLASSES
+        or not all(isinstance(n, (str, bytes, np.str_, np.bytes_)) for n in names)
+    ):
+        raise DatasetFormatError(label, f"b'fine_label_names' must be a list of {N_CLASSES} strings")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
 def _read_parts(found: Located) -> dict[str, tuple[str, bytes]]:
@@ -109,13 +134,13 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: a pickle can run arbitrary code,
     and a dataset file has no reason to reference anything else."""
 
-    _ALLOWED = {
+    _ALLOWED = frozenset({
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    }
+    })
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:

@@ -30,14 +30,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n{name}: available (bundled with scikit-learn, no files needed)", file=out)
             continue
         results = source.search(args.root)
-        hit = next((r for _, r in results if isinstance(r, Located)), None)
-        status = f"found in {hit.folder} ({hit.layout})" if hit else "NOT FOUND"
+        located = [r for _, r in results if isinstance(r, Located)]
+        hit = next((r for r in located if not r.partial), located[0] if located else None)
+        problems = [r for _, r in results if isinstance(r, str)]
+        if hit:
+            status = f"found in {hit.folder} ({hit.layout})" + (f", PARTIAL: {hit.partial}" if hit.partial else "")
+        elif any(p.startswith("malformed:") for p in problems):
+            status = "FOUND BUT MALFORMED (see below)"
+        else:
+            status = "INCOMPLETE (see below)" if problems else "NOT FOUND"
         print(f"\n{name}: {status}", file=out)
         for folder, result in results:
             if isinstance(result, Located):
-                note = f"found ({result.layout})"
-            elif isinstance(result, str):
-                note = f"incomplete: {result}"
+                note = f"found ({result.layout})" + (f", partial: {result.partial}" if result.partial else "")
+            elif isinstance(result, str):  # probes say "malformed: ..." for files they cannot parse
+                note = result if result.startswith("malformed:") else f"incomplete: {result}"
             else:
                 note = "no files" if folder.is_dir() else "no such folder"
             print(f"  {folder}: {note}", file=out)

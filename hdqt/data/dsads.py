@@ -5,7 +5,11 @@ Accepted layouts in ``<root>/dsads/``, first match wins:
 1. ``dsads.npz`` with arrays ``x`` (9120, 125, 45) float16, ``y`` 0..18, ``subject`` 1..8,
    ``segment`` 1..60 (the layout of the project's shared copy);
 2. the UCI text tree ``data/aNN/pN/sNN.txt`` (or ``aNN/pN/sNN.txt`` directly);
-3. an archive of that tree: ``*.tar``, ``*.tar.gz``, ``*.tar.xz`` or ``*.zip``, read in place.
+3. an archive of that tree: ``*.tar``, ``*.tar.gz``, ``*.tar.xz`` or ``*.zip``, read in place;
+   its member list must name all 9120 files (an excerpt is reported, not loaded).
+
+File names must carry valid ids (a01..a19, p1..p8, s01..s60), each at most once, and
+every value must be a finite number.
 
 Text and archives are parsed once into an npz of layout 1 in the cache, so both routes
 give the same arrays (float16 signal, as the shared copy).
@@ -13,13 +17,12 @@ give the same arrays (float16 signal, as the shared copy).
 from __future__ import annotations
 
 import re
-import tarfile
-import zipfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from hdqt.data.archives import archive_problem, archives_in, iter_members
 from hdqt.data.base import Dataset, DatasetSource, Located
 from hdqt.data.errors import DatasetFormatError, DatasetNotFoundError
 from hdqt.data.features import channel_statistics
@@ -30,7 +33,7 @@ URL = "https://archive.ics.uci.edu/dataset/256/daily+and+sports+activities"
 N_ACTIVITIES, N_SUBJECTS, N_SEGMENTS = 19, 8, 60
 SAMPLES, CHANNELS = 125, 45  # 5 s at 25 Hz; 5 units x (acc, gyro, mag) x (x, y, z)
 
-ACTIVITIES = [
+ACTIVITIES = (
     "sitting", "standing", "lying on back", "lying on right side", "ascending stairs",
     "descending stairs", "standing in an elevator", "moving around in an elevator",
     "walking in a parking lot", "walking on a treadmill (4 km/h, flat)",
@@ -38,21 +41,20 @@ ACTIVITIES = [
     "exercising on a stepper", "exercising on a cross trainer",
     "cycling on an exercise bike (horizontal)", "cycling on an exercise bike (vertical)",
     "rowing", "jumping", "playing basketball",
-]
+)
 # Column order of the UCI text files: torso, right arm, left arm, right leg, left leg.
-CHANNEL_NAMES = [
+CHANNEL_NAMES = tuple(
     f"{unit}_{axis}{sensor}"
     for unit in ("T", "RA", "LA", "RL", "LL")
     for sensor in ("acc", "gyro", "mag")
     for axis in "xyz"
-]
+)
 DESCRIPTION = (
     "UCI Daily and Sports Activities: 19 activities x 8 subjects x 60 segments of 5 s "
     "(125 samples at 25 Hz, 45 channels)."
 )
 
 _SEGMENT_PATH = re.compile(r"(?:^|/)a(\d\d)/p(\d)/s(\d\d)\.txt$")
-_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".zip")
 _EXPECTED_FILES = N_ACTIVITIES * N_SUBJECTS * N_SEGMENTS
 
 
@@ -60,21 +62,37 @@ def _probe(folder: Path) -> Located | str | None:
     npz = folder / "dsads.npz"
     if npz.is_file():
         return Located(folder, (npz,), "npz")
+    notes = []
     for tree in (folder / "data", folder):
         files = sorted(tree.glob("a[0-9][0-9]/p[0-9]/s[0-9][0-9].txt"))
-        if len(files) == _EXPECTED_FILES:
-            return Located(folder, tuple(files), "text")
         if files:
-            return (
-                f"{tree} holds {len(files)} of the {_EXPECTED_FILES} segment files "
-                "aNN/pN/sNN.txt (an excerpt?)"
-            )
-    # Archives are only opened when parsed (listing an .xz costs as much as reading it);
-    # the parsed arrays are cached, so that happens once.
-    for archive in sorted(folder.iterdir()):
-        if archive.is_file() and archive.name.endswith(_ARCHIVE_SUFFIXES):
+            problem = _coverage_problem([str(f) for f in files], str(tree))
+            if problem is None:
+                return Located(folder, tuple(files), "text")
+            notes.append(problem)
+            break
+    for archive in archives_in(folder):
+        problem = archive_problem("dsads", archive, _archive_coverage, _EXPECTED_FILES)
+        if problem is None:
             return Located(folder, (archive,), "archive")
-    return None
+        notes.append(problem)
+    return "; ".join(notes) or None
+
+
+def _archive_coverage(archive: Path) -> str | None:
+    return _coverage_problem([name for name, _ in iter_members(archive)], str(archive))
+
+
+def _coverage_problem(names: list[str], where: str) -> str | None:
+    """None if ``names`` hold every segment file once or more, else how many they hold."""
+    ids = set()
+    for name in names:
+        match = _SEGMENT_PATH.search(name.replace("\\", "/"))
+        if match and _ids_problem(*map(int, match.groups())) is None:
+            ids.add(match.groups())
+    if len(ids) == _EXPECTED_FILES:
+        return None
+    return f"{where} holds {len(ids)} of the {_EXPECTED_FILES} segment files aNN/pN/sNN.txt (an excerpt?)"
 
 
 SOURCE = DatasetSource(
@@ -157,34 +175,38 @@ def parse_uci(found: Located, allow_partial: bool = False) -> dict[str, np.ndarr
 def iter_segments(found: Located) -> Iterator[tuple[int, int, int, np.ndarray]]:
     """Yield (activity 1..19, subject 1..8, segment 1..60, float64 (125, 45) signal) per file."""
     if found.layout == "text":
-        for path in found.files:
-            yield (*_ids(str(path)), _parse_segment(path.read_bytes(), str(path)))
-        return
-    for label, data in _iter_archive(found.files[0]):
-        yield (*_ids(label), _parse_segment(data, label))
+        members = ((str(path), path.read_bytes()) for path in found.files)
+    else:
+        archive = found.files[0]
+        members = (
+            (f"{archive}:{name}", data)
+            for name, data in iter_members(archive, _SEGMENT_PATH.search)
+            if data is not None
+        )
+    seen: dict[tuple[int, int, int], str] = {}
+    for label, data in members:
+        ids = _ids(label)
+        if ids in seen:  # e.g. two copies of the tree in one archive
+            raise DatasetFormatError(label, "a{:02d}/p{}/s{:02d}.txt appears twice; first: {}".format(*ids, seen[ids]))
+        seen[ids] = label
+        yield (*ids, _parse_segment(data, label))
 
 
 def _ids(name: str) -> tuple[int, int, int]:
-    a, p, s = _SEGMENT_PATH.search(name.replace("\\", "/")).groups()
-    return int(a), int(p), int(s)
+    a, p, s = map(int, _SEGMENT_PATH.search(name.replace("\\", "/")).groups())
+    problem = _ids_problem(a, p, s)
+    if problem:
+        raise DatasetFormatError(name, problem)
+    return a, p, s
+
+
+def _ids_problem(activity: int, subject: int, segment: int) -> str | None:
+    for what, value, top in (("activity", activity, N_ACTIVITIES), ("subject", subject, N_SUBJECTS),
+                             ("segment", segment, N_SEGMENTS)):
+        if not 1 <= value <= top:
+            return f"{what} {value} in the file name is outside 1..{top} (aNN/pN/sNN.txt)"
+    return None
 
 
 def _parse_segment(data: bytes, label: str) -> np.ndarray:
-    return parse_table(data, label, n_cols=CHANNELS, delimiter=",", n_rows=SAMPLES)
-
-
-def _iter_archive(archive: Path) -> Iterator[tuple[str, bytes]]:
-    """(label 'archive:member', bytes) for each segment file, streaming through the archive."""
-    try:
-        if archive.name.endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                for name in zf.namelist():
-                    if _SEGMENT_PATH.search(name):
-                        yield f"{archive}:{name}", zf.read(name)
-            return
-        with tarfile.open(archive, mode="r|*") as tf:  # stream: xz has no random access
-            for member in tf:
-                if member.isfile() and _SEGMENT_PATH.search(member.name):
-                    yield f"{archive}:{member.name}", tf.extractfile(member).read()
-    except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
-        raise DatasetFormatError(archive, f"cannot read the archive ({exc})") from None
+    return parse_table(data, label, n_cols=CHANNELS, delimiter=",", n_rows=SAMPLES, finite=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import zlib
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -23,12 +24,12 @@ FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
 )
-CLASS_NAMES = [
+CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
+)
 DESCRIPTION = "Fashion-MNIST: 60,000 train + 10,000 test grey 28x28 images, 10 classes."
-_MAGIC = {1: 2049, 3: 2051}  # IDX magic numbers: unsigned bytes, 1 or 3 dimensions
+_MAGIC = MappingProxyType({1: 2049, 3: 2051})  # IDX magic numbers: unsigned bytes, 1 or 3 dimensions
 
 
 def _probe(folder: Path) -> Located | str | None:

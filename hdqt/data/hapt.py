@@ -5,7 +5,10 @@ Accepted layouts in ``<root>/hapt/``, first match wins:
 1. a ``RawData/`` folder (directly, or inside ``HAPT Data Set/``) with ``labels.txt``,
    ``acc_expNN_userNN.txt`` and ``gyro_expNN_userNN.txt``;
 2. an archive (``*.zip``, ``*.tar``, ``*.tar.gz``, ``*.tar.xz``) holding such a ``RawData/``
-   folder anywhere inside, read in place (e.g. the project's ``hapt-uci-rawdata.tar.xz``).
+   folder anywhere inside, read in place (e.g. the project's ``hapt-uci-rawdata.tar.xz``);
+   an archive lacking labels.txt or a signal file it names is reported, not loaded.
+
+labels.txt holds whole numbers; signal files finite numbers. Errors name file and line.
 
 Windows: 128 samples (2.56 s at 50 Hz), 50% overlap, cut only inside each labelled
 segment of ``labels.txt`` (start and end are 1-based, inclusive sample numbers, i.e.
@@ -16,26 +19,25 @@ unfiltered acc (g) and gyro (rad/s) columns: (N, 128, 6).
 from __future__ import annotations
 
 import re
-import tarfile
-import zipfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from hdqt.data.archives import archive_problem, archives_in, iter_members
 from hdqt.data.base import Dataset, DatasetSource, Located
 from hdqt.data.errors import DatasetFormatError, DatasetNotFoundError
 from hdqt.data.hapt_features import derived_signals, window_features
 from hdqt.data.paths import cached_arrays, fingerprint
-from hdqt.data.text import parse_table
+from hdqt.data.text import parse_table, row_lines
 
 URL = "https://archive.ics.uci.edu/dataset/341/smartphone+based+recognition+of+human+activities+and+postural+transitions"
 WINDOW, STEP = 128, 64
-ACTIVITIES = [
+ACTIVITIES = (
     "walking", "walking upstairs", "walking downstairs", "sitting", "standing", "laying",
     "stand to sit", "sit to stand", "sit to lie", "lie to sit", "stand to lie", "lie to stand",
-]
-RAW_CHANNELS = ["acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z"]
+)
+RAW_CHANNELS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")
 DESCRIPTION = (
     "UCI HAPT v2.1: 30 users, 12 activities (6 postures/movements + 6 transitions), "
     "waist smartphone acc + gyro at 50 Hz; 128-sample windows, 50% overlap, inside labelled segments."
@@ -43,24 +45,41 @@ DESCRIPTION = (
 
 _SIGNAL_FILE = re.compile(r"(?:^|/)RawData/(acc|gyro)_exp(\d\d)_user(\d\d)\.txt$")
 _LABELS_FILE = re.compile(r"(?:^|/)RawData/labels\.txt$")
-_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".zip")
 
 
 def _probe(folder: Path) -> Located | str | None:
+    notes = []
     for raw in (folder / "RawData", folder / "HAPT Data Set" / "RawData"):
         labels = raw / "labels.txt"
         if not labels.is_file():
             continue
         files = sorted(raw.glob("*_exp[0-9][0-9]_user[0-9][0-9].txt"))
+        # a malformed labels.txt raises here; DatasetSource reports it as a malformed copy
         missing = _missing_signal_files(labels.read_bytes(), {f.name for f in files}, str(labels))
-        if missing:
-            return f"{raw} lacks {len(missing)} signal files named in labels.txt, e.g. {missing[0]}"
-        return Located(raw, (labels, *files), "folder")
-    # Archives are checked when parsed (listing an .xz costs as much as reading it);
-    # the parsed arrays are cached, so that happens once.
-    for archive in sorted(folder.iterdir()):
-        if archive.is_file() and archive.name.endswith(_ARCHIVE_SUFFIXES):
+        if not missing:
+            return Located(raw, (labels, *files), "folder")
+        notes.append(f"{raw} lacks {len(missing)} signal files named in labels.txt, e.g. {missing[0]}")
+    for archive in archives_in(folder):
+        problem = archive_problem("hapt", archive, _archive_coverage)
+        if problem is None:
             return Located(folder, (archive,), "archive")
+        notes.append(problem)
+    return "; ".join(notes) or None
+
+
+def _archive_coverage(archive: Path) -> str | None:
+    """None if the archive holds RawData/labels.txt and every signal file it names."""
+    labels, present = None, set()
+    for name, data in iter_members(archive, _LABELS_FILE.search):
+        if data is not None:
+            labels = labels or (f"{archive}:{name}", data)
+        elif _SIGNAL_FILE.search(name):
+            present.add(Path(name).name)
+    if labels is None:
+        return f"{archive} holds no RawData/labels.txt"
+    missing = _missing_signal_files(labels[1], present, labels[0])
+    if missing:
+        return f"{archive} lacks {len(missing)} signal files named in labels.txt, e.g. {missing[0]}"
     return None
 
 
@@ -100,7 +119,7 @@ def parse(found: Located) -> dict[str, np.ndarray]:
     labels_name = next((n for n in files if _LABELS_FILE.search(n)), None)
     if labels_name is None:
         raise DatasetNotFoundError("hapt", SOURCE.expected, [found.files[0]], URL, ["no RawData/labels.txt"])
-    labels = parse_table(files[labels_name], labels_name, n_cols=5).astype(np.int64)
+    labels, label_lines = _parse_labels(files[labels_name], labels_name)
     by_name = {Path(n).name: n for n in files if _SIGNAL_FILE.search(n)}
     missing = _missing_signal_files(files[labels_name], set(by_name), labels_name)
     if missing:
@@ -111,11 +130,11 @@ def parse(found: Located) -> dict[str, np.ndarray]:
     out = {k: [] for k in ("raw", "features", "y", "subject", "experiment", "start")}
     for exp, user in sorted({(int(e), int(u)) for e, u in labels[:, :2]}):
         acc_name, gyro_name = (by_name[_signal_name(k, exp, user)] for k in ("acc", "gyro"))
-        acc = parse_table(files[acc_name], acc_name, n_cols=3)
-        gyro = parse_table(files[gyro_name], gyro_name, n_cols=3)
+        acc = parse_table(files[acc_name], acc_name, n_cols=3, finite=True)
+        gyro = parse_table(files[gyro_name], gyro_name, n_cols=3, finite=True)
         if len(acc) != len(gyro):
             raise DatasetFormatError(gyro_name, f"has {len(gyro)} rows but {acc_name} has {len(acc)}")
-        starts, activity = _window_starts(labels, exp, user, len(acc), labels_name)
+        starts, activity = _window_starts(labels, label_lines, exp, user, len(acc), labels_name)
         if not len(starts):
             continue
         index = starts[:, None] + np.arange(WINDOW)[None, :]
@@ -138,9 +157,9 @@ def window_starts(segment_start: int, segment_end: int) -> np.ndarray:
     return segment_start - 1 + STEP * np.arange((length - WINDOW) // STEP + 1, dtype=np.int64)
 
 
-def _window_starts(labels, exp, user, n_rows, labels_name) -> tuple[np.ndarray, np.ndarray]:
+def _window_starts(labels, lines, exp, user, n_rows, labels_name) -> tuple[np.ndarray, np.ndarray]:
     starts, activity = [], []
-    for line, (e, u, act, begin, end) in enumerate(labels, start=1):
+    for line, (e, u, act, begin, end) in zip(lines.tolist(), labels):
         if (e, u) != (exp, user):
             continue
         if not (1 <= act <= len(ACTIVITIES)) or begin < 1 or end < begin or end > n_rows:
@@ -160,8 +179,19 @@ def _signal_name(kind: str, exp: int, user: int) -> str:
     return f"{kind}_exp{exp:02d}_user{user:02d}.txt"
 
 
+def _parse_labels(data: bytes, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """labels.txt as an int64 (rows, 5) table and the line number of each row."""
+    table = parse_table(data, label, n_cols=5, finite=True)
+    lines = row_lines(data)
+    fractional = np.flatnonzero((table != np.round(table)).any(axis=1))
+    if len(fractional):
+        raise DatasetFormatError(label, "experiment, user, activity, start and end must be whole numbers",
+                                 line=int(lines[fractional[0]]))
+    return table.astype(np.int64), lines
+
+
 def _missing_signal_files(labels: bytes, present: set[str], label: str) -> list[str]:
-    table = parse_table(labels, label, n_cols=5).astype(np.int64)
+    table, _ = _parse_labels(labels, label)
     wanted = [_signal_name(k, e, u) for e, u in sorted({(e, u) for e, u in table[:, :2]}) for k in ("acc", "gyro")]
     return [w for w in wanted if w not in present]
 
@@ -172,14 +202,4 @@ def _read_files(found: Located) -> Mapping[str, bytes]:
         return {str(p): p.read_bytes() for p in found.files}
     archive = found.files[0]
     wanted = lambda name: bool(_SIGNAL_FILE.search(name) or _LABELS_FILE.search(name))  # noqa: E731
-    try:
-        if archive.name.endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                return {f"{archive}:{n}": zf.read(n) for n in zf.namelist() if wanted(n)}
-        with tarfile.open(archive, mode="r|*") as tf:  # stream: xz has no random access
-            return {
-                f"{archive}:{m.name}": tf.extractfile(m).read()
-                for m in tf if m.isfile() and wanted(m.name)
-            }
-    except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
-        raise DatasetFormatError(archive, f"cannot read the archive ({exc})") from None
+    return {f"{archive}:{name}": data for name, data in iter_members(archive, wanted) if data is not None}

@@ -24,20 +24,20 @@ import numpy as np
 from hdqt.data.features import EXTENDED_STATISTICS, extended_statistics
 
 SAMPLE_RATE = 50.0
-TIME_SIGNALS = [
+TIME_SIGNALS = (
     *[f"tBodyAcc-{a}" for a in "XYZ"],
     *[f"tGravityAcc-{a}" for a in "XYZ"],
     *[f"tBodyAccJerk-{a}" for a in "XYZ"],
     *[f"tBodyGyro-{a}" for a in "XYZ"],
     *[f"tBodyGyroJerk-{a}" for a in "XYZ"],
     "tBodyAccMag", "tGravityAccMag", "tBodyAccJerkMag", "tBodyGyroMag", "tBodyGyroJerkMag",
-]
+)
 # Which time signals get a spectrum, as in the UCI list (fBodyAcc-XYZ, ..., fBodyGyroJerkMag).
-_SPECTRUM_OF = [0, 1, 2, 6, 7, 8, 9, 10, 11, 15, 17, 18, 19]
-FREQUENCY_SIGNALS = ["f" + TIME_SIGNALS[i][1:] for i in _SPECTRUM_OF]
-FEATURE_NAMES = [
+_SPECTRUM_OF = (0, 1, 2, 6, 7, 8, 9, 10, 11, 15, 17, 18, 19)
+FREQUENCY_SIGNALS = tuple("f" + TIME_SIGNALS[i][1:] for i in _SPECTRUM_OF)
+FEATURE_NAMES = tuple(
     f"{signal}:{stat}" for signal in TIME_SIGNALS + FREQUENCY_SIGNALS for stat in EXTENDED_STATISTICS
-]
+)
 
 
 def derived_signals(acc: np.ndarray, gyro: np.ndarray) -> np.ndarray:
@@ -64,5 +64,5 @@ def window_features(windows: np.ndarray) -> np.ndarray:
     if windows.ndim != 3 or windows.shape[2] != len(TIME_SIGNALS):
         raise ValueError(f"expected (N, T, {len(TIME_SIGNALS)}) windows, got {windows.shape}")
     t = windows.shape[1]
-    spectra = np.abs(np.fft.rfft(windows[:, :, _SPECTRUM_OF], axis=1))[:, 1:] / t
+    spectra = np.abs(np.fft.rfft(windows[:, :, list(_SPECTRUM_OF)], axis=1))[:, 1:] / t
     return np.concatenate([extended_statistics(windows), extended_statistics(spectra)], axis=1)

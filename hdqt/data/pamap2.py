@@ -4,7 +4,8 @@ Looks in ``<root>/pamap2/`` for ``Protocol/subjectNNN.dat`` (also inside
 ``PAMAP2_Dataset/``, as the UCI zip extracts). Each file: whitespace-separated, 54
 columns at 100 Hz: timestamp, activity id, heart rate, then 3 IMUs (hand, chest,
 ankle) of 17 columns each (temperature, acc +-16 g xyz, acc +-6 g xyz, gyro xyz,
-magnetometer xyz, 4 invalid orientation values).
+magnetometer xyz, 4 invalid orientation values). Fewer files than the 9 protocol subjects
+(101..109) still load; ``hdqt data`` and the dataset's ``description`` call the copy partial.
 
 - Channels: the 27 IMU channels acc +-16 g, gyro and magnetometer (x, y, z) of each IMU
   (temperature, the saturating +-6 g accelerometer, orientation and heart rate are unused).
@@ -20,7 +21,9 @@ magnetometer xyz, 4 invalid orientation values).
 from __future__ import annotations
 
 import re
+from numbers import Integral, Real
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -28,26 +31,29 @@ from hdqt.data.base import Dataset, DatasetSource, Located
 from hdqt.data.errors import DatasetFormatError
 from hdqt.data.features import channel_statistics
 from hdqt.data.paths import cached_arrays, fingerprint
-from hdqt.data.text import parse_table
+from hdqt.data.text import parse_table, row_lines
 
 URL = "https://archive.ics.uci.edu/dataset/231/pamap2+physical+activity+monitoring"
 N_COLUMNS = 54
-ACTIVITY_NAMES = {
+ACTIVITY_NAMES = MappingProxyType({
     1: "lying", 2: "sitting", 3: "standing", 4: "walking", 5: "running", 6: "cycling",
     7: "Nordic walking", 9: "watching TV", 10: "computer work", 11: "car driving",
     12: "ascending stairs", 13: "descending stairs", 16: "vacuum cleaning", 17: "ironing",
     18: "folding laundry", 19: "house cleaning", 20: "playing soccer", 24: "rope jumping",
-}
-_IMU_FIRST_COLUMN = {"hand": 3, "chest": 20, "ankle": 37}  # 0-based column of temperature
+})
+_IMU_FIRST_COLUMN = MappingProxyType({"hand": 3, "chest": 20, "ankle": 37})  # 0-based column of temperature
 # offsets inside one IMU block: acc16 xyz at +1..+3, gyro xyz at +7..+9, mag xyz at +10..+12
-_SENSOR_OFFSETS = {"acc": 1, "gyro": 7, "mag": 10}
-CHANNEL_NAMES = [f"{imu}_{sensor}_{axis}" for imu in _IMU_FIRST_COLUMN for sensor in _SENSOR_OFFSETS for axis in "xyz"]
-CHANNEL_COLUMNS = [
+_SENSOR_OFFSETS = MappingProxyType({"acc": 1, "gyro": 7, "mag": 10})
+CHANNEL_NAMES = tuple(
+    f"{imu}_{sensor}_{axis}" for imu in _IMU_FIRST_COLUMN for sensor in _SENSOR_OFFSETS for axis in "xyz"
+)
+CHANNEL_COLUMNS = tuple(
     first + offset + k
     for first in _IMU_FIRST_COLUMN.values()
     for offset in _SENSOR_OFFSETS.values()
     for k in range(3)
-]
+)
+PROTOCOL_SUBJECTS = tuple(range(101, 110))
 DESCRIPTION = (
     "PAMAP2 protocol: 9 subjects, 12 activities, 3 IMUs (hand, chest, ankle) at 100 Hz; "
     "27 channels (acc, gyro, mag)."
@@ -59,7 +65,15 @@ def _probe(folder: Path) -> Located | None:
     for protocol in (folder / "Protocol", folder / "PAMAP2_Dataset" / "Protocol"):
         files = sorted(p for p in protocol.glob("subject*.dat") if _SUBJECT_FILE.match(p.name))
         if files:
-            return Located(protocol, tuple(files), "protocol")
+            present = {int(_SUBJECT_FILE.match(p.name).group(1)) for p in files}
+            missing = [s for s in PROTOCOL_SUBJECTS if s not in present]
+            # what is there still loads (e.g. a quick look at one subject), flagged as partial
+            partial = (
+                f"{len(PROTOCOL_SUBJECTS) - len(missing)} of the {len(PROTOCOL_SUBJECTS)} protocol subjects "
+                f"(missing {', '.join(f'subject{s}.dat' for s in missing)})"
+                if missing else ""
+            )
+            return Located(protocol, tuple(files), "protocol", partial)
     return None
 
 
@@ -75,11 +89,13 @@ SOURCE = DatasetSource(
 def load(
     root=None, features: bool = True, window: int = 512, step: int = 256, max_missing: float = 0.1
 ) -> Dataset:
-    """PAMAP2 as 243 features or raw (N, window, 27) windows; subject = file number (101..109)."""
-    if window < 2 or step < 1:
-        raise ValueError(f"pamap2: window must be >= 2 and step >= 1, got window={window}, step={step}")
-    if not 0.0 <= max_missing < 1.0:
-        raise ValueError(f"pamap2: max_missing must be in [0, 1), got {max_missing}")
+    """PAMAP2 as 243 features or raw (N, window, 27) windows; subject = file number (101..109).
+
+    A copy with fewer than the 9 protocol subjects loads what is there; ``description`` says so.
+    """
+    window, step = _integer(window, "window", 2), _integer(step, "step", 1)
+    if isinstance(max_missing, bool) or not isinstance(max_missing, Real) or not 0.0 <= max_missing < 1.0:
+        raise ValueError(f"pamap2: max_missing must be a number in [0, 1), got {max_missing!r}")
     found = SOURCE.locate(root)
     key = fingerprint(found.files, window, step, max_missing)
     raw = cached_arrays("pamap2", key, lambda: parse(found, window, step, max_missing))
@@ -96,19 +112,27 @@ def load(
         x=x,
         y=np.searchsorted(ids, raw["activity"]).astype(np.int64),
         class_names=[ACTIVITY_NAMES[int(i)] for i in ids],
-        description=DESCRIPTION,
+        description=f"{DESCRIPTION} Partial copy: {found.partial}." if found.partial else DESCRIPTION,
         subject=raw["subject"],
         extra={"activity_id": raw["activity"]},
     )
 
 
+def _integer(value, name: str, minimum: int) -> int:
+    """``value`` as an int >= minimum; a float such as 10.5 would index windows wrongly."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"pamap2: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def parse(found: Located, window: int, step: int, max_missing: float) -> dict[str, np.ndarray]:
     xs, activities, subjects = [], [], []
     for path in found.files:
-        table = parse_table(path.read_bytes(), str(path), n_cols=N_COLUMNS)
-        activity = _activity_column(table, path)
+        data = path.read_bytes()
+        table = parse_table(data, str(path), n_cols=N_COLUMNS)  # NaN allowed: wireless drop-outs
+        activity = _activity_column(table, path, data)
         subject = int(_SUBJECT_FILE.match(path.name).group(1))
-        signal = table[:, CHANNEL_COLUMNS]
+        signal = table[:, list(CHANNEL_COLUMNS)]
         for begin, end in _runs(activity):
             if activity[begin] == 0:
                 continue
@@ -124,13 +148,14 @@ def parse(found: Located, window: int, step: int, max_missing: float) -> dict[st
     }
 
 
-def _activity_column(table: np.ndarray, path: Path) -> np.ndarray:
+def _activity_column(table: np.ndarray, path: Path, data: bytes) -> np.ndarray:
     column = table[:, 1]
     bad = ~np.isin(column, [0, *ACTIVITY_NAMES])
     if bad.any():
-        line = int(np.argmax(bad)) + 1
+        row = int(np.argmax(bad))
         raise DatasetFormatError(
-            path, f"activity id {column[line - 1]:g} is not 0 or one of {sorted(ACTIVITY_NAMES)}", line=line
+            path, f"activity id {column[row]:g} is not 0 or one of {sorted(ACTIVITY_NAMES)}",
+            line=int(row_lines(data)[row]),
         )
     return column.astype(np.int64)
 

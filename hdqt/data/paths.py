@@ -23,7 +23,7 @@ import numpy as np
 DATA_ENV = "HDQT_DATA"
 CACHE_ENV = "HDQT_CACHE"
 # Bump when a parser or feature recipe changes, so stale caches are not reused.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: DSADS/HAPT reject non-finite values and bad file ids
 
 
 def cache_dir() -> Path:

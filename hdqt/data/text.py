@@ -2,7 +2,9 @@
 
 numpy's C parser is fast but its messages vary between versions, so on failure
 we re-scan the text line by line (slow, but only on the error path) to name the
-first bad line ourselves.
+first bad line ourselves. Blank lines are skipped; nothing else is (no comment
+character: a '#' line is an error, not silently dropped), so a table row maps to
+its line with ``row_lines``.
 """
 from __future__ import annotations
 
@@ -14,36 +16,70 @@ from hdqt.data.errors import DatasetFormatError
 
 
 def parse_table(
-    data: bytes, label: str, n_cols: int, delimiter: str | None = None, n_rows: int | None = None
+    data: bytes,
+    label: str,
+    n_cols: int,
+    delimiter: str | None = None,
+    n_rows: int | None = None,
+    finite: bool = False,
 ) -> np.ndarray:
     """Parse ``data`` (the bytes of a text file) into a float64 (rows, n_cols) array.
 
     ``label`` names the file in errors. ``delimiter=None`` means any whitespace.
-    ``n_rows``, if given, is the exact number of rows required.
-    Values such as ``NaN`` are accepted and kept.
+    ``n_rows``, if given, is the exact number of rows required. ``finite=True``
+    rejects ``nan``/``inf`` values; otherwise they are accepted and kept.
     """
-    try:
-        table = np.loadtxt(io.BytesIO(data), delimiter=delimiter, dtype=np.float64, ndmin=2)
-    except ValueError:
-        table = None
-    if table is None or table.shape[1] != n_cols and table.size:
-        _raise_first_bad_line(data, label, n_cols, delimiter)
-    if table.size == 0:
+    if not data.strip():  # checked first: numpy would also warn "input contained no data"
         raise DatasetFormatError(label, "the file holds no data rows", line=1)
-    if n_rows is not None and table.shape[0] != n_rows:
+    table = _loadtxt(data, delimiter)
+    if table is None:
+        _raise_first_bad_line(data, label, n_cols, delimiter)
+        # Every line is fine: with a delimiter, numpy chokes on whitespace-only lines.
+        table = _loadtxt(b"\n".join(line for line in data.splitlines() if line.strip()), delimiter)
+    if table is None or table.shape[1] != n_cols:
+        _raise_first_bad_line(data, label, n_cols, delimiter)
+        raise DatasetFormatError(label, "could not parse the file as a numeric table")
+    if n_rows is not None and table.shape[0] < n_rows:
         raise DatasetFormatError(
             label,
             f"expected {n_rows} rows but the file ends after {table.shape[0]} (truncated?)",
-            line=table.shape[0] + 1,
+            line=len(data.splitlines()) + 1,
+        )
+    if n_rows is not None and table.shape[0] > n_rows:
+        raise DatasetFormatError(
+            label,
+            f"expected {n_rows} rows but the file holds {table.shape[0]}: extra rows from this line on",
+            line=int(row_lines(data)[n_rows]),
+        )
+    if finite and not np.isfinite(table).all():
+        row, col = np.argwhere(~np.isfinite(table))[0]
+        raise DatasetFormatError(
+            label, f"{table[row, col]} in column {col + 1} is not a finite number", line=int(row_lines(data)[row])
         )
     return table
 
 
+def row_lines(data: bytes) -> np.ndarray:
+    """The 1-based line number of each row ``parse_table`` returns (blank lines hold no row)."""
+    return np.array([n for n, line in enumerate(data.splitlines(), start=1) if line.strip()], dtype=np.int64)
+
+
+def _loadtxt(data: bytes, delimiter: str | None) -> np.ndarray | None:
+    try:
+        return np.loadtxt(io.BytesIO(data), delimiter=delimiter, comments=None, dtype=np.float64, ndmin=2)
+    except ValueError:
+        return None
+
+
 def _raise_first_bad_line(data: bytes, label: str, n_cols: int, delimiter: str | None) -> None:
+    """Raise for the first line that is not ``n_cols`` numbers; return if there is none."""
     what = "whitespace-separated" if delimiter is None else f"{delimiter!r}-separated"
-    for number, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+    for number, line in enumerate(data.splitlines(), start=1):  # bytes: the same lines as row_lines
+        raw = line.decode("utf-8", errors="replace")
         if not raw.strip():
             continue
+        if raw.lstrip().startswith("#"):
+            raise DatasetFormatError(label, "comment lines ('#') are not part of the format", line=number)
         fields = raw.split(delimiter)
         if len(fields) != n_cols:
             raise DatasetFormatError(
@@ -56,4 +92,3 @@ def _raise_first_bad_line(data: bytes, label: str, n_cols: int, delimiter: str |
                 raise DatasetFormatError(
                     label, f"{field.strip()!r} is not a number", line=number
                 ) from None
-    raise DatasetFormatError(label, "could not parse the file as a numeric table")

@@ -86,3 +86,18 @@ def write_hapt(raw: Path, recordings: dict[tuple[int, int], int], segments: list
         signals[(exp, user)] = (acc, gyro)
     np.savetxt(raw / "labels.txt", np.array(segments, dtype=int), fmt="%d")
     return signals
+
+
+def write_dsads_tree(data_dir: Path, seed: int = 0) -> dict:
+    """Segment files for activities a01, a19, subject p8, segments s01, s60: a 4-file set that
+    tests accept as complete by patching ``dsads._EXPECTED_FILES`` to 4."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    for a in (1, 19):
+        for s in (1, 60):
+            x = rng.normal(scale=30, size=(125, 45)).round(5)
+            path = data_dir / f"a{a:02d}" / "p8" / f"s{s:02d}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savetxt(path, x, delimiter=",", fmt="%.5f")
+            values[(a, s)] = x
+    return values

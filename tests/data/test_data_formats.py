@@ -9,6 +9,7 @@ import pytest
 from hdqt_synth import (
     pamap2_table,
     write_cifar100,
+    write_dsads_tree,
     write_fashion_mnist,
     write_hapt,
     write_pamap2,
@@ -237,27 +238,13 @@ def test_hapt_missing_signal_file_is_a_partial_dataset(tmp_path):
 
 # --- DSADS (UCI text layout, scaled down) ----------------------------------------------
 
-def _write_dsads_tree(data_dir, seed=0):
-    """Segment files for activities a01, a19, subject p8, segments s01, s60 (a 4-file 'full' set)."""
-    rng = np.random.default_rng(seed)
-    values = {}
-    for a in (1, 19):
-        for s in (1, 60):
-            x = rng.normal(scale=30, size=(125, 45)).round(5)
-            path = data_dir / f"a{a:02d}" / "p8" / f"s{s:02d}.txt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savetxt(path, x, delimiter=",", fmt="%.5f")
-            values[(a, s)] = x
-    return values
-
-
 @pytest.mark.parametrize("layout", ["text", "zip"])
 def test_dsads_text_and_archive_give_the_npz_layout(tmp_path, monkeypatch, layout):
     from hdqt.data import dsads
 
     monkeypatch.setattr(dsads, "_EXPECTED_FILES", 4)  # accept the 4-file set as complete
     monkeypatch.setenv("HDQT_CACHE", str(tmp_path / "cache"))
-    values = _write_dsads_tree(tmp_path / "src" / "data")
+    values = write_dsads_tree(tmp_path / "src" / "data")
     if layout == "text":
         root = tmp_path / "src"
         (root / "dsads").mkdir()
@@ -285,7 +272,7 @@ def test_dsads_truncated_segment_names_file_and_line(tmp_path, monkeypatch):
     from hdqt.data import dsads
 
     monkeypatch.setattr(dsads, "_EXPECTED_FILES", 4)
-    _write_dsads_tree(tmp_path / "dsads" / "data")
+    write_dsads_tree(tmp_path / "dsads" / "data")
     path = tmp_path / "dsads" / "data" / "a19" / "p8" / "s01.txt"
     path.write_text("\n".join(path.read_text().splitlines()[:120]) + "\n")
     with pytest.raises(DatasetFormatError, match=r"a19/p8/s01\.txt, line 121: expected 125 rows"):
