@@ -87,3 +87,18 @@ def test_hdqt_data_command_lists_every_dataset(tmp_path, capsys):
     assert "hapt: NOT FOUND" in out and f"{tmp_path / 'hapt'}: no such folder" in out
     assert "holds 1 of the 9120 segment files" in out
     assert "digits: available" in out
+
+
+def test_module_constants_cannot_be_changed_by_accident():
+    from hdqt.data import cifar100, dsads, fashion_mnist, hapt, hapt_features, pamap2
+
+    for sequence in (dsads.ACTIVITIES, dsads.CHANNEL_NAMES, hapt.ACTIVITIES, hapt.RAW_CHANNELS,
+                     pamap2.CHANNEL_NAMES, pamap2.CHANNEL_COLUMNS, fashion_mnist.CLASS_NAMES,
+                     hapt_features.TIME_SIGNALS, hapt_features.FEATURE_NAMES):
+        assert isinstance(sequence, tuple)
+    for mapping in (pamap2.ACTIVITY_NAMES, fashion_mnist._MAGIC):
+        with pytest.raises(TypeError):
+            mapping[99] = "changed"
+    assert isinstance(cifar100._ArrayOnlyUnpickler._ALLOWED, frozenset)
+    # the loaders still hand out plain lists, so a caller may edit its own copy
+    assert isinstance(data.load("digits").class_names, list)
