@@ -99,19 +99,25 @@ def prepare(
     test_fraction: float = 0.2,
     features: bool = True,
     clip: float | None = DEFAULT_CLIP,
+    augment: bool | None = None,
+    padding: int = 4,
+    **loader_kwargs,
 ) -> PreparedData:
     """Load, split and normalise a dataset for training.
 
-    ``clip`` bounds non-image inputs to ±clip standard deviations after
-    normalisation (None: no bound); see ``prepare_dataset``.
-
     HAR: ~``test_fraction`` of the subjects (seeded) are held out. Images: the dataset's
-    own train/test split (``test_fraction`` unused) and ``augment`` set. digits: a seeded
-    stratified split. Normalisation statistics come from the training part only.
+    own train/test split (``test_fraction`` unused). digits: a seeded stratified split.
+    Normalisation statistics come from the training part only.
+
+    ``clip`` bounds non-image inputs to ±clip standard deviations after normalisation
+    (None: no bound). ``augment``: attach ``RandomCropFlip(padding=padding)`` to the
+    result; None means on for image datasets and off otherwise, True on a non-image
+    dataset is a ValueError. Other keyword arguments go to the loader, as in ``load``
+    (e.g. PAMAP2's ``window``, ``step``, ``max_missing``).
     """
     info = dataset_info(name)
-    ds = load(info.name, root=root, features=features)
+    ds = load(info.name, root=root, features=features, **loader_kwargs)
     return prepare_dataset(
-        ds, info.default_backbone, seed=seed, test_fraction=test_fraction, augment=info.kind == "image",
-        clip=clip,
+        ds, info.default_backbone, seed=seed, test_fraction=test_fraction,
+        augment=info.kind == "image" if augment is None else augment, clip=clip, padding=padding,
     )

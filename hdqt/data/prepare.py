@@ -20,7 +20,8 @@ class PreparedData:
 
     Inputs are normalised with ``mean``/``std`` fitted on the training part only
     (per feature for vectors, per channel for windows and images).
-    ``test_subjects`` lists the held-out subjects of a HAR dataset (None otherwise).
+    ``test_subjects`` lists the held-out subjects of a HAR dataset, and ``subject_train``
+    / ``subject_test`` give the subject of every row (None for datasets without subjects).
     """
 
     name: str
@@ -36,6 +37,8 @@ class PreparedData:
     mean: np.ndarray = field(default=None, repr=False)
     std: np.ndarray = field(default=None, repr=False)
     test_subjects: tuple[int, ...] | None = None
+    subject_train: np.ndarray | None = field(default=None, repr=False)
+    subject_test: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -52,11 +55,12 @@ DEFAULT_CLIP = 3.0
 
 def prepare_dataset(
     ds: Dataset, default_backbone: str, seed: int = 0, test_fraction: float = 0.2, augment: bool = False,
-    clip: float | None = DEFAULT_CLIP,
+    clip: float | None = DEFAULT_CLIP, padding: int = 4,
 ) -> PreparedData:
     """Split (by subject, own split, or stratified) and normalise a loaded ``Dataset``.
 
-    ``augment=True`` attaches ``RandomCropFlip(padding=4)`` (image datasets only).
+    ``augment=True`` attaches ``RandomCropFlip(padding=padding)``; images only (ValueError
+    otherwise: crops and flips make no sense for feature vectors or sensor windows).
     ``clip`` bounds the normalised inputs of non-image datasets to [-clip, clip]
     (None: unbounded); images are left as they are.
     """
@@ -64,6 +68,11 @@ def prepare_dataset(
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be None or > 0 (standard deviations), got {clip!r}")
+    images = ds.x.ndim == 4
+    if augment and not images:
+        raise ValueError(f"augment=True needs an image dataset; {ds.name!r} inputs have shape {ds.x.shape[1:]}")
+    if augment and (isinstance(padding, bool) or not isinstance(padding, int) or padding < 0):
+        raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
     test_subjects = None
     if ds.subject is not None:
         test_subjects = held_out_subjects(ds.subject, seed, test_fraction)
@@ -73,7 +82,6 @@ def prepare_dataset(
     else:
         is_test = stratified_test_mask(ds.y, seed, test_fraction)
     x = ds.x
-    images = x.ndim == 4
     if images and x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     x = x.astype(np.float32, copy=False)
@@ -98,10 +106,12 @@ def prepare_dataset(
         class_names=list(ds.class_names),
         input_shape=tuple(int(d) for d in x.shape[1:]),
         default_backbone=default_backbone,
-        augment=RandomCropFlip(padding=4) if augment and images else None,
+        augment=RandomCropFlip(padding=padding) if augment else None,
         mean=mean.squeeze(0).astype(np.float32),
         std=std.squeeze(0).astype(np.float32),
         test_subjects=None if test_subjects is None else tuple(int(s) for s in test_subjects),
+        subject_train=None if ds.subject is None else ds.subject[~is_test],
+        subject_test=None if ds.subject is None else ds.subject[is_test],
     )
 
 

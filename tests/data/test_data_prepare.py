@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hdqt_synth import write_fashion_mnist
+from hdqt_synth import pamap2_table, write_fashion_mnist, write_pamap2
 
 from hdqt import data
 from hdqt.data import Dataset
@@ -25,12 +25,20 @@ def _har(n_subjects: int = 10, per_subject: int = 30, seed: int = 0) -> Dataset:
 
 def test_subject_split_has_no_leakage_and_holds_out_about_20_percent():
     ds = _har(n_subjects=10)
-    prepared = prepare_dataset(ds, "fcnet", seed=3)
+    prepared = prepare_dataset(ds, "fcnet", seed=3, clip=None)
     held = set(prepared.test_subjects)
     assert len(held) == 2
     assert len(prepared.x_test) == 2 * 30 and len(prepared.x_train) == 8 * 30
-    train_subjects = set(np.unique(ds.subject[~np.isin(ds.subject, list(held))]))
-    assert held.isdisjoint(train_subjects)
+    # per-row subjects of the two parts, as prepare_dataset split them
+    assert len(prepared.subject_train) == len(prepared.y_train)
+    assert len(prepared.subject_test) == len(prepared.y_test)
+    assert set(prepared.subject_test) == held
+    assert held.isdisjoint(prepared.subject_train)
+    assert set(prepared.subject_train) | held == set(ds.subject)
+    # and each row kept its own subject: the offsets x = subject * (0..4) + noise say which
+    mean = prepared.mean.astype(np.float64)
+    raw_test = prepared.x_test * prepared.std + mean
+    np.testing.assert_allclose(raw_test[:, 4] / 4, prepared.subject_test, atol=1.0)
 
 
 def test_subject_split_is_seeded():
@@ -97,6 +105,28 @@ def test_image_prepare_keeps_the_own_split_and_attaches_augmentation(tmp_path):
     assert prepared.input_shape == (1, 28, 28) and prepared.default_backbone == "convnet"
     assert isinstance(prepared.augment, RandomCropFlip)
     np.testing.assert_allclose(prepared.x_train.mean(), 0, atol=1e-5)
+
+
+def test_augmentation_can_be_switched_and_padded(tmp_path):
+    write_fashion_mnist(tmp_path / "fashion-mnist", n_train=4, n_test=2)
+    assert data.prepare("fashion_mnist", root=tmp_path, augment=False).augment is None
+    padded = data.prepare("fashion_mnist", root=tmp_path, padding=2).augment
+    assert isinstance(padded, RandomCropFlip) and padded.padding == 2
+    assert data.prepare("digits", augment=None).augment is None  # default: images only
+    with pytest.raises(ValueError, match="augment=True needs an image dataset"):
+        data.prepare("digits", augment=True)
+    with pytest.raises(ValueError, match="padding must be an integer"):
+        data.prepare("fashion_mnist", root=tmp_path, padding=1.5)
+
+
+def test_prepare_forwards_loader_arguments(tmp_path):
+    for subject in (101, 102):
+        write_pamap2(tmp_path / "pamap2" / "Protocol" / f"subject{subject}.dat",
+                     pamap2_table([(4, 400)], seed=subject))
+    prepared = data.prepare("pamap2", root=tmp_path, features=False, window=100, step=100, test_fraction=0.5)
+    assert prepared.input_shape == (100, 27) and len(prepared.y_train) == len(prepared.y_test) == 4
+    with pytest.raises(TypeError, match="unexpected"):
+        data.prepare("digits", window=100)
 
 
 def test_invalid_test_fraction_is_rejected():
