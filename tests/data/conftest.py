@@ -33,13 +33,13 @@ def _real_root() -> Path:
 
 @pytest.fixture(scope="session")
 def real_root():
-    """Return a function ``need(subfolder) -> root`` that skips (or fails under CI=true)
-    when ``<root>/<subfolder>`` is absent."""
+    """Return a function ``need(path) -> root`` that skips (or fails under CI=true)
+    when ``<root>/<path>`` (a dataset folder, or one file in it) is absent."""
     root = _real_root()
 
-    def need(subfolder: str) -> Path:
-        if not (root / subfolder).is_dir():
-            reason = f"real dataset folder {root / subfolder} not found (set HDQT_DATA)"
+    def need(path: str) -> Path:
+        if not (root / path).exists():
+            reason = f"real dataset file or folder {root / path} not found (set HDQT_DATA)"
             if os.environ.get("CI", "").lower() == "true":
                 pytest.fail(f"CI=true but {reason}")
             pytest.skip(reason)

@@ -17,9 +17,17 @@ from hdqt.data.base import Located
 pytestmark = pytest.mark.realdata
 
 
+EXCERPT = "dsads/uci-excerpt-s01-s03.tar.xz"
+
+
 @pytest.fixture(scope="module")
 def dsads_root(real_root):
     return real_root("dsads")
+
+
+@pytest.fixture(scope="module")
+def excerpt(real_root):
+    return real_root(EXCERPT) / EXCERPT
 
 
 def test_dsads_counts(dsads_root):
@@ -34,11 +42,8 @@ def test_dsads_counts(dsads_root):
     np.testing.assert_allclose(ds.x[:5, 0], raw.x[:5, :, 0].mean(axis=1), rtol=1e-4)
 
 
-def test_dsads_uci_text_matches_npz_rows(dsads_root):
-    archive = dsads_root / "dsads" / "uci-excerpt-s01-s03.tar.xz"
-    if not archive.is_file():
-        pytest.skip(f"{archive} not found")
-    found = Located(archive.parent, (archive,), "archive")
+def test_dsads_uci_text_matches_npz_rows(dsads_root, excerpt):
+    found = Located(excerpt.parent, (excerpt,), "archive")
     rows = list(dsads_module.iter_segments(found))
     assert len(rows) == 19 * 8 * 3
     with np.load(dsads_root / "dsads" / "dsads.npz") as npz:
@@ -51,19 +56,21 @@ def test_dsads_uci_text_matches_npz_rows(dsads_root):
         np.testing.assert_allclose(x[row].astype(np.float64), text_values, rtol=5e-4, atol=1e-7)
 
 
-def test_dsads_excerpt_alone_is_reported_as_partial(dsads_root, tmp_path):
-    archive = dsads_root / "dsads" / "uci-excerpt-s01-s03.tar.xz"
-    if not archive.is_file():
-        pytest.skip(f"{archive} not found")
+def test_dsads_excerpt_alone_is_reported_as_partial(excerpt, tmp_path, monkeypatch):
     (tmp_path / "dsads").mkdir()
-    os.symlink(archive, tmp_path / "dsads" / archive.name)
+    os.symlink(excerpt, tmp_path / "dsads" / excerpt.name)
     with pytest.raises(DatasetNotFoundError, match="holds 456 of the 9120 segment files"):
         data.load("dsads", root=tmp_path)
+    # an excerpt in an earlier root does not hide the complete copy in a later one
+    monkeypatch.setenv("HDQT_DATA", f"{tmp_path}:{excerpt.parents[1]}")
+    assert len(data.load("dsads")) == 9120
 
 
 def test_dsads_prepare_splits_by_subject(dsads_root):
     prepared = data.prepare("dsads", root=dsads_root, seed=0)
     assert len(prepared.test_subjects) == 2
+    assert set(prepared.subject_test) == set(prepared.test_subjects)
+    assert set(prepared.subject_train).isdisjoint(prepared.subject_test)  # no subject leaks
     assert len(prepared.y_test) == 2 * 19 * 60 and prepared.input_shape == (405,)
     assert prepared.default_backbone == "fcnet" and prepared.augment is None
 
@@ -114,6 +121,8 @@ def test_hapt_raw_windows_and_subject_split(hapt):
     assert raw.x.shape == (10929, 128, 6)
     prepared = data.prepare("hapt", root=root, seed=1)
     assert len(prepared.test_subjects) == 6 and prepared.input_shape == (561,)
+    assert set(prepared.subject_train).isdisjoint(prepared.subject_test)  # no subject leaks
+    assert len(set(prepared.subject_train)) == 24
     test_mask = np.isin(raw.subject, prepared.test_subjects)
     assert len(prepared.y_test) == test_mask.sum()
 
