@@ -115,6 +115,29 @@ def test_registry_lists_and_rejects_unknown_names():
         create_model("resnet18", (3, 32, 32))
 
 
+@pytest.mark.parametrize("shape", ["abc", "405", 10.5, (405.0,), (3, True), ()])
+def test_registry_rejects_non_integer_shapes_naming_the_argument(shape):
+    with pytest.raises(ValueError, match=r"input_shape must be a positive integer"):
+        create_model("fcnet", shape)
+
+
+@pytest.mark.parametrize("name, argument, value", [
+    ("fcnet", "hidden", 2.5), ("fcnet", "hidden", "64"), ("convnet", "out_dim", 1.5),
+])
+def test_registry_rejects_non_integer_sizes_naming_the_argument(name, argument, value):
+    shape = (1, 28, 28) if name == "convnet" else (20,)
+    with pytest.raises(ValueError, match=rf"{name}: {argument} must be an integer, got {value!r}"):
+        create_model(name, shape, **{argument: value})
+
+
+def test_registry_accepts_numpy_and_torch_integers():
+    import numpy as np
+
+    model = create_model("fcnet", torch.Size([4, 5]), hidden=np.int64(7))
+    assert model.out_dim == 20 and model.layer1[0].weight.shape == (7, 20)
+    assert create_model("fcnet", np.int64(9), hidden=None).out_dim == 9
+
+
 def test_registry_checks_shapes_and_duplicates():
     with pytest.raises(ValueError, match=r"resnet32 needs input_shape \(C, H, W\)"):
         create_model("resnet32", (405,))
