@@ -187,7 +187,8 @@ def iter_segments(found: Located) -> Iterator[tuple[int, int, int, np.ndarray]]:
     for label, data in members:
         ids = _ids(label)
         if ids in seen:  # e.g. two copies of the tree in one archive
-            raise DatasetFormatError(label, "a{:02d}/p{}/s{:02d}.txt appears twice; first: {}".format(*ids, seen[ids]))
+            name = "a{:02d}/p{}/s{:02d}.txt".format(*ids)
+            raise DatasetFormatError(label, f"{name} appears twice; first: {seen[ids]}")
         seen[ids] = label
         yield (*ids, _parse_segment(data, label))
 

@@ -138,7 +138,8 @@ def test_cifar100_meta_must_hold_100_fine_names(tmp_path, names):
     folder = tmp_path / "cifar-100-python"
     write_cifar100(folder, n_train=4, n_test=2)
     _rewrite(folder / "meta", lambda meta: meta.__setitem__(b"fine_label_names", names))
-    with pytest.raises(DatasetFormatError, match=r"cifar-100-python/meta: b'fine_label_names' must be a list of 100"):
+    expected = r"cifar-100-python/meta: b'fine_label_names' must be a list of 100"
+    with pytest.raises(DatasetFormatError, match=expected):
         data.load("cifar100", root=tmp_path)
 
 
@@ -155,5 +156,6 @@ def test_cifar100_labels_must_be_whole_numbers_in_range(tmp_path, bad):
     folder = tmp_path / "cifar-100-python"
     write_cifar100(folder, n_train=4, n_test=2)
     _rewrite(folder / "test", lambda r: r.__setitem__(b"fine_labels", [1, bad]))
-    with pytest.raises(DatasetFormatError, match=r"cifar-100-python/test: fine_labels must be whole numbers in 0\.\.99"):
+    expected = r"cifar-100-python/test: fine_labels must be whole numbers in 0\.\.99"
+    with pytest.raises(DatasetFormatError, match=expected):
         data.load("cifar100", root=tmp_path)

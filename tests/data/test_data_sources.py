@@ -75,7 +75,8 @@ def test_archive_listing_is_cached_per_archive_version(tmp_path, monkeypatch):
 
 def _pamap2_copy(folder, subjects):
     for subject in subjects:
-        write_pamap2(folder / "pamap2" / "Protocol" / f"subject{subject}.dat", pamap2_table([(4, 120)], seed=subject))
+        path = folder / "pamap2" / "Protocol" / f"subject{subject}.dat"
+        write_pamap2(path, pamap2_table([(4, 120)], seed=subject))
 
 
 def test_pamap2_with_fewer_than_nine_subjects_loads_but_is_partial(tmp_path, capsys):
@@ -100,7 +101,8 @@ def test_fashion_mnist_is_found_in_the_debian_system_folder(tmp_path, monkeypatc
     assert fmnist_module.SOURCE.system_folders == ("/usr/share/datasets/fashion-mnist",)
     system = tmp_path / "usr-share-datasets-fashion-mnist"
     write_fashion_mnist(system, n_train=3, n_test=2)
-    monkeypatch.setattr(fmnist_module, "SOURCE", dataclasses.replace(fmnist_module.SOURCE, system_folders=(str(system),)))
+    moved = dataclasses.replace(fmnist_module.SOURCE, system_folders=(str(system),))
+    monkeypatch.setattr(fmnist_module, "SOURCE", moved)
     assert len(data.load("fashion_mnist")) == 5  # no HDQT_DATA: cache, then the system folder
     assert len(data.load("fashion_mnist", root=tmp_path / "empty")) == 5  # searched even with root=
     write_fashion_mnist(tmp_path / "mine" / "fashion-mnist", n_train=4, n_test=2)
