@@ -7,14 +7,17 @@ Hadamard transform H along the reduction dimension of each product:
     dW = Q_sr(G^T H_B) Q_sr(H_B X_q) / p_B
 
 The weight and input operands of the backward products are the *quantized*
-forward operands (straight-through estimator).
+forward operands (straight-through estimator). Operands are laid out with the
+reduction dimension last where that is cheap, so that the transform runs along
+contiguous rows (the native kernel's fast case).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from hdqt.quantization.hadamard import block_layout, hadamard_transform
+from hdqt.quantization.hadamard import BlockLayout, block_layout, hadamard_transform_amax
+from hdqt.quantization.im2col import fused_weight_grad, tiled_conv2d, unfold_channel_major
 from hdqt.quantization.matmul import exact_dtype, tiled_matmul, tiled_matmul_batched
 from hdqt.quantization.quantizer import QTensor, Quantizer
 from hdqt.quantization.runtime import LayerRuntime
@@ -22,6 +25,21 @@ from hdqt.quantization.runtime import LayerRuntime
 
 def _max_int(quantizer: Quantizer | None) -> float:
     return float("inf") if quantizer is None else quantizer.format.max_magnitude()
+
+
+def _forward_dtype(policy, reduction: int, dtype: torch.dtype) -> torch.dtype:
+    """float32 when every partial sum of the forward product is exact in it, else float64."""
+    length = min(policy.tile, reduction) if policy.acc_bits is not None else reduction
+    return exact_dtype(length, _max_int(policy.forward_input), _max_int(policy.forward_weight), dtype)
+
+
+def backward_layout(rt: LayerRuntime, size: int, qa: Quantizer | None, qb: Quantizer | None) -> BlockLayout | None:
+    """The Hadamard blocks along a backward reduction of ``size``, or None when no transform applies."""
+    policy = rt.policy
+    if not policy.hadamard or (qa is None and qb is None):
+        return None
+    layout = block_layout(size, policy.hadamard_rule)
+    return None if layout.is_identity else layout
 
 
 def backward_operands(
@@ -40,15 +58,14 @@ def backward_operands(
 
     Returns the two quantized operands and the factor that undoes H·H.
     """
-    policy = rt.policy
+    layout = backward_layout(rt, a.shape[a_dim], qa, qb)
+    amax_a = amax_b = None
     extra = 1.0
-    if policy.hadamard and (qa is not None or qb is not None):
-        layout = block_layout(a.shape[a_dim], policy.hadamard_rule)
-        if not layout.is_identity:
-            a = hadamard_transform(a, a_dim, layout, rt.hadamard_cache)
-            b = hadamard_transform(b, b_dim, layout, rt.hadamard_cache)
-            extra = layout.product_scale
-    return rt.quantize(qa, a, a_name), rt.quantize(qb, b, b_name), extra
+    if layout is not None:
+        a, amax_a = hadamard_transform_amax(a, a_dim, layout, rt.hadamard_cache)
+        b, amax_b = hadamard_transform_amax(b, b_dim, layout, rt.hadamard_cache)
+        extra = layout.product_scale
+    return rt.quantize(qa, a, a_name, amax_a), rt.quantize(qb, b, b_name, amax_b), extra
 
 
 class QuantLinearFunction(torch.autograd.Function):
@@ -57,8 +74,7 @@ class QuantLinearFunction(torch.autograd.Function):
         policy = rt.policy
         xq = rt.quantize(policy.forward_input, x, "forward input")
         wq = rt.quantize(policy.forward_weight, weight, "forward weight")
-        reduction = min(policy.tile, x.shape[1]) if policy.acc_bits is not None else x.shape[1]
-        dtype = exact_dtype(reduction, _max_int(policy.forward_input), _max_int(policy.forward_weight), x.dtype)
+        dtype = _forward_dtype(policy, x.shape[1], x.dtype)
         y = tiled_matmul(xq.values.to(dtype), wq.values.to(dtype), policy.tile, policy.acc_bits)
         ctx.save_for_backward(xq.values, wq.values)
         ctx.scales = (xq.scale, wq.scale)
@@ -72,29 +88,28 @@ class QuantLinearFunction(torch.autograd.Function):
         rt: LayerRuntime = ctx.rt
         policy = rt.policy
         acc = policy.acc_bits if policy.saturate_backward else None
-        grad = grad.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            # dX = G W: the reduction runs over the output features N.
+            # dX = G W, reduced over the output features N: rows of G (B, N) and W^T (K, N).
             g, w, extra = backward_operands(
-                rt, grad, 1, policy.grad_output_dx, "output gradient (dX)",
-                w_values, 0, policy.backward_weight, "backward weight",
+                rt, grad.contiguous(), 1, policy.grad_output_dx, "output gradient (dX)",
+                w_values.T.contiguous(), 1, policy.backward_weight, "backward weight",
             )
-            grad_x = tiled_matmul(g.values, w.values.T, policy.tile, acc)
+            grad_x = tiled_matmul(g.values, w.values, policy.tile, acc)
             grad_x.mul_(g.scale * w.scale * w_scale * extra)
         if ctx.needs_input_grad[1]:
-            # dW = G^T X: the reduction runs over the batch.
+            # dW = G^T X, reduced over the batch: rows of G^T (N, B) and X^T (K, B).
             g, x, extra = backward_operands(
-                rt, grad, 0, policy.grad_output_dw, "output gradient (dW)",
-                x_values, 0, policy.backward_input, "backward input",
+                rt, grad.T.contiguous(), 1, policy.grad_output_dw, "output gradient (dW)",
+                x_values.T.contiguous(), 1, policy.backward_input, "backward input",
             )
-            grad_w = tiled_matmul(g.values.T, x.values.T, policy.tile, acc)
+            grad_w = tiled_matmul(g.values, x.values, policy.tile, acc)
             grad_w.mul_(g.scale * x.scale * x_scale * extra)
         return grad_x, grad_w, None
 
 
 class QuantConv2dFunction(torch.autograd.Function):
-    """Conv2d as an im2col matmul: columns (B, K, L) with K = C_in*kh*kw, L = positions."""
+    """Conv2d as an im2col matmul: columns (K, B*L) with K = C_in*kh*kw, L = positions."""
 
     @staticmethod
     def forward(ctx, x, weight, rt: LayerRuntime, stride, padding, dilation):
@@ -102,29 +117,28 @@ class QuantConv2dFunction(torch.autograd.Function):
         xq = rt.quantize(policy.forward_input, x, "forward input")
         wq = rt.quantize(policy.forward_weight, weight, "forward weight")
         n, c, kh, kw = weight.shape
-        k = c * kh * kw
-        reduction = min(policy.tile, k) if policy.acc_bits is not None else k
-        dtype = exact_dtype(reduction, _max_int(policy.forward_input), _max_int(policy.forward_weight), x.dtype)
-        cols = F.unfold(xq.values.to(dtype), (kh, kw), dilation=dilation, padding=padding, stride=stride)
-        y = tiled_matmul_batched(wq.values.reshape(n, k).to(dtype), cols, policy.tile, policy.acc_bits)
-        out_h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        out_w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        # The columns are kept for dW: unfolding again in backward costs more than the memory.
-        ctx.save_for_backward(cols.to(x.dtype), wq.values)
-        ctx.input_shape = x.shape
+        dtype = _forward_dtype(policy, c * kh * kw, x.dtype)
+        xv, wv = xq.values.to(dtype), wq.values.to(dtype)
+        if policy.acc_bits is None:
+            # Unlimited accumulator: a plain convolution of the integer operands (exact in dtype).
+            y = F.conv2d(xv, wv, None, stride, padding, dilation)
+        else:
+            y = tiled_conv2d(xv, wv, stride, padding, dilation, policy.tile, policy.acc_bits)
+        # The quantized input is kept, not its columns: 1/(kh*kw) of the memory, and
+        # the backward builds the columns it needs (transformed) in one pass anyway.
+        ctx.save_for_backward(xq.values, wq.values)
         ctx.scales = (xq.scale, wq.scale)
         ctx.rt = rt
         ctx.conv = (stride, padding, dilation)
-        return y.to(x.dtype).mul_(xq.scale * wq.scale).reshape(x.shape[0], n, out_h, out_w)
+        return y.to(x.dtype).mul_(xq.scale * wq.scale)
 
     @staticmethod
     def backward(ctx, grad):
-        cols, w_values = ctx.saved_tensors
+        x_values, w_values = ctx.saved_tensors
         x_scale, w_scale = ctx.scales
         rt: LayerRuntime = ctx.rt
         policy = rt.policy
         stride, padding, dilation = ctx.conv
-        input_shape = ctx.input_shape
         acc = policy.acc_bits if policy.saturate_backward else None
         b, n = grad.shape[:2]
         _, c, kh, kw = w_values.shape
@@ -140,25 +154,42 @@ class QuantConv2dFunction(torch.autograd.Function):
             if acc is None:
                 # Unlimited accumulators: the col2im of W^T G is exactly a transposed conv.
                 grad_x = torch.nn.grad.conv2d_input(
-                    input_shape, w.values.reshape(n, c, kh, kw), g.values.reshape(grad.shape),
+                    x_values.shape, w.values.reshape(n, c, kh, kw), g.values.reshape(grad.shape),
                     stride=stride, padding=padding, dilation=dilation,
                 )
             else:
                 cols_dx = tiled_matmul_batched(w.values.T.contiguous(), g.values, policy.tile, acc)
-                grad_x = F.fold(cols_dx, input_shape[2:], (kh, kw), dilation=dilation, padding=padding, stride=stride)
+                grad_x = F.fold(cols_dx, x_values.shape[2:], (kh, kw), dilation=dilation, padding=padding,
+                                stride=stride)
             grad_x.mul_(scale)
         if ctx.needs_input_grad[1]:
-            # dW: reduction over each sample's positions (and the batch); the
-            # Hadamard runs along the positions L of every sample at once.
-            g, x, extra = backward_operands(
-                rt, grad_cols, 2, policy.grad_output_dw, "output gradient (dW)",
-                cols, 2, policy.backward_input, "backward input",
-            )
-            if acc is None:
-                grad_w = torch.bmm(g.values, x.values.transpose(1, 2)).sum(0)
-            else:
-                flat_g = g.values.transpose(0, 1).reshape(n, -1)
-                flat_x = x.values.transpose(0, 1).reshape(c * kh * kw, -1)
-                grad_w = tiled_matmul(flat_g, flat_x, policy.tile, acc)
-            grad_w = grad_w.mul_(g.scale * x.scale * x_scale * extra).reshape(n, c, kh, kw)
+            grad_w = _conv_weight_grad(rt, grad_cols, x_values, (kh, kw), ctx.conv, acc)
+            grad_w = grad_w.mul_(x_scale).reshape(n, c, kh, kw)
         return grad_x, grad_w, None, None, None, None
+
+
+def _conv_weight_grad(rt: LayerRuntime, grad_cols, x_values, kernel, conv, acc) -> torch.Tensor:
+    """dW = G X^T reduced over every sample's positions (and the batch), with the
+    Hadamard transform along each sample's positions L, for the whole batch at once.
+
+    Returns dW (N, K) up to the forward input's scale."""
+    policy = rt.policy
+    b, n, positions = grad_cols.shape
+    layout = backward_layout(rt, positions, policy.grad_output_dw, policy.backward_input)
+    g = grad_cols.transpose(0, 1).contiguous()  # (N, B, L): the same row layout as the columns
+    amax_g, extra = None, 1.0
+    if layout is not None:
+        g, amax_g = hadamard_transform_amax(g, 2, layout, rt.hadamard_cache)
+        extra = layout.product_scale
+    gq = rt.quantize(policy.grad_output_dw, g, "output gradient (dW)", amax_g)
+    qx = policy.backward_input
+    if acc is None and qx is not None and qx.rounding == "stochastic" and qx.format.signed != "auto":
+        fused = fused_weight_grad(x_values, gq.values, kernel, *conv, layout, qx, rt.generator(x_values.device))
+        if fused is not None:
+            grad_w, x_scale = fused
+            return grad_w.mul_(gq.scale * x_scale * extra)
+    cols, amax_x = unfold_channel_major(x_values, kernel, *conv, layout, rt.hadamard_cache)  # (K, B, L)
+    xq = rt.quantize(qx, cols, "backward input", amax_x)
+    flat_g, flat_x = gq.values.reshape(n, -1), xq.values.reshape(cols.shape[0], -1)
+    grad_w = flat_g @ flat_x.T if acc is None else tiled_matmul(flat_g, flat_x, policy.tile, acc)
+    return grad_w.mul_(gq.scale * xq.scale * extra)

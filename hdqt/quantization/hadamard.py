@@ -104,18 +104,22 @@ def _radices(p: int) -> list[int]:
     return [1 << (base + (i < extra)) for i in range(stages)]
 
 
-def _fwht_uniform(x: torch.Tensor, dim: int, p: int, cache: dict | None) -> torch.Tensor:
-    """Unnormalised transform of every length-p block along ``dim`` (x contiguous)."""
+def _fwht_uniform(x: torch.Tensor, dim: int, p: int, cache: dict | None) -> tuple[torch.Tensor, float | None]:
+    """Unnormalised transform of every length-p block along ``dim`` (x contiguous).
+
+    Returns the result and max|result| when the native kernel computed it on the way.
+    """
     shape = x.shape
     pre = math.prod(shape[:dim])
     post = math.prod(shape[dim + 1 :])
     blocks = shape[dim] // p
-    if post == 1 and x.device.type == "cpu" and x.dtype == torch.float32:
+    if post == 1 and native.usable(x):
         lib = native.load()
         if lib is not None:  # rows along the last dim: all stages while the row is in cache
             out = x.clone()
-            lib.hdqt_fwht_rows_f32(out.data_ptr(), out.numel() // p, p)
-            return out
+            amax = lib.hdqt_fwht_rows_f32(out.data_ptr(), out.numel() // shape[dim], shape[dim], p,
+                                          native.threads())
+            return out, amax
     radices = _radices(p)
     outer = pre * blocks
     for i, r in enumerate(radices):
@@ -126,7 +130,7 @@ def _fwht_uniform(x: torch.Tensor, dim: int, p: int, cache: dict | None) -> torc
             x = (x.reshape(lead, r) @ h)
         else:
             x = torch.matmul(h, x.reshape(lead, r, inner))
-    return x.reshape(shape)
+    return x.reshape(shape), None
 
 
 def _radix_matrix(r: int, like: torch.Tensor, cache: dict | None) -> torch.Tensor:
@@ -148,17 +152,25 @@ def hadamard_transform(
     Returns a new tensor. Uniform layouts are unnormalised (see ``product_scale``);
     mixed layouts are orthonormal.
     """
+    return hadamard_transform_amax(x, dim, layout, cache)[0]
+
+
+def hadamard_transform_amax(
+    x: torch.Tensor, dim: int, layout: BlockLayout, cache: dict | None = None
+) -> tuple[torch.Tensor, float | None]:
+    """``hadamard_transform`` plus max|result| where it came for free (else None),
+    so that a quantizer of the result can skip its own pass over the tensor."""
     dim = dim % x.dim()
     if x.shape[dim] != layout.size:
         raise ValueError(f"dimension {dim} has size {x.shape[dim]} but the layout covers {layout.size}")
     if layout.is_identity:
-        return x.clone()
+        return x.clone(), None
     x = x.contiguous()
     if layout.uniform:
         return _fwht_uniform(x, dim, layout.blocks[0], cache)
     parts = []
     for block in torch.split(x, list(layout.blocks), dim=dim):
         p = block.shape[dim]
-        part = _fwht_uniform(block.contiguous(), dim, p, cache) if p > 1 else block.clone()
+        part = _fwht_uniform(block.contiguous(), dim, p, cache)[0] if p > 1 else block.clone()
         parts.append(part.mul_(1.0 / math.sqrt(p)) if p > 1 else part)
-    return torch.cat(parts, dim=dim)
+    return torch.cat(parts, dim=dim), None

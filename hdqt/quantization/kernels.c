@@ -1,50 +1,727 @@
 /* Fused CPU kernels for the quantization engine, loaded through ctypes.
  *
- * Only two hot spots live here, both memory-bound chains that torch runs as
- * several passes: stochastic rounding (scale, draw, add, floor, clamp) and the
- * Walsh-Hadamard transform of contiguous rows (log2(p) butterfly stages, done
- * while the row is in cache). Everything else stays in torch.
+ * Only memory-bound chains that torch would run as several passes live here:
+ *   - stochastic and nearest rounding onto an integer grid (scale, clamp, draw,
+ *     round in one pass),
+ *   - the Walsh-Hadamard transform of contiguous rows (all log2(p) butterfly
+ *     stages while a row is in cache), optionally returning max|result|,
+ *   - im2col fused with that transform: the unfolded rows of a convolution
+ *     (one row per input channel and kernel offset, along the output positions)
+ *     are gathered and transformed without materialising the plain columns.
+ * Everything else stays in torch.
  *
- * The kernels are single-threaded on purpose: a second OpenMP runtime next to
- * torch's spin-waits against torch's own thread pool and slows training down.
- * The random numbers come from a counter-based generator (SplitMix64 finaliser
- * of seed + index * golden ratio), reproducible from the seed, which the caller
- * draws from its torch.Generator.
+ * Threads: plain pthreads, created per call and joined before returning. An
+ * OpenMP runtime next to torch's spin-waits against torch's own pool and slows
+ * training down; short-lived pthreads do not. The caller passes the thread count
+ * (torch.get_num_threads()), and small inputs run on the calling thread.
+ *
+ * Randomness: a counter-based generator, two rounds of the MurmurHash3 32-bit
+ * finaliser over (element index, seed). It is stateless, so the result does not
+ * depend on how the elements are split over threads, and it vectorises. The
+ * 64-bit seed is drawn by the caller from its torch.Generator.
+ *
+ * Vector code: gcc builds x86-64-v4 (AVX-512 F/BW/DQ/VL), x86-64-v3 (AVX2, FMA)
+ * and baseline clones of the hot loops and picks one at load time
+ * (target_clones), so the cached library runs on any x86-64 machine.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
-static inline uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && !defined(HDQT_NO_CLONES)
+#define HDQT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HDQT_CLONES
+#endif
+
+#define HDQT_MAX_THREADS 64
+
+/* 16 floats: GCC/Clang vector extensions lower it to whatever the clone's
+ * instruction set has (one AVX-512 register, two AVX2 registers, ...). */
+typedef float vf16 __attribute__((vector_size(64)));
+#define NV 16 /* lanes of vf16 */
+#define MR 8  /* rows of a register block: each vector load feeds MR multiply-adds */
+
+/* ---------------------------------------------------------------- threads */
+
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end, int worker);
+
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int64_t begin, end;
+    int worker;
+} range_job;
+
+static void *run_job(void *arg) {
+    range_job *job = (range_job *)arg;
+    job->fn(job->ctx, job->begin, job->end, job->worker);
+    return NULL;
 }
 
-void hdqt_sr_quantize_f32(const float *x, float *out, int64_t n, float inv_scale,
-                          float qmin, float qmax, uint64_t seed) {
+/* Split [0, n) into at most `threads` contiguous ranges of at least `grain`
+ * items; returns the number of workers used (worker ids 0..used-1). */
+static int parallel_for(int64_t n, int threads, int64_t grain, range_fn fn, void *ctx) {
+    if (threads > HDQT_MAX_THREADS) threads = HDQT_MAX_THREADS;
+    if (threads < 1) threads = 1;
+    if (grain < 1) grain = 1;
+    int64_t by_grain = n / grain;
+    if (by_grain < threads) threads = by_grain < 1 ? 1 : (int)by_grain;
+    if (threads == 1) {
+        fn(ctx, 0, n, 0);
+        return 1;
+    }
+    range_job jobs[HDQT_MAX_THREADS];
+    pthread_t tids[HDQT_MAX_THREADS];
+    int started[HDQT_MAX_THREADS];
+    int64_t chunk = (n + threads - 1) / threads;
+    for (int t = 0; t < threads; ++t) {
+        int64_t b = t * chunk, e = b + chunk < n ? b + chunk : n;
+        jobs[t] = (range_job){fn, ctx, b, e, t};
+    }
+    for (int t = 1; t < threads; ++t)
+        started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    for (int t = 1; t < threads; ++t) {
+        if (started[t]) pthread_join(tids[t], NULL);
+        else run_job(&jobs[t]); /* no thread available: do the work here */
+    }
+    return threads;
+}
 
-    for (int64_t i = 0; i < n; ++i) {
-        uint64_t r = mix64(seed + (uint64_t)i * 0x9e3779b97f4a7c15ULL);
-        float u = (float)(r >> 40) * (1.0f / 16777216.0f); /* 24 random bits in [0, 1) */
-        float v = x[i] * inv_scale;
+/* NaN-propagating running maximum of |v|: once NaN, it stays NaN. */
+static inline float absmax_step(float m, float v) {
+    float a = fabsf(v);
+    return (a > m || a != a) ? a : m;
+}
+
+/* floor(y) for |y| < 2^31, in branch-free form the vectoriser accepts (floorf is a libm call). */
+static inline float floor_small(float y) {
+    float t = (float)(int32_t)y; /* truncates toward zero */
+    return t > y ? t - 1.0f : t;
+}
+
+/* Round half to even for |y| < 2^22 (adding and removing 1.5 * 2^23 leaves the
+ * nearest integer under the default rounding mode), as torch.round does. Valid
+ * only without -ffast-math, which would fold the two operations away. */
+static inline float round_small(float y) {
+    return (y + 12582912.0f) - 12582912.0f;
+}
+
+/* ------------------------------------------------------------- rounding */
+
+static inline uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return h;
+}
+
+typedef struct {
+    const float *x;
+    float *out;
+    float scale, qmin, qmax;
+    uint32_t seed_lo, seed_hi;
+} round_ctx;
+
+HDQT_CLONES
+static void sr_span(const float *x, float *out, uint32_t lo0, uint32_t count, float scale, float qmin,
+                    float qmax, uint32_t k0, uint32_t k1) {
+    for (uint32_t j = 0; j < count; ++j) {
+        uint32_t h = fmix32(fmix32((lo0 + j) * 0x9e3779b9u + k0) ^ k1);
+        float u = (float)(h >> 8) * (1.0f / 16777216.0f); /* 24 random bits in [0, 1) */
+        float v = x[j] / scale; /* a division, as the torch path: ties land alike */
         v = v < qmin ? qmin : (v > qmax ? qmax : v);
-        v = floorf(v + u);
-        out[i] = v > qmax ? qmax : v; /* guards float rounding of v + u at the top */
+        v = floor_small(v + u);
+        out[j] = v > qmax ? qmax : v; /* guards float rounding of v + u at the top */
     }
 }
 
-void hdqt_fwht_rows_f32(float *x, int64_t rows, int64_t p) {
+/* Stochastic rounding of n elements whose global indices start at first_index
+ * (x and out point at that first element). The high half of the index re-keys
+ * the stream, so that the low half can be a 32-bit counter. */
+static void sr_apply(const float *x, float *out, int64_t first_index, int64_t n, const round_ctx *c) {
+    int64_t index = first_index, end = first_index + n;
+    while (index < end) {
+        int64_t block_end = ((index >> 32) + 1) << 32;
+        int64_t stop = end < block_end ? end : block_end;
+        uint32_t k1 = c->seed_hi ^ fmix32((uint32_t)(index >> 32) + 0x68e31da4u);
+        int64_t at = index - first_index;
+        sr_span(x + at, out + at, (uint32_t)index, (uint32_t)(stop - index), c->scale, c->qmin, c->qmax,
+                c->seed_lo, k1);
+        index = stop;
+    }
+}
 
-    for (int64_t row = 0; row < rows; ++row) {
-        float *r = x + row * p;
-        for (int64_t h = 1; h < p; h <<= 1) {
-            for (int64_t i = 0; i < p; i += h << 1) {
-                for (int64_t j = i; j < i + h; ++j) {
-                    float a = r[j], b = r[j + h];
-                    r[j] = a + b;
-                    r[j + h] = a - b;
+static void sr_range(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    const round_ctx *c = (const round_ctx *)arg;
+    sr_apply(c->x + begin, c->out + begin, begin, end - begin, c);
+}
+
+/* out = floor(clamp(x / scale, qmin, qmax) + u), u ~ U[0, 1): unbiased inside the clip. */
+void hdqt_sr_quantize_f32(const float *x, float *out, int64_t n, float scale, float qmin, float qmax,
+                          uint64_t seed, int threads) {
+    round_ctx c = {x, out, scale, qmin, qmax, (uint32_t)seed, (uint32_t)(seed >> 32)};
+    parallel_for(n, threads, 1 << 16, sr_range, &c);
+}
+
+HDQT_CLONES
+static void rtn_range(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    round_ctx *c = (round_ctx *)arg;
+    const float *x = c->x;
+    float *out = c->out;
+    float scale = c->scale, qmin = c->qmin, qmax = c->qmax;
+    for (int64_t i = begin; i < end; ++i) {
+        /* clamping to integer bounds first gives the same result and keeps |v| small */
+        float v = x[i] / scale;
+        v = v < qmin ? qmin : (v > qmax ? qmax : v);
+        out[i] = round_small(v); /* ties to even, as torch.round */
+    }
+}
+
+/* out = clamp(round(x / scale), qmin, qmax), round half to even. */
+void hdqt_rtn_quantize_f32(const float *x, float *out, int64_t n, float scale, float qmin, float qmax,
+                           int threads) {
+    round_ctx c = {x, out, scale, qmin, qmax, 0, 0};
+    parallel_for(n, threads, 1 << 16, rtn_range, &c);
+}
+
+/* ------------------------------------------------------------- Hadamard */
+
+/* The four butterfly stages inside a 16-lane vector (h = 1, 2, 4, 8): lane i
+ * becomes x[i ^ h] + x[i] where bit h of i is clear and x[i ^ h] - x[i] where it
+ * is set, i.e. shuffle(x) + sign * x: one permute and one multiply-add per stage. */
+typedef int32_t vi16 __attribute__((vector_size(64)));
+#if defined(__clang__)
+#define SWAP_LANES(x, h)                                                                               \
+    __builtin_shufflevector(x, x, 0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h, 8 ^ h, 9 ^ h, \
+                            10 ^ h, 11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h)
+#else
+#define SWAP_LANES(x, h)                                                                               \
+    __builtin_shuffle(x, (vi16){0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h, 8 ^ h, 9 ^ h,  \
+                               10 ^ h, 11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h})
+#endif
+#define LANE_SIGNS(h)                                                                                  \
+    ((vf16){(0 & h) ? -1.f : 1.f, (1 & h) ? -1.f : 1.f, (2 & h) ? -1.f : 1.f, (3 & h) ? -1.f : 1.f,     \
+            (4 & h) ? -1.f : 1.f, (5 & h) ? -1.f : 1.f, (6 & h) ? -1.f : 1.f, (7 & h) ? -1.f : 1.f,     \
+            (8 & h) ? -1.f : 1.f, (9 & h) ? -1.f : 1.f, (10 & h) ? -1.f : 1.f, (11 & h) ? -1.f : 1.f,   \
+            (12 & h) ? -1.f : 1.f, (13 & h) ? -1.f : 1.f, (14 & h) ? -1.f : 1.f, (15 & h) ? -1.f : 1.f})
+
+/* Unnormalised Sylvester transform of every length-p block of a row of n floats
+ * (p a power of two dividing n). */
+HDQT_CLONES
+static void fwht_row(float *r, int64_t n, int64_t p) {
+    if (p < 2) return;
+    int64_t h = 1;
+    if (p >= NV) { /* stages 1..8 inside each 16-float vector, in registers */
+        const vf16 s1 = LANE_SIGNS(1), s2 = LANE_SIGNS(2), s4 = LANE_SIGNS(4), s8 = LANE_SIGNS(8);
+        for (int64_t i = 0; i < n; i += NV) {
+            vf16 v;
+            memcpy(&v, r + i, sizeof v);
+            v = SWAP_LANES(v, 1) + s1 * v;
+            v = SWAP_LANES(v, 2) + s2 * v;
+            v = SWAP_LANES(v, 4) + s4 * v;
+            v = SWAP_LANES(v, 8) + s8 * v;
+            memcpy(r + i, &v, sizeof v);
+        }
+        h = NV;
+    }
+    for (; h < p; h <<= 1) {
+        for (int64_t block = 0; block < n; block += p) {
+            for (int64_t i = block; i < block + p; i += h << 1) {
+                float *lo = r + i, *hi = r + i + h;
+                for (int64_t j = 0; j < h; ++j) { /* contiguous: vectorised */
+                    float a = lo[j], b = hi[j];
+                    lo[j] = a + b;
+                    hi[j] = a - b;
                 }
             }
         }
     }
+}
+
+HDQT_CLONES
+static float absmax_row(const float *r, int64_t n) {
+    /* On the bits of |v| an unsigned max orders like the floats, and every NaN
+     * pattern is above infinity: one integer reduction, which vectorises. */
+    uint32_t top = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        memcpy(&bits, &r[i], sizeof bits);
+        bits &= 0x7fffffffu;
+        top = bits > top ? bits : top;
+    }
+    float m;
+    memcpy(&m, &top, sizeof m);
+    return m;
+}
+
+typedef struct {
+    float *x;
+    int64_t row_len, p;
+    float amax[HDQT_MAX_THREADS];
+} fwht_ctx;
+
+static void fwht_range(void *arg, int64_t begin, int64_t end, int worker) {
+    fwht_ctx *c = (fwht_ctx *)arg;
+    float m = 0.0f;
+    for (int64_t row = begin; row < end; ++row) {
+        float *r = c->x + row * c->row_len;
+        fwht_row(r, c->row_len, c->p);
+        m = absmax_step(m, absmax_row(r, c->row_len));
+    }
+    c->amax[worker] = m;
+}
+
+static float reduce_amax(const float *amax, int used) {
+    float m = 0.0f;
+    for (int t = 0; t < used; ++t) m = absmax_step(m, amax[t]);
+    return m;
+}
+
+/* In place: every length-p block of `rows` contiguous rows of length row_len.
+ * Returns max|result| (NaN if any element is NaN). */
+float hdqt_fwht_rows_f32(float *x, int64_t rows, int64_t row_len, int64_t p, int threads) {
+    fwht_ctx c;
+    c.x = x, c.row_len = row_len, c.p = p;
+    int64_t grain = (1 << 15) / (row_len > 0 ? row_len : 1);
+    int used = parallel_for(rows, threads, grain, fwht_range, &c);
+    return reduce_amax(c.amax, used);
+}
+
+/* ---------------------------------------------------------------- im2col */
+
+typedef struct {
+    int64_t B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW;
+} conv_geom;
+
+/* One row of the unfold of x: sample b, column k = (channel, kernel row, kernel
+ * column) in torch's order, along the OH*OW output positions. */
+static void gather_row(const conv_geom *g, const float *x, int64_t b, int64_t k, float *r) {
+    int64_t ch = k / (g->kh * g->kw), ki = k / g->kw % g->kh, kj = k % g->kw;
+    const float *img = x + (b * g->C + ch) * g->H * g->W;
+    int64_t off = kj * g->dw - g->pw; /* iw = ow * sw + off */
+    /* output columns whose input column lies inside the image: ow in [lo, hi) */
+    int64_t lo = off >= 0 ? 0 : (-off + g->sw - 1) / g->sw;
+    int64_t hi = g->W - off <= 0 ? 0 : (g->W - off + g->sw - 1) / g->sw;
+    if (hi > g->OW) hi = g->OW;
+    if (lo > hi) lo = hi;
+    for (int64_t oh = 0; oh < g->OH; ++oh) {
+        int64_t ih = oh * g->sh - g->ph + ki * g->dh;
+        float *dst = r + oh * g->OW;
+        if (ih < 0 || ih >= g->H) {
+            memset(dst, 0, (size_t)g->OW * sizeof(float));
+            continue;
+        }
+        const float *src = img + ih * g->W + off;
+        for (int64_t ow = 0; ow < lo; ++ow) dst[ow] = 0.0f;
+        if (g->sw == 1) memcpy(dst + lo, src + lo, (size_t)(hi - lo) * sizeof(float));
+        else for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * g->sw];
+        for (int64_t ow = hi; ow < g->OW; ++ow) dst[ow] = 0.0f;
+    }
+}
+
+typedef struct {
+    conv_geom g;
+    const float *x;
+    float *out;
+    int64_t p, channel_major;
+    float amax[HDQT_MAX_THREADS];
+} im2col_ctx;
+
+static void im2col_range(void *arg, int64_t begin, int64_t end, int worker) {
+    im2col_ctx *c = (im2col_ctx *)arg;
+    const int64_t K = c->g.C * c->g.kh * c->g.kw, L = c->g.OH * c->g.OW;
+    float m = 0.0f;
+    for (int64_t row = begin; row < end; ++row) {
+        int64_t b = row / K, k = row % K;
+        /* (B, K, L) as torch's unfold, or (K, B, L): then the whole batch's columns form one
+         * (K, B*L) matrix, the operand of a single product */
+        float *r = c->out + (c->channel_major ? k * c->g.B + b : row) * L;
+        gather_row(&c->g, c->x, b, k, r);
+        if (c->p > 1) {
+            fwht_row(r, L, c->p);
+            m = absmax_step(m, absmax_row(r, L));
+        }
+    }
+    c->amax[worker] = m;
+}
+
+static conv_geom make_geom(int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh,
+                           int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t OH, int64_t OW) {
+    conv_geom g = {B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW};
+    return g;
+}
+
+/* The unfold (im2col) of x (B, C, H, W): rows of length OH*OW, one per sample and
+ * (channel, kernel row, kernel column) in torch's unfold order, laid out as
+ * (B, C*kh*kw, L) or, with channel_major, as (C*kh*kw, B, L). Each row is then
+ * transformed along the positions in blocks of p (p = 1: plain unfold).
+ * Returns max|transformed| (0 when p = 1). */
+float hdqt_im2col_fwht_f32(const float *x, float *out, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh,
+                           int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                           int64_t OH, int64_t OW, int64_t p, int64_t channel_major, int threads) {
+    im2col_ctx c;
+    c.g = make_geom(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW);
+    c.x = x, c.out = out, c.p = p, c.channel_major = channel_major;
+    int64_t L = OH * OW;
+    int64_t grain = (1 << 15) / (L > 0 ? L : 1);
+    int used = parallel_for(B * C * kh * kw, threads, grain, im2col_range, &c);
+    return reduce_amax(c.amax, used);
+}
+
+/* ------------------------------------------- fused weight gradient of conv */
+
+/* dW = Gq (N, B*L) @ Q_sr(H cols)^T without materialising the columns: each row
+ * (sample b, column k) is gathered, transformed and stochastically rounded in an
+ * L1-sized buffer, then dotted with the N gradient rows of sample b. A first pass
+ * (hdqt_conv_cols_amax_f32) finds the scale: max|H cols| over the whole batch.
+ * Work is split over samples, and each worker sums into its own (N, K) partial.
+ * The random draw of element (k, b, l) is keyed by its index in the (K, B, L)
+ * layout, so the result does not depend on the thread count. */
+typedef struct {
+    conv_geom g;
+    const float *x, *gq;
+    float *partials, *rows;
+    int64_t N, p;
+    float scale, qmin, qmax;
+    uint64_t seed;
+    float amax[HDQT_MAX_THREADS];
+} dw_ctx;
+
+static void sr_indexed(float *r, int64_t n, int64_t first_index, const dw_ctx *c) {
+    round_ctx rc = {r, r, c->scale, c->qmin, c->qmax, (uint32_t)c->seed, (uint32_t)(c->seed >> 32)};
+    sr_apply(r, r, first_index, n, &rc);
+}
+
+static void cols_amax_range(void *arg, int64_t begin, int64_t end, int worker) {
+    dw_ctx *c = (dw_ctx *)arg;
+    const int64_t K = c->g.C * c->g.kh * c->g.kw, L = c->g.OH * c->g.OW;
+    float *r = c->rows + worker * L;
+    float m = 0.0f;
+    for (int64_t b = begin; b < end; ++b) {
+        for (int64_t k = 0; k < K; ++k) {
+            gather_row(&c->g, c->x, b, k, r);
+            fwht_row(r, L, c->p);
+            m = absmax_step(m, absmax_row(r, L));
+        }
+    }
+    c->amax[worker] = m;
+}
+
+/* part[n * K + k] += sum_l g[n][l] * r[l] for the N gradient rows g (stride B*L) */
+HDQT_CLONES
+static void dot_rows(const float *gb, int64_t row_stride, int64_t N, const float *r, int64_t L, int64_t K,
+                     int64_t k, float *part) {
+    int64_t full = L / NV * NV;
+    for (int64_t n0 = 0; n0 < N; n0 += MR) {
+        int64_t rows = N - n0 < MR ? N - n0 : MR;
+        vf16 acc[MR];
+        for (int i = 0; i < MR; ++i) acc[i] = (vf16){0};
+        for (int64_t l = 0; l < full; l += NV) {
+            vf16 v, gv;
+            memcpy(&v, r + l, sizeof v);
+            for (int i = 0; i < rows; ++i) {
+                memcpy(&gv, gb + (n0 + i) * row_stride + l, sizeof gv);
+                acc[i] += gv * v;
+            }
+        }
+        for (int i = 0; i < rows; ++i) {
+            float lanes[NV], sum = 0.0f;
+            memcpy(lanes, &acc[i], sizeof lanes);
+            for (int j = 0; j < NV; ++j) sum += lanes[j];
+            for (int64_t l = full; l < L; ++l) sum += gb[(n0 + i) * row_stride + l] * r[l];
+            part[(n0 + i) * K + k] += sum;
+        }
+    }
+}
+
+static void dw_range(void *arg, int64_t begin, int64_t end, int worker) {
+    dw_ctx *c = (dw_ctx *)arg;
+    const int64_t K = c->g.C * c->g.kh * c->g.kw, L = c->g.OH * c->g.OW, B = c->g.B;
+    float *r = c->rows + worker * L;
+    float *part = c->partials + worker * c->N * K;
+    memset(part, 0, (size_t)(c->N * K) * sizeof(float));
+    for (int64_t b = begin; b < end; ++b) {
+        for (int64_t k = 0; k < K; ++k) {
+            gather_row(&c->g, c->x, b, k, r);
+            fwht_row(r, L, c->p);
+            sr_indexed(r, L, (k * B + b) * L, c);
+            dot_rows(c->gq + b * L, B * L, c->N, r, L, K, k, part);
+        }
+    }
+}
+
+static int clamp_threads(int threads) {
+    return threads < 1 ? 1 : (threads > HDQT_MAX_THREADS ? HDQT_MAX_THREADS : threads);
+}
+
+/* max|H cols| over the batch (NaN if any is NaN); -1 if no buffer could be allocated. */
+float hdqt_conv_cols_amax_f32(const float *x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                              int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t OH,
+                              int64_t OW, int64_t p, int threads) {
+    threads = clamp_threads(threads);
+    dw_ctx c;
+    memset(&c, 0, sizeof c);
+    c.g = make_geom(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW);
+    c.x = x, c.p = p;
+    c.rows = (float *)malloc((size_t)threads * OH * OW * sizeof(float));
+    if (c.rows == NULL) return -1.0f;
+    int used = parallel_for(B, threads, 1, cols_amax_range, &c);
+    free(c.rows);
+    return reduce_amax(c.amax, used);
+}
+
+/* dw (N, K) = gq (N, B, L) @ Q_sr(H cols (K, B, L))^T, the columns rounded onto
+ * [qmin, qmax] with `scale`. Returns 0, or -1 if no buffer could be allocated. */
+int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t N, int64_t B, int64_t C, int64_t H,
+                        int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                        int64_t dw, int64_t OH, int64_t OW, int64_t p, float scale, float qmin, float qmax,
+                        uint64_t seed, int threads) {
+    threads = clamp_threads(threads);
+    const int64_t K = C * kh * kw, L = OH * OW;
+    dw_ctx c;
+    memset(&c, 0, sizeof c);
+    c.g = make_geom(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW);
+    c.x = x, c.gq = gq, c.N = N, c.p = p, c.scale = scale, c.qmin = qmin, c.qmax = qmax, c.seed = seed;
+    c.rows = (float *)malloc((size_t)threads * L * sizeof(float));
+    c.partials = (float *)malloc((size_t)threads * N * K * sizeof(float));
+    if (c.rows == NULL || c.partials == NULL) {
+        free(c.rows);
+        free(c.partials);
+        return -1;
+    }
+    int used = parallel_for(B, threads, 1, dw_range, &c);
+    for (int64_t i = 0; i < N * K; ++i) {
+        float sum = 0.0f;
+        for (int t = 0; t < used; ++t) sum += c.partials[t * N * K + i];
+        dw_out[i] = sum;
+    }
+    free(c.rows);
+    free(c.partials);
+    return 0;
+}
+
+/* ------------------------------------------------- tiled saturating matmul */
+
+/* Y (M, J) = sum over tiles t of clamp(A[:, t] @ B[t, :], -limit, limit), where
+ * tile t covers `tile` consecutive entries of the reduction K. A is given
+ * transposed, At (K, M), so that the MR values broadcast for one k share a cache
+ * line; B is (K, J); all row-major. Operands hold integers in float32; the caller makes
+ * sure every partial sum stays below 2^24, so each is exact.
+ *
+ * Register blocking: MR rows of A against one 16-wide column vector of B. */
+
+typedef struct {
+    const float *At, *B;
+    float *Y;
+    int64_t M, K, J, tile;
+    float limit;
+} tmm_ctx;
+
+/* Clamp a vector to [-lim, lim] in place. Written as a lane loop of min/max
+ * ternaries, the form the vectoriser turns into minps/maxps; vector comparisons
+ * in C get split into scalar code. A macro, so that it compiles inside each
+ * clone with that clone's instruction set. */
+#define CLAMP16(v, lim)                                                                                \
+    do {                                                                                               \
+        float t_[NV];                                                                                  \
+        memcpy(t_, &(v), sizeof t_);                                                                   \
+        for (int i_ = 0; i_ < NV; ++i_) {                                                              \
+            float a_ = t_[i_] < (lim) ? t_[i_] : (lim);                                                \
+            t_[i_] = a_ > -(lim) ? a_ : -(lim);                                                        \
+        }                                                                                              \
+        memcpy(&(v), t_, sizeof t_);                                                                   \
+    } while (0)
+
+HDQT_CLONES
+static void tmm_vector_block(const tmm_ctx *c, int64_t j) {
+    const float lim = c->limit;
+    for (int64_t m0 = 0; m0 < c->M; m0 += MR) {
+        int64_t rows = c->M - m0 < MR ? c->M - m0 : MR;
+        vf16 total[MR];
+        for (int r = 0; r < MR; ++r) total[r] = (vf16){0};
+        for (int64_t k0 = 0; k0 < c->K; k0 += c->tile) {
+            int64_t k1 = k0 + c->tile < c->K ? k0 + c->tile : c->K;
+            vf16 acc[MR];
+            for (int r = 0; r < MR; ++r) acc[r] = (vf16){0};
+            for (int64_t k = k0; k < k1; ++k) {
+                vf16 b;
+                memcpy(&b, c->B + k * c->J + j, sizeof b);
+                if (rows == MR) {
+                    for (int r = 0; r < MR; ++r) acc[r] += c->At[k * c->M + m0 + r] * b;
+                } else {
+                    for (int r = 0; r < rows; ++r) acc[r] += c->At[k * c->M + m0 + r] * b;
+                }
+            }
+            for (int r = 0; r < MR; ++r) {
+                CLAMP16(acc[r], lim);
+                total[r] += acc[r];
+            }
+        }
+        for (int r = 0; r < rows; ++r) memcpy(c->Y + (m0 + r) * c->J + j, &total[r], sizeof total[r]);
+    }
+}
+
+static void tmm_scalar_column(const tmm_ctx *c, int64_t j) {
+    for (int64_t m = 0; m < c->M; ++m) {
+        float total = 0.0f;
+        for (int64_t k0 = 0; k0 < c->K; k0 += c->tile) {
+            int64_t k1 = k0 + c->tile < c->K ? k0 + c->tile : c->K;
+            float acc = 0.0f;
+            for (int64_t k = k0; k < k1; ++k) acc += c->At[k * c->M + m] * c->B[k * c->J + j];
+            total += acc < -c->limit ? -c->limit : (acc > c->limit ? c->limit : acc);
+        }
+        c->Y[m * c->J + j] = total;
+    }
+}
+
+static void tmm_range(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    const tmm_ctx *c = (const tmm_ctx *)arg;
+    int64_t full = c->J / NV;
+    for (int64_t unit = begin; unit < end; ++unit) { /* units: the full vectors, then the tail columns */
+        if (unit < full) tmm_vector_block(c, unit * NV);
+        else tmm_scalar_column(c, full * NV + (unit - full));
+    }
+}
+
+void hdqt_tiled_matmul_f32(const float *At, const float *B, float *Y, int64_t M, int64_t K, int64_t J,
+                           int64_t tile, float limit, int threads) {
+    tmm_ctx c = {At, B, Y, M, K, J, tile, limit};
+    int64_t units = J / NV + J % NV;
+    int64_t work_per_unit = M * K * NV;
+    int64_t grain = work_per_unit > 0 ? ((int64_t)1 << 20) / work_per_unit + 1 : units;
+    parallel_for(units, threads, grain, tmm_range, &c);
+}
+
+/* ------------------------------------------- tiled saturating convolution */
+
+/* The forward product of a quantized convolution without materialising its
+ * columns (implicit GEMM): for every sample and run of 16 output positions, the
+ * (K x 16) panel of columns is gathered into a buffer that stays in L1, and all
+ * output channels are computed from it with the same tiled, saturating
+ * accumulation as hdqt_tiled_matmul_f32. y is (B, N, OH*OW); wt is the weight
+ * transposed, (K, N), with K in torch's unfold order (channel, kernel row, kernel
+ * column). */
+typedef struct {
+    const float *x, *wt;
+    float *y, *panels;
+    int64_t B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile;
+    float limit;
+} conv_ctx;
+
+static void conv_pack_panel(const conv_ctx *c, int64_t b, int64_t l0, float *panel) {
+    const int64_t L = c->OH * c->OW;
+    int64_t base_h[NV], base_w[NV], lanes = L - l0 < NV ? L - l0 : NV;
+    for (int64_t lane = 0; lane < NV; ++lane) {
+        int64_t l = l0 + (lane < lanes ? lane : 0);
+        base_h[lane] = (l / c->OW) * c->sh - c->ph;
+        base_w[lane] = (l % c->OW) * c->sw - c->pw;
+    }
+    /* the run of positions lies in one output row: then for stride 1 a kernel
+     * offset reads up to 16 consecutive input values, zeros outside the image */
+    int one_row = lanes == NV && base_h[0] == base_h[NV - 1] && c->sw == 1;
+    float *dst = panel;
+    for (int64_t ch = 0; ch < c->C; ++ch) {
+        const float *img = c->x + (b * c->C + ch) * c->H * c->W;
+        for (int64_t ki = 0; ki < c->kh; ++ki) {
+            for (int64_t kj = 0; kj < c->kw; ++kj, dst += NV) {
+                if (one_row) {
+                    int64_t ih = base_h[0] + ki * c->dh, iw = base_w[0] + kj * c->dw;
+                    if (ih < 0 || ih >= c->H) {
+                        memset(dst, 0, NV * sizeof(float));
+                        continue;
+                    }
+                    const float *src = img + ih * c->W + iw;
+                    if (iw >= 0 && iw + NV <= c->W) { /* the common case: one constant-size copy */
+                        memcpy(dst, src, NV * sizeof(float));
+                        continue;
+                    }
+                    int64_t first = iw < 0 ? -iw : 0, stop = c->W - iw < NV ? c->W - iw : NV;
+                    if (first >= stop) {
+                        memset(dst, 0, NV * sizeof(float));
+                        continue;
+                    }
+                    for (int64_t lane = 0; lane < first; ++lane) dst[lane] = 0.0f;
+                    memcpy(dst + first, src + first, (size_t)(stop - first) * sizeof(float));
+                    for (int64_t lane = stop; lane < NV; ++lane) dst[lane] = 0.0f;
+                    continue;
+                }
+                for (int64_t lane = 0; lane < NV; ++lane) {
+                    int64_t ih = base_h[lane] + ki * c->dh, iw = base_w[lane] + kj * c->dw;
+                    int inside = lane < lanes && ih >= 0 && ih < c->H && iw >= 0 && iw < c->W;
+                    dst[lane] = inside ? img[ih * c->W + iw] : 0.0f;
+                }
+            }
+        }
+    }
+}
+
+HDQT_CLONES
+static void conv_panel_product(const conv_ctx *c, const float *panel, int64_t b, int64_t l0) {
+    const int64_t L = c->OH * c->OW, K = c->C * c->kh * c->kw;
+    const int64_t lanes = L - l0 < NV ? L - l0 : NV;
+    const float lim = c->limit;
+    for (int64_t n0 = 0; n0 < c->N; n0 += MR) {
+        int64_t rows = c->N - n0 < MR ? c->N - n0 : MR;
+        vf16 total[MR];
+        for (int r = 0; r < MR; ++r) total[r] = (vf16){0};
+        for (int64_t k0 = 0; k0 < K; k0 += c->tile) {
+            int64_t k1 = k0 + c->tile < K ? k0 + c->tile : K;
+            vf16 acc[MR];
+            for (int r = 0; r < MR; ++r) acc[r] = (vf16){0};
+            for (int64_t k = k0; k < k1; ++k) {
+                vf16 v;
+                memcpy(&v, panel + k * NV, sizeof v);
+                if (rows == MR) {
+                    for (int r = 0; r < MR; ++r) acc[r] += c->wt[k * c->N + n0 + r] * v;
+                } else {
+                    for (int r = 0; r < rows; ++r) acc[r] += c->wt[k * c->N + n0 + r] * v;
+                }
+            }
+            for (int r = 0; r < MR; ++r) {
+                CLAMP16(acc[r], lim);
+                total[r] += acc[r];
+            }
+        }
+        for (int r = 0; r < rows; ++r) {
+            float *dst = c->y + ((b * c->N) + n0 + r) * L + l0;
+            if (lanes == NV) memcpy(dst, &total[r], sizeof total[r]);
+            else memcpy(dst, &total[r], (size_t)lanes * sizeof(float));
+        }
+    }
+}
+
+static void conv_range(void *arg, int64_t begin, int64_t end, int worker) {
+    const conv_ctx *c = (const conv_ctx *)arg;
+    const int64_t L = c->OH * c->OW, runs = (L + NV - 1) / NV, K = c->C * c->kh * c->kw;
+    float *panel = c->panels + worker * K * NV; /* one L1-sized panel per worker */
+    for (int64_t unit = begin; unit < end; ++unit) {
+        int64_t b = unit / runs, l0 = (unit % runs) * NV;
+        conv_pack_panel(c, b, l0, panel);
+        conv_panel_product(c, panel, b, l0);
+    }
+}
+
+/* Returns 0, or -1 if the panel buffers could not be allocated. */
+int hdqt_conv_tiled_f32(const float *x, const float *wt, float *y, int64_t B, int64_t C, int64_t H, int64_t W,
+                        int64_t N, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                        int64_t dh, int64_t dw, int64_t OH, int64_t OW, int64_t tile, float limit, int threads) {
+    if (threads > HDQT_MAX_THREADS) threads = HDQT_MAX_THREADS;
+    if (threads < 1) threads = 1;
+    const int64_t L = OH * OW, runs = (L + NV - 1) / NV, K = C * kh * kw;
+    float *panels = (float *)aligned_alloc(64, (size_t)threads * K * NV * sizeof(float));
+    if (panels == NULL) return -1;
+    conv_ctx c = {x, wt, y, panels, B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile, limit};
+    int64_t grain = ((int64_t)1 << 20) / (N * K * NV + 1) + 1;
+    parallel_for(B * runs, threads, grain, conv_range, &c);
+    free(panels);
+    return 0;
 }

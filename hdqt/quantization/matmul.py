@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from hdqt.quantization import native
+
 _FLOAT32_EXACT = 2**24
 
 
@@ -30,20 +32,39 @@ def tiled_matmul(x: torch.Tensor, w: torch.Tensor, tile: int, acc_bits: int | No
     The tiles' partial sums are added in float (the accumulator of the next level).
     ``acc_bits=None`` means an unlimited accumulator: one plain matmul.
     """
-    m, k = x.shape
-    n = w.shape[0]
     if acc_bits is None:
         return x @ w.T
+    return tiled_matmul_kj(x, w.T, tile, acc_bits)
+
+
+def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int | None) -> torch.Tensor:
+    """``a @ b`` for a (M, K), b (K, J), tiled and saturated along K like ``tiled_matmul``.
+
+    On CPU float32 a native kernel keeps each tile's partial sums in registers; the
+    torch path materialises all tiles' partial sums, (K/tile) x the output.
+    """
+    if acc_bits is None:
+        return a @ b
     limit = accumulator_limit(acc_bits)
+    if native.usable(a) and native.usable(b):
+        lib = native.load()
+        if lib is not None:
+            m, k = a.shape
+            a_t, b = a.T.contiguous(), b.contiguous()
+            out = torch.empty(m, b.shape[1], dtype=a.dtype)
+            lib.hdqt_tiled_matmul_f32(a_t.data_ptr(), b.data_ptr(), out.data_ptr(), m, k, b.shape[1], tile,
+                                      float(limit), native.threads())
+            return out
+    m, k = a.shape
     full = k // tile
     out = None
     if full:
-        # (tiles, M, T) @ (tiles, T, N) -> every full tile's partial sums in one batched matmul
-        xs = x[:, : full * tile].reshape(m, full, tile).transpose(0, 1)
-        ws = w[:, : full * tile].reshape(n, full, tile).permute(1, 2, 0)
-        out = torch.bmm(xs, ws).clamp_(-limit, limit).sum(0)
+        # (tiles, M, T) @ (tiles, T, J) -> every full tile's partial sums in one batched matmul
+        a_tiles = a[:, : full * tile].reshape(m, full, tile).transpose(0, 1)
+        b_tiles = b[: full * tile].reshape(full, tile, b.shape[1])
+        out = torch.bmm(a_tiles, b_tiles).clamp_(-limit, limit).sum(0)
     if k % tile:  # the short last tile, without padding copies of the operands
-        rest = (x[:, full * tile :] @ w[:, full * tile :].T).clamp_(-limit, limit)
+        rest = (a[:, full * tile :] @ b[full * tile :]).clamp_(-limit, limit)
         out = rest if out is None else out.add_(rest)
     return out
 

@@ -16,6 +16,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 _SOURCE = Path(__file__).with_name("kernels.c")
 
 
@@ -33,25 +35,49 @@ def _compiled() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None or not _SOURCE.exists():
         return None
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source).hexdigest()[:16]
+    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-pthread"]
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"hdqt_kernels_{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             tmp_out = Path(tmp) / target.name
-            cmd = [compiler, "-O3", "-fPIC", "-shared", str(_SOURCE), "-o", str(tmp_out), "-lm"]
-            if subprocess.run(cmd, capture_output=True).returncode != 0:
+            cmd = [compiler, *flags, str(_SOURCE), "-o", str(tmp_out), "-lm"]
+            # A compiler without target_clones (function multi-versioning) builds the baseline only.
+            if not any(subprocess.run(cmd + extra, capture_output=True).returncode == 0
+                       for extra in ([], ["-DHDQT_NO_CLONES"])):
                 return None
             os.replace(tmp_out, target)  # atomic: concurrent first uses never see half a file
-    lib = ctypes.CDLL(str(target))
-    lib.hdqt_sr_quantize_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
-                                         ctypes.c_float, ctypes.c_float, ctypes.c_uint64]
+    lib = ctypes.CDLL(str(target))  # ctypes releases the GIL during each call
+    ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.hdqt_sr_quantize_f32.argtypes = [ptr, ptr, i64, f32, f32, f32, ctypes.c_uint64, i32]
     lib.hdqt_sr_quantize_f32.restype = None
-    lib.hdqt_fwht_rows_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    lib.hdqt_fwht_rows_f32.restype = None
+    lib.hdqt_rtn_quantize_f32.argtypes = [ptr, ptr, i64, f32, f32, f32, i32]
+    lib.hdqt_rtn_quantize_f32.restype = None
+    lib.hdqt_fwht_rows_f32.argtypes = [ptr, i64, i64, i64, i32]
+    lib.hdqt_fwht_rows_f32.restype = f32
+    lib.hdqt_im2col_fwht_f32.argtypes = [ptr, ptr] + [i64] * 16 + [i32]
+    lib.hdqt_im2col_fwht_f32.restype = f32
+    lib.hdqt_tiled_matmul_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, f32, i32]
+    lib.hdqt_tiled_matmul_f32.restype = None
+    lib.hdqt_conv_tiled_f32.argtypes = [ptr, ptr, ptr] + [i64] * 16 + [f32, i32]
+    lib.hdqt_conv_tiled_f32.restype = i32
+    lib.hdqt_conv_cols_amax_f32.argtypes = [ptr] + [i64] * 15 + [i32]
+    lib.hdqt_conv_cols_amax_f32.restype = f32
+    lib.hdqt_conv_dw_sr_f32.argtypes = [ptr, ptr, ptr] + [i64] * 16 + [f32, f32, f32, ctypes.c_uint64, i32]
+    lib.hdqt_conv_dw_sr_f32.restype = i32
     return lib
 
 
 def load() -> ctypes.CDLL | None:
     return _compiled() if enabled() else None
+
+
+def threads() -> int:
+    """Threads for one kernel call: torch's intra-op setting, so both follow the user's choice."""
+    return torch.get_num_threads()
+
+
+def usable(tensor: torch.Tensor) -> bool:
+    """True when the kernels can work on ``tensor`` directly (CPU float32)."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32

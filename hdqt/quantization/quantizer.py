@@ -78,11 +78,19 @@ class Quantizer:
         *,
         nonfinite: str = "raise",
         role: str = "tensor",
+        amax: float | None = None,
     ) -> QTensor:
-        """Quantize ``tensor`` (not modified). ``role`` names it in error messages."""
-        lo, hi = torch.aminmax(tensor.detach())
-        lo, hi = lo.item(), hi.item()  # one host sync gives sign, magnitude and finiteness
-        amax = max(-lo, hi)
+        """Quantize ``tensor`` (not modified). ``role`` names it in error messages.
+
+        ``amax`` is max|tensor| when the caller already knows it (a fused kernel
+        computed it); a signed format then needs no extra pass over the tensor.
+        """
+        if amax is None or self.format.signed == "auto":
+            lo, hi = torch.aminmax(tensor.detach())
+            lo, hi = lo.item(), hi.item()  # one host sync gives sign, magnitude and finiteness
+            amax = max(-lo, hi)
+        else:
+            lo = -amax
         if not math.isfinite(amax):
             if nonfinite == "raise":
                 raise NonFiniteError(
@@ -90,17 +98,12 @@ class Quantizer:
                     "to let it flow through instead"
                 )
             return QTensor(tensor * math.nan, math.nan)
-        fmt = self.format
-        signed = fmt.signed == "signed" or (fmt.signed == "auto" and lo < 0)
-        qmax = fmt.signed_max if signed else fmt.unsigned_max
-        qmin = -qmax if signed else 0
-        clip = self.scaling.clip_ratio * amax
-        # An all-zero tensor gets scale 1 so that it maps to zeros, not NaN.
-        scale = clip / qmax if clip > 0 else 1.0
-        if self.rounding == "stochastic" and tensor.device.type == "cpu" and tensor.dtype == torch.float32:
+        scale, qmin, qmax = self.grid(amax, lo)
+        signed = qmin < 0
+        if native.usable(tensor):
             lib = native.load()
             if lib is not None:
-                return self._stochastic_native(tensor, generator, lib, scale, qmin, qmax)
+                return self._quantize_native(tensor, generator, lib, scale, qmin, qmax)
         values = tensor.detach() / scale
         if self.rounding == "nearest":
             values = round_nearest_(values).clamp_(qmin, qmax)
@@ -111,12 +114,32 @@ class Quantizer:
             values = round_stochastic_(values, generator)
         return QTensor(values, scale)
 
-    def _stochastic_native(self, tensor, generator, lib, scale, qmin, qmax) -> QTensor:
-        """One fused pass (scale, clamp, draw, floor); the stream's seed comes from ``generator``."""
+    def grid(self, amax: float, lo: float) -> tuple[float, int, int]:
+        """(scale, qmin, qmax) for a finite tensor with max|t| = ``amax`` and minimum ``lo``."""
+        fmt = self.format
+        signed = fmt.signed == "signed" or (fmt.signed == "auto" and lo < 0)
+        qmax = fmt.signed_max if signed else fmt.unsigned_max
+        qmin = -qmax if signed else 0
+        clip = self.scaling.clip_ratio * amax
+        # An all-zero tensor gets scale 1 so that it maps to zeros, not NaN.
+        return (clip / qmax if clip > 0 else 1.0), qmin, qmax
+
+    @staticmethod
+    def stream_seed(generator: torch.Generator | None) -> int:
+        """The 63-bit key of a native counter-based random stream, drawn from ``generator``."""
+        return int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
+
+    def _quantize_native(self, tensor, generator, lib, scale, qmin, qmax) -> QTensor:
+        """One fused, threaded pass (scale, clamp, round); stochastic draws are seeded from ``generator``."""
         src = tensor.detach().contiguous()
         out = torch.empty_like(src)
-        seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
-        lib.hdqt_sr_quantize_f32(src.data_ptr(), out.data_ptr(), src.numel(), 1.0 / scale, qmin, qmax, seed)
+        if self.rounding == "nearest":
+            lib.hdqt_rtn_quantize_f32(src.data_ptr(), out.data_ptr(), src.numel(), scale, qmin, qmax,
+                                      native.threads())
+        else:
+            seed = self.stream_seed(generator)
+            lib.hdqt_sr_quantize_f32(src.data_ptr(), out.data_ptr(), src.numel(), scale, qmin, qmax, seed,
+                                     native.threads())
         return QTensor(out, scale)
 
     def to_dict(self) -> dict:

@@ -51,11 +51,15 @@ class LayerRuntime:
         self._generators.clear()
         self._pending_states = dict(states)
 
-    def quantize(self, quantizer: Quantizer | None, tensor: torch.Tensor, operand: str) -> QTensor:
-        """Quantize one operand, or pass it through as (tensor, 1.0) when ``quantizer`` is None."""
+    def quantize(
+        self, quantizer: Quantizer | None, tensor: torch.Tensor, operand: str, amax: float | None = None
+    ) -> QTensor:
+        """Quantize one operand, or pass it through as (tensor, 1.0) when ``quantizer`` is None.
+
+        ``amax``: max|tensor| if already known (see ``Quantizer.quantize``)."""
         if quantizer is None:
             return QTensor(tensor, 1.0)
         gen = self.generator(tensor.device) if quantizer.rounding == "stochastic" else None
         return quantizer.quantize(
-            tensor, gen, nonfinite=self.policy.nonfinite, role=f"{operand} of layer {self.name!r}"
+            tensor, gen, nonfinite=self.policy.nonfinite, role=f"{operand} of layer {self.name!r}", amax=amax
         )

@@ -1,21 +1,58 @@
 """The native kernels and the pure-torch path must compute the same quantities."""
 import pytest
 import torch
+import torch.nn.functional as F
 
+import hdqt
 from hdqt.quantization import int_quantizer, native
-from hdqt.quantization.hadamard import block_layout, hadamard_transform
+from hdqt.quantization.hadamard import block_layout, dense_block_matrix, hadamard_transform
+from hdqt.quantization.im2col import fused_weight_grad, tiled_conv2d, unfold_channel_major
+from hdqt.quantization.matmul import tiled_matmul, tiled_matmul_batched
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="no C compiler: only the torch path exists here")
+
+# (batch, channels, H, W, out channels, kernel, stride, padding, dilation, tile)
+CONV_CASES = [
+    (2, 5, 9, 9, 7, (3, 3), (2, 2), (1, 1), (1, 1), 32),
+    (3, 16, 32, 32, 16, (3, 3), (1, 1), (1, 1), (1, 1), 32),
+    (2, 3, 7, 11, 20, (3, 2), (1, 2), (2, 0), (1, 2), 7),
+    (1, 1, 1, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1), 32),
+    (4, 64, 8, 8, 9, (3, 3), (1, 1), (1, 1), (1, 1), 32),
+    (2, 3, 17, 17, 9, (5, 5), (1, 1), (2, 2), (1, 1), 10),
+    (2, 4, 6, 40, 3, (1, 3), (1, 1), (0, 1), (1, 1), 5),  # runs of 16 positions cross output rows
+]
+
+
+def _torch_only(monkeypatch):
+    monkeypatch.setenv("HDQT_NATIVE", "0")
+    assert native.load() is None
+
+
+def test_native_fwht_equals_dense_for_every_block_size():
+    for p in (2, 4, 8, 16, 32, 1024):
+        x = torch.randn(3, 4 * p)
+        layout = block_layout(4 * p)  # paper rule: one block of 4p
+        fast = hadamard_transform(x, 1, layout)
+        dense = x.double() @ dense_block_matrix(4 * p).T
+        assert torch.allclose(fast.double(), dense, atol=1e-3), p
 
 
 def test_native_fwht_equals_torch_path(monkeypatch):
     x = torch.randn(4, 6, 1024)
     layout = block_layout(1024)
     fast = hadamard_transform(x, 2, layout)
-    monkeypatch.setenv("HDQT_NATIVE", "0")
-    assert native.load() is None
+    _torch_only(monkeypatch)
     slow = hadamard_transform(x, 2, layout)
     assert torch.allclose(fast, slow, atol=1e-3)
+
+
+def test_native_nearest_rounding_equals_torch_path(monkeypatch):
+    q = int_quantizer(4, signed="auto", clip_ratio=0.975)
+    t = torch.cat([torch.randn(10_000), torch.tensor([0.5, 1.5, -2.5, 3.5]) * (0.975 * 3 / 7)])
+    fast = q.quantize(t)
+    _torch_only(monkeypatch)
+    slow = q.quantize(t)
+    assert fast.scale == slow.scale and torch.equal(fast.values, slow.values)
 
 
 def test_native_stochastic_rounding_unbiased_reproducible_and_in_range():
@@ -28,3 +65,95 @@ def test_native_stochastic_rounding_unbiased_reproducible_and_in_range():
     assert torch.equal(out, again)
     other = q.quantize(t, torch.Generator().manual_seed(1)).values.view(4000, 6)
     assert not torch.equal(out, other)
+
+
+def test_native_results_do_not_depend_on_the_thread_count():
+    q = int_quantizer(4, rounding="stochastic")
+    t = torch.randn(300_000)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(q.quantize(t, torch.Generator().manual_seed(5)).values)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("acc_bits", [8, 12])
+@pytest.mark.parametrize("m,k,n,tile", [(128, 405, 405, 32), (13, 37, 50, 7), (1, 1, 1, 32), (9, 64, 17, 32)])
+def test_native_tiled_matmul_equals_torch_path(monkeypatch, m, k, n, tile, acc_bits):
+    x = torch.randint(0, 16, (m, k)).float()
+    w = torch.randint(-7, 8, (n, k)).float()
+    fast = tiled_matmul(x, w, tile, acc_bits)
+    _torch_only(monkeypatch)
+    assert torch.equal(fast, tiled_matmul(x, w, tile, acc_bits))
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_native_tiled_conv_equals_im2col_reference(case):
+    b, c, h, w, n, kernel, stride, padding, dilation, tile = case
+    x = torch.randint(0, 16, (b, c, h, w)).float()
+    weight = torch.randint(-7, 8, (n, c, *kernel)).float()
+    out = tiled_conv2d(x, weight, stride, padding, dilation, tile, 8)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    ref = tiled_matmul_batched(weight.reshape(n, -1), cols, tile, 8)
+    assert torch.equal(out, ref.reshape(out.shape))
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_native_unfold_equals_torch_unfold(monkeypatch, case):
+    b, c, h, w, _, kernel, stride, padding, dilation, _ = case
+    x = torch.randn(b, c, h, w)
+    cols, amax = unfold_channel_major(x, kernel, stride, padding, dilation)
+    ref = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(0, 1)
+    assert amax is None and torch.equal(cols, ref)
+    layout = block_layout(cols.shape[-1])
+    if not layout.is_identity:
+        fast, amax = unfold_channel_major(x, kernel, stride, padding, dilation, layout)
+        _torch_only(monkeypatch)
+        slow, _ = unfold_channel_major(x, kernel, stride, padding, dilation, layout)
+        assert torch.allclose(fast, slow, atol=1e-4) and amax == pytest.approx(float(slow.abs().max()), rel=1e-5)
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:3])
+def test_fused_weight_gradient_is_unbiased(case):
+    b, c, h, w, n, kernel, stride, padding, dilation, _ = case
+    x = torch.randint(0, 16, (b, c, h, w)).float()
+    cols, _ = unfold_channel_major(x, kernel, stride, padding, dilation)
+    layout = block_layout(cols.shape[-1])
+    layout = None if layout.is_identity else layout
+    cols_h, _ = unfold_channel_major(x, kernel, stride, padding, dilation, layout)
+    g = torch.randint(-7, 8, (n, b, cols.shape[-1])).float()
+    exact = g.reshape(n, -1) @ cols_h.reshape(cols.shape[0], -1).T
+    q16, q4 = int_quantizer(16, rounding="stochastic"), int_quantizer(4, rounding="stochastic")
+    dw, scale = fused_weight_grad(x, g, kernel, stride, padding, dilation, layout, q16, torch.Generator())
+    assert torch.allclose(dw * scale, exact, rtol=0, atol=1e-3 * float(exact.abs().max()))
+    draws = [fused_weight_grad(x, g, kernel, stride, padding, dilation, layout, q4, torch.Generator().manual_seed(s))
+             for s in range(300)]
+    mean = torch.stack([d * s for d, s in draws]).mean(0)
+    one = draws[0][0] * draws[0][1]
+    # the mean of 300 draws is ~17x closer than one draw: unbiased, not merely close
+    assert (mean - exact).abs().max() < 0.25 * (one - exact).abs().max()
+
+
+def _conv_step(weight, x, bits):
+    layer = hdqt.quantize_model(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), hdqt.recipe("hdqt", bits=bits))
+    layer.weight.data.copy_(weight)
+    xi = x.clone().requires_grad_()
+    out = layer(xi)
+    out.square().mean().backward()
+    return out.detach(), xi.grad, layer.weight.grad
+
+
+def test_conv_training_step_native_and_torch_paths_agree(monkeypatch):
+    torch.manual_seed(0)
+    weight = torch.randn(8, 8, 3, 3) * 0.2
+    x = torch.randn(16, 8, 16, 16)
+    fast4, fast12 = _conv_step(weight, x, 4), _conv_step(weight, x, 12)
+    _torch_only(monkeypatch)
+    slow4, slow12 = _conv_step(weight, x, 4), _conv_step(weight, x, 12)
+    assert torch.equal(fast4[0], slow4[0])  # the 4-bit forward is exact on both paths
+    for a, b in zip(fast12[1:], slow12[1:]):  # the backward differs only by its random draws
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999

@@ -1,0 +1,149 @@
+"""im2col for the quantized convolution, in the layout its products want.
+
+The columns of a whole batch are laid out channel-major, (K, B, L) with
+K = C_in*kh*kw in torch's unfold order and L the output positions of a sample,
+so that they form one (K, B*L) matrix: the forward product is then a single
+tiled W (N, K) @ cols (K, B*L), and the weight gradient a single
+G (N, B*L) @ cols^T. Every row is one sample's positions, contiguous, which is
+the dimension the backward Hadamard transform runs along.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hdqt.quantization import native
+from hdqt.quantization.hadamard import BlockLayout, hadamard_transform_amax
+from hdqt.quantization.matmul import accumulator_limit, tiled_matmul_kj
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def unfold_channel_major(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    layout: BlockLayout | None = None,
+    cache: dict | None = None,
+) -> tuple[torch.Tensor, float | None]:
+    """Columns of ``x`` (B, C, H, W) as (K, B, L), transformed along L by ``layout``.
+
+    Returns the columns and max|columns| where it came for free (else None). On
+    CPU float32 one native pass gathers each row and transforms it while it is in
+    cache, so the untransformed columns are never written.
+    """
+    b, c, h, w = x.shape
+    kh, kw = kernel
+    out_h = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
+    k, positions = c * kh * kw, out_h * out_w
+    transform = layout is not None and not layout.is_identity
+    if native.usable(x) and (not transform or layout.uniform):
+        lib = native.load()
+        if lib is not None:
+            src = x.contiguous()
+            cols = torch.empty(k, b, positions, dtype=x.dtype)
+            block = layout.blocks[0] if transform else 1
+            amax = lib.hdqt_im2col_fwht_f32(
+                src.data_ptr(), cols.data_ptr(), b, c, h, w, kh, kw, *stride, *padding, *dilation,
+                out_h, out_w, block, 1, native.threads(),
+            )
+            return cols, (amax if transform else None)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, K, L)
+    cols = cols.transpose(0, 1).contiguous()
+    if not transform:
+        return cols, None
+    return hadamard_transform_amax(cols, 2, layout, cache)
+
+
+def tiled_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    tile: int,
+    acc_bits: int,
+) -> torch.Tensor:
+    """The convolution of integer-valued ``x`` (B, C, H, W) and ``weight`` (N, C, kh, kw)
+    as an im2col product whose reduction (K = C*kh*kw, unfold order) is tiled and
+    saturated like ``tiled_matmul``. Returns (B, N, OH, OW).
+
+    On CPU float32 a native kernel gathers each run of 16 positions' columns into
+    an L1 buffer and never materialises the (K, B*L) column matrix.
+    """
+    b, _, h, w = x.shape
+    n, c, kh, kw = weight.shape
+    out_h = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
+    if native.usable(x) and native.usable(weight):
+        lib = native.load()
+        if lib is not None:
+            src, wt = x.contiguous(), weight.reshape(n, -1).T.contiguous()
+            out = torch.empty(b, n, out_h, out_w, dtype=x.dtype)
+            status = lib.hdqt_conv_tiled_f32(
+                src.data_ptr(), wt.data_ptr(), out.data_ptr(), b, c, h, w, n, kh, kw, *stride, *padding,
+                *dilation, out_h, out_w, tile, float(accumulator_limit(acc_bits)), native.threads(),
+            )
+            if status != 0:
+                raise MemoryError("hdqt native convolution: could not allocate its column panels")
+            return out
+    cols, _ = unfold_channel_major(x, (kh, kw), stride, padding, dilation)
+    y = tiled_matmul_kj(weight.reshape(n, -1), cols.reshape(cols.shape[0], -1), tile, acc_bits)
+    return y.reshape(n, b, out_h, out_w).transpose(0, 1).contiguous()
+
+
+def fused_weight_grad(
+    x: torch.Tensor,
+    grad_q: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    layout: BlockLayout | None,
+    quantizer,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, float] | None:
+    """``grad_q (N, B, L) @ Q_sr(H cols)^T`` without materialising the columns.
+
+    Two native passes over the batch: the first finds max|H cols| (the scale), the
+    second rebuilds each row of the columns in an L1 buffer, rounds it
+    stochastically and multiplies it into dW at once, so the backward of a
+    convolution holds no (K, B*L) tensor at all. Returns (dW (N, K) in units of
+    the columns' scale, that scale), or None where this path does not apply (no
+    native kernels, a non-uniform layout, or a non-finite column: the general path
+    then handles it and raises or propagates as the policy says).
+    """
+    if not (native.usable(x) and native.usable(grad_q)) or (layout is not None and not layout.uniform):
+        return None
+    lib = native.load()
+    if lib is None:
+        return None
+    b, c, h, w = x.shape
+    kh, kw = kernel
+    out_h = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
+    block = 1 if layout is None else layout.blocks[0]
+    src, gq = x.contiguous(), grad_q.contiguous()
+    geometry = (b, c, h, w, kh, kw, *stride, *padding, *dilation, out_h, out_w, block)
+    amax = lib.hdqt_conv_cols_amax_f32(src.data_ptr(), *geometry, native.threads())
+    if amax < 0:
+        raise MemoryError("hdqt native weight gradient: could not allocate its row buffers")
+    if not math.isfinite(amax):
+        return None
+    scale, qmin, qmax = quantizer.grid(amax, -amax)
+    n = gq.shape[0]
+    grad_w = torch.empty(n, c * kh * kw, dtype=x.dtype)
+    status = lib.hdqt_conv_dw_sr_f32(
+        src.data_ptr(), gq.data_ptr(), grad_w.data_ptr(), n, *geometry, scale, qmin, qmax,
+        quantizer.stream_seed(generator), native.threads(),
+    )
+    if status != 0:
+        raise MemoryError("hdqt native weight gradient: could not allocate its row buffers")
+    return grad_w, scale
