@@ -90,18 +90,19 @@ class QuantLinearFunction(torch.autograd.Function):
         acc = policy.acc_bits if policy.saturate_backward else None
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            # dX = G W, reduced over the output features N: rows of G (B, N) and W^T (K, N).
+            # dX = G W, reduced over the output features N: rows of G (B, N) and W^T (K, N)
+            # (transposed views: the transform or the quantizer makes the one contiguous copy).
             g, w, extra = backward_operands(
-                rt, grad.contiguous(), 1, policy.grad_output_dx, "output gradient (dX)",
-                w_values.T.contiguous(), 1, policy.backward_weight, "backward weight",
+                rt, grad, 1, policy.grad_output_dx, "output gradient (dX)",
+                w_values.T, 1, policy.backward_weight, "backward weight",
             )
             grad_x = tiled_matmul(g.values, w.values, policy.tile, acc)
             grad_x.mul_(g.scale * w.scale * w_scale * extra)
         if ctx.needs_input_grad[1]:
             # dW = G^T X, reduced over the batch: rows of G^T (N, B) and X^T (K, B).
             g, x, extra = backward_operands(
-                rt, grad.T.contiguous(), 1, policy.grad_output_dw, "output gradient (dW)",
-                x_values.T.contiguous(), 1, policy.backward_input, "backward input",
+                rt, grad.T, 1, policy.grad_output_dw, "output gradient (dW)",
+                x_values.T, 1, policy.backward_input, "backward input",
             )
             grad_w = tiled_matmul(g.values, x.values, policy.tile, acc)
             grad_w.mul_(g.scale * x.scale * x_scale * extra)

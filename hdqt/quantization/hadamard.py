@@ -105,9 +105,9 @@ def _radices(p: int) -> list[int]:
 
 
 def _fwht_uniform(x: torch.Tensor, dim: int, p: int, cache: dict | None) -> tuple[torch.Tensor, float | None]:
-    """Unnormalised transform of every length-p block along ``dim`` (x contiguous).
+    """Unnormalised transform of every length-p block along ``dim`` (x of any strides).
 
-    Returns the result and max|result| when the native kernel computed it on the way.
+    Returns a new contiguous tensor and max|result| when the native kernel computed it on the way.
     """
     shape = x.shape
     pre = math.prod(shape[:dim])
@@ -116,10 +116,11 @@ def _fwht_uniform(x: torch.Tensor, dim: int, p: int, cache: dict | None) -> tupl
     if post == 1 and native.usable(x):
         lib = native.load()
         if lib is not None:  # rows along the last dim: all stages while the row is in cache
-            out = x.clone()
+            out = x.clone(memory_format=torch.contiguous_format)  # one copy, also of a transposed view
             amax = lib.hdqt_fwht_rows_f32(out.data_ptr(), out.numel() // shape[dim], shape[dim], p,
                                           native.threads())
             return out, amax
+    x = x.contiguous()
     radices = _radices(p)
     outer = pre * blocks
     for i, r in enumerate(radices):
@@ -165,7 +166,6 @@ def hadamard_transform_amax(
         raise ValueError(f"dimension {dim} has size {x.shape[dim]} but the layout covers {layout.size}")
     if layout.is_identity:
         return x.clone(), None
-    x = x.contiguous()
     if layout.uniform:
         return _fwht_uniform(x, dim, layout.blocks[0], cache)
     parts = []

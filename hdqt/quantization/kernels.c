@@ -540,8 +540,9 @@ typedef struct {
         memcpy(&(v), t_, sizeof t_);                                                                   \
     } while (0)
 
+/* Y[:, j:j+lanes] from a (K x 16) strip of B with row stride ldb. */
 HDQT_CLONES
-static void tmm_vector_block(const tmm_ctx *c, int64_t j) {
+static void tmm_vector_block(const tmm_ctx *c, const float *b_strip, int64_t ldb, int64_t j, int64_t lanes) {
     const float lim = c->limit;
     for (int64_t m0 = 0; m0 < c->M; m0 += MR) {
         int64_t rows = c->M - m0 < MR ? c->M - m0 : MR;
@@ -553,7 +554,7 @@ static void tmm_vector_block(const tmm_ctx *c, int64_t j) {
             for (int r = 0; r < MR; ++r) acc[r] = (vf16){0};
             for (int64_t k = k0; k < k1; ++k) {
                 vf16 b;
-                memcpy(&b, c->B + k * c->J + j, sizeof b);
+                memcpy(&b, b_strip + k * ldb, sizeof b);
                 if (rows == MR) {
                     for (int r = 0; r < MR; ++r) acc[r] += c->At[k * c->M + m0 + r] * b;
                 } else {
@@ -565,37 +566,46 @@ static void tmm_vector_block(const tmm_ctx *c, int64_t j) {
                 total[r] += acc[r];
             }
         }
-        for (int r = 0; r < rows; ++r) memcpy(c->Y + (m0 + r) * c->J + j, &total[r], sizeof total[r]);
-    }
-}
-
-static void tmm_scalar_column(const tmm_ctx *c, int64_t j) {
-    for (int64_t m = 0; m < c->M; ++m) {
-        float total = 0.0f;
-        for (int64_t k0 = 0; k0 < c->K; k0 += c->tile) {
-            int64_t k1 = k0 + c->tile < c->K ? k0 + c->tile : c->K;
-            float acc = 0.0f;
-            for (int64_t k = k0; k < k1; ++k) acc += c->At[k * c->M + m] * c->B[k * c->J + j];
-            total += acc < -c->limit ? -c->limit : (acc > c->limit ? c->limit : acc);
-        }
-        c->Y[m * c->J + j] = total;
+        for (int r = 0; r < rows; ++r) memcpy(c->Y + (m0 + r) * c->J + j, &total[r], (size_t)lanes * sizeof(float));
     }
 }
 
 static void tmm_range(void *arg, int64_t begin, int64_t end, int worker) {
     (void)worker;
     const tmm_ctx *c = (const tmm_ctx *)arg;
-    int64_t full = c->J / NV;
-    for (int64_t unit = begin; unit < end; ++unit) { /* units: the full vectors, then the tail columns */
-        if (unit < full) tmm_vector_block(c, unit * NV);
-        else tmm_scalar_column(c, full * NV + (unit - full));
+    for (int64_t unit = begin; unit < end; ++unit) { /* unit: one run of 16 output columns */
+        int64_t j = unit * NV, lanes = c->J - j < NV ? c->J - j : NV;
+        if (lanes == NV) {
+            tmm_vector_block(c, c->B + j, c->J, j, NV);
+            continue;
+        }
+        /* the last, partial run: a zero-padded copy of its strip keeps it vectorised */
+        float *strip = (float *)calloc((size_t)c->K * NV, sizeof(float));
+        if (strip == NULL) { /* no memory for the copy: the same sums one column at a time */
+            for (int64_t col = j; col < c->J; ++col) {
+                for (int64_t m = 0; m < c->M; ++m) {
+                    float total = 0.0f;
+                    for (int64_t k0 = 0; k0 < c->K; k0 += c->tile) {
+                        int64_t k1 = k0 + c->tile < c->K ? k0 + c->tile : c->K;
+                        float acc = 0.0f;
+                        for (int64_t k = k0; k < k1; ++k) acc += c->At[k * c->M + m] * c->B[k * c->J + col];
+                        total += acc < -c->limit ? -c->limit : (acc > c->limit ? c->limit : acc);
+                    }
+                    c->Y[m * c->J + col] = total;
+                }
+            }
+            continue;
+        }
+        for (int64_t k = 0; k < c->K; ++k) memcpy(strip + k * NV, c->B + k * c->J + j, (size_t)lanes * sizeof(float));
+        tmm_vector_block(c, strip, NV, j, lanes);
+        free(strip);
     }
 }
 
 void hdqt_tiled_matmul_f32(const float *At, const float *B, float *Y, int64_t M, int64_t K, int64_t J,
                            int64_t tile, float limit, int threads) {
     tmm_ctx c = {At, B, Y, M, K, J, tile, limit};
-    int64_t units = J / NV + J % NV;
+    int64_t units = (J + NV - 1) / NV;
     int64_t work_per_unit = M * K * NV;
     int64_t grain = work_per_unit > 0 ? ((int64_t)1 << 20) / work_per_unit + 1 : units;
     parallel_for(units, threads, grain, tmm_range, &c);

@@ -38,17 +38,20 @@ def _compiled() -> ctypes.CDLL | None:
     flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-pthread"]
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"hdqt_kernels_{digest}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            tmp_out = Path(tmp) / target.name
-            cmd = [compiler, *flags, str(_SOURCE), "-o", str(tmp_out), "-lm"]
-            # A compiler without target_clones (function multi-versioning) builds the baseline only.
-            if not any(subprocess.run(cmd + extra, capture_output=True).returncode == 0
-                       for extra in ([], ["-DHDQT_NO_CLONES"])):
-                return None
-            os.replace(tmp_out, target)  # atomic: concurrent first uses never see half a file
-    lib = ctypes.CDLL(str(target))  # ctypes releases the GIL during each call
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                tmp_out = Path(tmp) / target.name
+                cmd = [compiler, *flags, str(_SOURCE), "-o", str(tmp_out), "-lm"]
+                # A compiler without target_clones (function multi-versioning) builds the baseline only.
+                if not any(subprocess.run(cmd + extra, capture_output=True).returncode == 0
+                           for extra in ([], ["-DHDQT_NO_CLONES"])):
+                    return None
+                os.replace(tmp_out, target)  # atomic: concurrent first uses never see half a file
+        lib = ctypes.CDLL(str(target))  # ctypes releases the GIL during each call
+    except OSError:  # an unwritable cache folder or a library that does not load: use the torch path
+        return None
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.hdqt_sr_quantize_f32.argtypes = [ptr, ptr, i64, f32, f32, f32, ctypes.c_uint64, i32]
     lib.hdqt_sr_quantize_f32.restype = None
