@@ -6,7 +6,7 @@ Measures forward + backward + SGD at batch 128 for
 under each recipe, and prints each recipe's time divided by fp32's.
 Targets (issue 2): hdqt <= 2x fp32 for FCNet, <= 3x for the conv.
 
-    python benchmarks/bench_engine.py [--repeats 30] [--recipes fp32,hdqt,int] [--threads N]
+    python benchmarks/bench_engine.py [--rounds 15] [--steps 5] [--recipes fp32,hdqt,int] [--threads N]
 """
 from __future__ import annotations
 
@@ -44,29 +44,36 @@ def make_step(model: nn.Module, x: torch.Tensor, loss_fn):
     return step
 
 
-def median_ms(step, repeats: int) -> float:
-    for _ in range(3):  # warm-up: allocator, thread pool, caches
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def interleaved_ms(steps: dict, rounds: int, per_round: int) -> dict[str, list[float]]:
+    """Per-round median step time of each recipe, the recipes taking turns within
+    every round, so that slow drift of a shared machine hits them all alike."""
+    for step in steps.values():  # warm-up: allocator, thread pool, caches, native build
+        for _ in range(3):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            samples = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                step()
+                samples.append(time.perf_counter() - t0)
+            times[name].append(1e3 * statistics.median(samples))
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=15, help="rounds; the recipes take turns in each")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per recipe and round")
     parser.add_argument("--recipes", default="fp32,hdqt,int")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipes = args.recipes.split(",")
-    if "fp32" not in recipes:
-        recipes.insert(0, "fp32")
+    recipes = [r for r in args.recipes.split(",") if r != "fp32"]
+    recipes.insert(0, "fp32")
     dev = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     x_fc = torch.randn(128, 405, generator=gen).to(dev)
@@ -76,19 +83,23 @@ def main() -> None:
         "fcnet 405-405-405-19": (fcnet, x_fc, lambda out: F.cross_entropy(out, y_fc), 2.0),
         "conv 16->16 3x3 @32x32": (conv, x_cv, lambda out: out.square().mean(), 3.0),
     }
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {dev}, batch 128, "
-          f"median of {args.repeats} steps")
-    print(f"{'case':<26}{'recipe':<8}{'ms/step':>10}{'x fp32':>9}{'target':>9}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {dev}, batch 128; "
+          f"{args.rounds} rounds x {args.steps} steps, recipes interleaved")
+    print(f"{'case':<26}{'recipe':<8}{'ms/step':>9}{'x fp32':>8}{'ratio IQR':>14}{'target':>8}")
     for case, (build, x, loss_fn, target) in cases.items():
-        base = None
+        steps = {}
         for name in recipes:
             torch.manual_seed(0)
             model = hdqt.quantize_model(build().to(dev), hdqt.recipe(name))
-            ms = median_ms(make_step(model, x, loss_fn), args.repeats)
-            base = ms if name == "fp32" else base
-            ratio = ms / base
+            steps[name] = make_step(model, x, loss_fn)
+        times = interleaved_ms(steps, args.rounds, args.steps)
+        for name in recipes:
+            # the ratio of each round to fp32 in the same round, then its median and spread
+            ratios = sorted(t / b for t, b in zip(times[name], times["fp32"]))
+            q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
             tgt = f"<={target:g}" if name == "hdqt" else ""
-            print(f"{case:<26}{name:<8}{ms:>10.2f}{ratio:>9.2f}{tgt:>9}")
+            print(f"{case:<26}{name:<8}{statistics.median(times[name]):>9.2f}{statistics.median(ratios):>8.2f}"
+                  f"{f'{q1:.2f}-{q3:.2f}':>14}{tgt:>8}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from hdqt.quantization.hadamard import BlockLayout, block_layout, hadamard_transform_amax
 from hdqt.quantization.im2col import fused_weight_grad, tiled_conv2d, unfold_channel_major
-from hdqt.quantization.matmul import exact_dtype, tiled_matmul, tiled_matmul_batched
+from hdqt.quantization.matmul import exact_dtype, tiled_matmul, tiled_matmul_batched, tiled_matmul_kj
 from hdqt.quantization.quantizer import QTensor, Quantizer
 from hdqt.quantization.runtime import LayerRuntime
 
@@ -75,7 +75,14 @@ class QuantLinearFunction(torch.autograd.Function):
         xq = rt.quantize(policy.forward_input, x, "forward input")
         wq = rt.quantize(policy.forward_weight, weight, "forward weight")
         dtype = _forward_dtype(policy, x.shape[1], x.dtype)
-        y = tiled_matmul(xq.values.to(dtype), wq.values.to(dtype), policy.tile, policy.acc_bits)
+        xv, wv = xq.values.to(dtype), wq.values.to(dtype)
+        if policy.acc_bits is None:
+            y = xv @ wv.T
+        else:
+            # Computed as Y^T = W X^T: the tiled product reads W in place and needs X^T
+            # row-major, which the previous layer's output already is (Y^T is returned
+            # as a transposed view, and elementwise layers keep that layout).
+            y = tiled_matmul_kj(wv, xv.T, policy.tile, policy.acc_bits).T
         ctx.save_for_backward(xq.values, wq.values)
         ctx.scales = (xq.scale, wq.scale)
         ctx.rt = rt

@@ -73,6 +73,17 @@ static int parallel_for(int64_t n, int threads, int64_t grain, range_fn fn, void
         fn(ctx, 0, n, 0);
         return 1;
     }
+    int64_t chunk_omp = (n + threads - 1) / threads;
+#ifdef _OPENMP
+    /* Built against the OpenMP runtime that torch has already loaded (the same
+     * SONAME resolves to the loaded copy): the work runs on torch's own threads. */
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; ++t) {
+        int64_t b = t * chunk_omp, e = b + chunk_omp < n ? b + chunk_omp : n;
+        if (b < e) fn(ctx, b, e, t);
+    }
+    return threads;
+#endif
     range_job jobs[HDQT_MAX_THREADS];
     pthread_t tids[HDQT_MAX_THREADS];
     int started[HDQT_MAX_THREADS];
@@ -511,17 +522,17 @@ int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t 
 /* ------------------------------------------------- tiled saturating matmul */
 
 /* Y (M, J) = sum over tiles t of clamp(A[:, t] @ B[t, :], -limit, limit), where
- * tile t covers `tile` consecutive entries of the reduction K. A is given
- * transposed, At (K, M), so that the MR values broadcast for one k share a cache
- * line; B is (K, J); all row-major. Operands hold integers in float32; the caller makes
+ * tile t covers `tile` consecutive entries of the reduction K. A is read through
+ * its strides, A[m, k] = A[m * sm + k * sk] (A's values are broadcast one at a
+ * time, so any layout works without a copy); B is (K, J) row-major, Y (M, J). Operands hold integers in float32; the caller makes
  * sure every partial sum stays below 2^24, so each is exact.
  *
  * Register blocking: MR rows of A against one 16-wide column vector of B. */
 
 typedef struct {
-    const float *At, *B;
+    const float *A, *B;
     float *Y;
-    int64_t M, K, J, tile;
+    int64_t sm, sk, M, K, J, tile;
     float limit;
 } tmm_ctx;
 
@@ -556,9 +567,9 @@ static void tmm_vector_block(const tmm_ctx *c, const float *b_strip, int64_t ldb
                 vf16 b;
                 memcpy(&b, b_strip + k * ldb, sizeof b);
                 if (rows == MR) {
-                    for (int r = 0; r < MR; ++r) acc[r] += c->At[k * c->M + m0 + r] * b;
+                    for (int r = 0; r < MR; ++r) acc[r] += c->A[(m0 + r) * c->sm + k * c->sk] * b;
                 } else {
-                    for (int r = 0; r < rows; ++r) acc[r] += c->At[k * c->M + m0 + r] * b;
+                    for (int r = 0; r < rows; ++r) acc[r] += c->A[(m0 + r) * c->sm + k * c->sk] * b;
                 }
             }
             for (int r = 0; r < MR; ++r) {
@@ -588,7 +599,7 @@ static void tmm_range(void *arg, int64_t begin, int64_t end, int worker) {
                     for (int64_t k0 = 0; k0 < c->K; k0 += c->tile) {
                         int64_t k1 = k0 + c->tile < c->K ? k0 + c->tile : c->K;
                         float acc = 0.0f;
-                        for (int64_t k = k0; k < k1; ++k) acc += c->At[k * c->M + m] * c->B[k * c->J + col];
+                        for (int64_t k = k0; k < k1; ++k) acc += c->A[m * c->sm + k * c->sk] * c->B[k * c->J + col];
                         total += acc < -c->limit ? -c->limit : (acc > c->limit ? c->limit : acc);
                     }
                     c->Y[m * c->J + col] = total;
@@ -602,9 +613,9 @@ static void tmm_range(void *arg, int64_t begin, int64_t end, int worker) {
     }
 }
 
-void hdqt_tiled_matmul_f32(const float *At, const float *B, float *Y, int64_t M, int64_t K, int64_t J,
-                           int64_t tile, float limit, int threads) {
-    tmm_ctx c = {At, B, Y, M, K, J, tile, limit};
+void hdqt_tiled_matmul_f32(const float *A, int64_t sm, int64_t sk, const float *B, float *Y, int64_t M, int64_t K,
+                           int64_t J, int64_t tile, float limit, int threads) {
+    tmm_ctx c = {A, B, Y, sm, sk, M, K, J, tile, limit};
     int64_t units = (J + NV - 1) / NV;
     int64_t work_per_unit = M * K * NV;
     int64_t grain = work_per_unit > 0 ? ((int64_t)1 << 20) / work_per_unit + 1 : units;

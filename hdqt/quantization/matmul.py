@@ -50,9 +50,9 @@ def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int |
         lib = native.load()
         if lib is not None:
             m, k = a.shape
-            a_t, b = a.T.contiguous(), b.contiguous()
+            b = b.contiguous()  # a is read through its strides: no copy
             out = torch.empty(m, b.shape[1], dtype=a.dtype)
-            lib.hdqt_tiled_matmul_f32(a_t.data_ptr(), b.data_ptr(), out.data_ptr(), m, k, b.shape[1], tile,
+            lib.hdqt_tiled_matmul_f32(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), out.data_ptr(), m, k, b.shape[1], tile,
                                       float(limit), native.threads())
             return out
     m, k = a.shape

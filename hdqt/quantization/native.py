@@ -36,7 +36,11 @@ def _compiled() -> ctypes.CDLL | None:
     if compiler is None or not _SOURCE.exists():
         return None
     flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-pthread"]
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    # Preferred build first: OpenMP (whose libgomp.so.1 resolves to the copy torch has
+    # loaded, so kernels share torch's threads instead of competing with them) and
+    # per-ISA clones; then without whichever the compiler lacks.
+    variants = (["-fopenmp"], [], ["-fopenmp", "-DHDQT_NO_CLONES"], ["-DHDQT_NO_CLONES"])
+    digest = hashlib.sha256(_SOURCE.read_bytes() + repr((flags, variants)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"hdqt_kernels_{digest}.so"
     try:
         if not target.exists():
@@ -44,9 +48,7 @@ def _compiled() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 tmp_out = Path(tmp) / target.name
                 cmd = [compiler, *flags, str(_SOURCE), "-o", str(tmp_out), "-lm"]
-                # A compiler without target_clones (function multi-versioning) builds the baseline only.
-                if not any(subprocess.run(cmd + extra, capture_output=True).returncode == 0
-                           for extra in ([], ["-DHDQT_NO_CLONES"])):
+                if not any(subprocess.run(cmd + extra, capture_output=True).returncode == 0 for extra in variants):
                     return None
                 os.replace(tmp_out, target)  # atomic: concurrent first uses never see half a file
         lib = ctypes.CDLL(str(target))  # ctypes releases the GIL during each call
@@ -61,7 +63,7 @@ def _compiled() -> ctypes.CDLL | None:
     lib.hdqt_fwht_rows_f32.restype = f32
     lib.hdqt_im2col_fwht_f32.argtypes = [ptr, ptr] + [i64] * 16 + [i32]
     lib.hdqt_im2col_fwht_f32.restype = f32
-    lib.hdqt_tiled_matmul_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, f32, i32]
+    lib.hdqt_tiled_matmul_f32.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, f32, i32]
     lib.hdqt_tiled_matmul_f32.restype = None
     lib.hdqt_conv_tiled_f32.argtypes = [ptr, ptr, ptr] + [i64] * 16 + [f32, i32]
     lib.hdqt_conv_tiled_f32.restype = i32
@@ -84,3 +86,11 @@ def threads() -> int:
 def usable(tensor: torch.Tensor) -> bool:
     """True when the kernels can work on ``tensor`` directly (CPU float32)."""
     return tensor.device.type == "cpu" and tensor.dtype == torch.float32
+
+
+def dense_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    """A permutation under which ``tensor`` is contiguous (for example (1, 0) for the
+    transpose of a contiguous matrix), or None. An elementwise kernel can then run
+    over its memory in order, with no copy."""
+    order = tuple(sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d)))
+    return order if tensor.permute(order).is_contiguous() else None

@@ -131,7 +131,12 @@ class Quantizer:
 
     def _quantize_native(self, tensor, generator, lib, scale, qmin, qmax) -> QTensor:
         """One fused, threaded pass (scale, clamp, round); stochastic draws are seeded from ``generator``."""
-        src = tensor.detach().contiguous()
+        src = tensor.detach()
+        order = native.dense_order(src)
+        if order is None:
+            src = src.contiguous()
+        # empty_like keeps a dense tensor's strides, so a transposed view is rounded in
+        # memory order and comes back with the same layout, without a copy
         out = torch.empty_like(src)
         if self.rounding == "nearest":
             lib.hdqt_rtn_quantize_f32(src.data_ptr(), out.data_ptr(), src.numel(), scale, qmin, qmax,
