@@ -7,8 +7,8 @@ import torch.nn as nn
 import hdqt
 from hdqt.cl.learners import create_learner, list_learners
 
-from conftest import DIM, NUM_CLASSES
-from helpers import FAST, LEARN, accuracy, build, run_tasks, through_torch_save, weights
+from helpers import (DIM, FAST, LEARN, NUM_CLASSES, accuracy, build, run_tasks,
+                     through_torch_save, weights)
 
 ALL = ["finetune", "joint", "lwf", "icarl", "bic", "der", "memo"]
 WITH_MEMORY = {"icarl", "bic", "der", "memo"}

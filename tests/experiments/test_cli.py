@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run_cli
+from run_helpers import TINY, run_cli
 from hdqt.cli import build_parser
 from hdqt.experiments.cli import plan_runs
 

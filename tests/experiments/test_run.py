@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, read_metrics, run_cli, subprocess_cli
+from run_helpers import TINY, read_metrics, run_cli, subprocess_cli
 
 REQUIRED = ("avg_incremental_accuracy", "last_accuracy", "forgetting", "backward_transfer",
             "accuracy_matrix")
