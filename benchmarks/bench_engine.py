@@ -3,7 +3,8 @@
 Measures forward + backward + SGD at batch 128 for
   * FCNet 405-405-405-19 (three Linear layers, no bias), and
   * one 16->16 3x3 conv (padding 1) on 32x32 maps,
-under each recipe, and prints each recipe's time divided by fp32's.
+under each recipe, and prints each recipe's time divided by fp32's, and the
+activation memory one forward keeps for the backward.
 Targets (issue 2): hdqt <= 2x fp32 for FCNet, <= 3x for the conv.
 
     python benchmarks/bench_engine.py [--rounds 15] [--steps 5] [--recipes fp32,hdqt,int] [--threads N]
@@ -42,6 +43,20 @@ def make_step(model: nn.Module, x: torch.Tensor, loss_fn):
         opt.step()
 
     return step
+
+
+def saved_mb(model: nn.Module, x: torch.Tensor, loss_fn) -> float:
+    """Megabytes that one forward keeps for the backward (autograd's saved tensors)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(model(x))
+    return total / 2**20
 
 
 def interleaved_ms(steps: dict, rounds: int, per_round: int) -> dict[str, list[float]]:
@@ -85,13 +100,14 @@ def main() -> None:
     }
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {dev}, batch 128; "
           f"{args.rounds} rounds x {args.steps} steps, recipes interleaved")
-    print(f"{'case':<26}{'recipe':<8}{'ms/step':>9}{'x fp32':>8}{'ratio IQR':>14}{'target':>8}")
+    print(f"{'case':<26}{'recipe':<8}{'ms/step':>9}{'x fp32':>8}{'ratio IQR':>14}{'target':>8}{'saved MB':>10}")
     for case, (build, x, loss_fn, target) in cases.items():
-        steps = {}
+        steps, memory = {}, {}
         for name in recipes:
             torch.manual_seed(0)
             model = hdqt.quantize_model(build().to(dev), hdqt.recipe(name))
             steps[name] = make_step(model, x, loss_fn)
+            memory[name] = saved_mb(model, x, loss_fn)
         times = interleaved_ms(steps, args.rounds, args.steps)
         for name in recipes:
             # the ratio of each round to fp32 in the same round, then its median and spread
@@ -99,7 +115,7 @@ def main() -> None:
             q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
             tgt = f"<={target:g}" if name == "hdqt" else ""
             print(f"{case:<26}{name:<8}{statistics.median(times[name]):>9.2f}{statistics.median(ratios):>8.2f}"
-                  f"{f'{q1:.2f}-{q3:.2f}':>14}{tgt:>8}")
+                  f"{f'{q1:.2f}-{q3:.2f}':>14}{tgt:>8}{memory[name]:>10.1f}")
 
 
 if __name__ == "__main__":
