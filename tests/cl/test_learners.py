@@ -197,3 +197,42 @@ def test_conv_backbone_branches_stay_quantized_and_resume_exactly(name):
     resumed.load_state_dict(through_torch_save(run_tasks(make(), tasks[:1]).state_dict()))
     run_tasks(resumed, tasks[1:])
     assert torch.equal(weights(resumed), weights(full))  # BatchNorm statistics included
+
+
+@pytest.mark.parametrize("name", ["icarl", "der"])
+def test_evaluation_batches_mix_the_classes_of_a_label_sorted_test_set(name):
+    # hdqt scales activations per tensor, so a batch of one class would be quantized
+    # differently from a mixed one; test sets arrive sorted by label.
+    from hdqt.cl.scenario import ClassIncrementalScenario
+
+    from helpers import make_blobs
+
+    blobs = make_blobs(train_per_class=20, test_per_class=100)  # 600 test rows: 3 batches
+    task = ClassIncrementalScenario(*blobs, init_classes=6, increment=6, seed=0).tasks[0]
+    assert np.all(np.diff(task.y_test) >= 0)
+    learner = run_tasks(build(name, config=FAST.__class__(epochs=1, lr=0.05, memory=30)), [task])
+    label_of = {row.tobytes(): label for row, label in zip(task.x_test, task.y_test)}
+    batches = []
+    first = learner.network.branches[0] if name == "der" else learner.network.backbone
+    hook = first.register_forward_pre_hook(lambda module, args: batches.append(args[0].clone()))
+    try:
+        predictions = learner.evaluate(task.x_test)
+        again = learner.evaluate(task.x_test)
+    finally:
+        hook.remove()
+    # evaluate runs features once per batch (NME reuses them): 3 batches per call
+    assert len(batches) == 6
+    for batch in batches:
+        labels = {label_of[row.numpy().tobytes()] for row in batch}
+        assert labels == set(range(6)), sorted(labels)
+    for key in predictions:  # a fixed order: the same predictions every time
+        np.testing.assert_array_equal(predictions[key], again[key])
+    # returned in the order of the input
+    learner.network.eval()
+    with torch.no_grad():
+        logits = torch.cat([learner.network(batch) for batch in batches[:3]])
+    rows = torch.cat(batches[:3])
+    position = {row.tobytes(): i for i, row in enumerate(task.x_test)}
+    expected = np.empty(len(task.y_test), dtype=np.int64)
+    expected[[position[r.numpy().tobytes()] for r in rows]] = logits.argmax(dim=1).numpy()
+    np.testing.assert_array_equal(predictions["cnn"], expected)

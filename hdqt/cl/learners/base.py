@@ -186,22 +186,22 @@ class Learner:
         if self.total_classes == 0:
             raise RuntimeError("evaluate needs at least one task: call before_task first")
         self.network.eval()
-        use_nme = self.memory is not None and self.memory.has_means
-        preds, feats = [], []
-        for xb in self._batches(x):
+
+        def predict(xb):
             features = self._features(xb)
-            preds.append(self._logits_from_features(features).argmax(dim=1).cpu())
-            if use_nme:
-                feats.append(features.cpu())
-        out = {"cnn": torch.cat(preds).numpy().astype(np.int64)}
-        if use_nme:
-            out["nme"] = self.memory.nme_predict(torch.cat(feats).double().numpy())
+            return self._logits_from_features(features).argmax(dim=1), features
+
+        preds, feats = self._in_mixed_batches(x, predict)
+        out = {"cnn": preds.numpy().astype(np.int64)}
+        if self.memory is not None and self.memory.has_means:
+            out["nme"] = self.memory.nme_predict(feats.double().numpy())
         return out
 
     @torch.no_grad()
     def extract_features(self, x) -> np.ndarray:
         self.network.eval()
-        return torch.cat([self._features(xb).cpu() for xb in self._batches(x)]).double().numpy()
+        (features,) = self._in_mixed_batches(x, lambda xb: (self._features(xb),))
+        return features.double().numpy()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -329,11 +329,26 @@ class Learner:
                                if self._current_task is None else
                                f"task {self._current_task} is running, got task {task.index}")
 
-    def _batches(self, x) -> Iterator[torch.Tensor]:
+    def _in_mixed_batches(self, x, fn: Callable[[torch.Tensor], tuple]) -> tuple:
+        """``fn`` (batch -> tuple of tensors) over ``x`` in inference batches; the
+        results, on the CPU, in the order of ``x``.
+
+        The batches follow a fixed shuffled order seeded by (seed, len(x)): quantized
+        layers scale activations per tensor, so a sample's output depends on the batch
+        it shares, and test sets come sorted by label, which in input order would make
+        every batch mostly one class. Shuffled, every batch mixes the classes, and the
+        same data always gives the same batches (reproducible, resumable).
+        """
         x_all = _as_float_tensor(x)
+        n = len(x_all)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "inference-order", n))
+        order = torch.randperm(n, generator=generator)
         size = max(self.config.batch_size, 256)
-        for start in range(0, len(x_all), size):
-            yield x_all[start:start + size].to(self.device)
+        parts = [tuple(out.cpu() for out in fn(x_all[idx].to(self.device)))
+                 for idx in order.split(size)]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n)
+        return tuple(torch.cat(column)[inverse] for column in zip(*parts))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(backbone={self.backbone_name!r}, "

@@ -124,7 +124,7 @@ class BiC(Learner):
         net = self.network
         net.eval()
         with torch.no_grad():
-            raw = torch.cat([net.raw_logits(xb).cpu() for xb in self._batches(x_val)])
+            (raw,) = self._in_mixed_batches(x_val, lambda xb: (net.raw_logits(xb),))
         newest = net.bias_layers[-1]
         newest.requires_grad_(True)
 
