@@ -56,7 +56,7 @@ def build_policy(config: RunConfig):
 def build_train_config(config: RunConfig):
     from hdqt.cl.learners.base import TrainConfig
 
-    optional = {key: getattr(config, key) for key in ("bic_val_fraction", "aux_loss_weight")
+    optional = {key: getattr(config, key) for key in ("bic_val_fraction", "bic_steps", "aux_loss_weight")
                 if getattr(config, key) is not None}
     try:
         return TrainConfig(

@@ -1,7 +1,10 @@
 """What makes each method that method: BiC's two stages, DER/MEMO's expansion, distillation."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hdqt
 from hdqt.cl.learners.base import distillation_loss
@@ -37,9 +40,10 @@ def test_bic_trains_only_the_newest_bias_layer_in_stage_two(scenario):
     bic.before_task(scenario.tasks[1])
     bic.train_task(scenario.tasks[1], on_epoch=lambda e, n, logs: calls.append((e, n, logs)))
     bic.after_task(scenario.tasks[1])
-    # stage 1 then stage 2, numbered as one run of 2 * epochs
+    # stage 1's epochs, then stage 2 (full-batch steps) reported as one more epoch
     assert [(e, n, logs["stage"]) for e, n, logs in calls] == [
-        (1, 4, "main"), (2, 4, "main"), (3, 4, "bias"), (4, 4, "bias")]
+        (1, 3, "main"), (2, 3, "main"), (3, 3, "bias")]
+    assert calls[-1][2]["steps"] == FAST.bic_steps
     (a0, b0), (a1, b1) = bic.bias_parameters()
     assert (a0, b0) == (1.0, 0.0) and (a1, b1) != (1.0, 0.0)
     before = clone_params(bic.network)
@@ -64,6 +68,79 @@ def test_bic_validation_set_is_balanced_and_disjoint(scenario):
     assert len(y_tr) + len(y_val) == len(task.y_train) + len(bic.memory)
     rows_train = {r.tobytes() for r in x_tr}
     assert not any(r.tobytes() in rows_train for r in x_val)
+    # a larger fraction: round(0.3 * 15) = 4 per class
+    wide = run_tasks(build("bic", config=replace(FAST, bic_val_fraction=0.3)), scenario.tasks[:1])
+    wide.before_task(task)
+    assert np.bincount(wide._split(task)[1][1]).tolist() == [4, 4, 4, 4]
+
+
+def test_bic_validation_keeps_at_least_two_samples_per_class(scenario):
+    # memory 30 over 4 old classes: 7 exemplars each, round(0.1 * 7) = 1 -> raised to 2
+    bic = run_tasks(build("bic"), scenario.tasks[:2])
+    task = scenario.tasks[2]
+    bic.before_task(task)
+    assert min(len(bic.memory.exemplars(c)) for c in bic.memory.classes) == 7
+    assert np.bincount(bic._split(task)[1][1]).tolist() == [2] * 6
+
+
+def overlapping_scenario():
+    """Blobs with close centres: the validation loss of stage 2 has a finite optimum."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(6, 16)) * 0.6
+
+    def draw(per_class):
+        y = np.repeat(np.arange(6), per_class)
+        return (centres[y] + rng.normal(size=(len(y), 16))).astype(np.float32), y
+
+    from hdqt.cl.scenario import ClassIncrementalScenario
+    # Many new samples against 15 exemplars per old class: a bias for stage 2 to correct.
+    return ClassIncrementalScenario(*draw(150), *draw(10), init_classes=2, increment=2, seed=0)
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "hdqt"])
+def test_bic_stage_two_reaches_the_optimum_of_the_validation_loss(recipe):
+    # Before, stage 2 ran ``epochs`` SGD steps (one per epoch on a small validation
+    # set) and stopped wherever that left alpha, beta.
+    tasks = overlapping_scenario().tasks
+    # 8 validation samples per class: overlapping classes, so the loss has a finite optimum
+    bic = run_tasks(build("bic", recipe, config=replace(FAST, bic_val_fraction=0.5)), tasks[:1])
+    task = tasks[1]
+    bic.before_task(task)
+    bic.train_task(task)
+    (_, _), (x_val, y_val) = bic._split(task)
+    net = bic.network
+    net.eval()
+    with torch.no_grad():
+        raw = net.raw_logits(torch.as_tensor(x_val))
+    y = torch.as_tensor(y_val)
+    trained = [p.detach().clone() for p in net.bias_layers[-1].parameters()]
+    blocks = torch.split(raw, net.task_sizes, dim=1)
+    with torch.no_grad():
+        fixed = [layer(b) for layer, b in zip(net.bias_layers[:-1], blocks[:-1])]
+
+    def loss_at(alpha, beta):
+        return F.cross_entropy(torch.cat([*fixed, alpha * blocks[-1] + beta], dim=1), y)
+
+    reached = float(loss_at(*trained))
+    alpha, beta = (p.clone().requires_grad_(True) for p in trained)
+    grad = torch.autograd.grad(loss_at(alpha, beta), [alpha, beta])
+    assert float(torch.cat(grad).norm()) < 5e-3
+    # The optimum by L-BFGS (the loss is convex in alpha, beta), from the start point.
+    alpha, beta = torch.ones(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    lbfgs = torch.optim.LBFGS([alpha, beta], max_iter=500, tolerance_grad=1e-10,
+                              tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = loss_at(alpha, beta)
+        loss.backward()
+        return loss
+
+    lbfgs.step(closure)
+    optimum = float(loss_at(alpha.detach(), beta.detach()))
+    initial = float(loss_at(torch.ones(1), torch.zeros(1)))
+    assert optimum < initial - 0.01  # stage 2 has something to correct here
+    assert reached == pytest.approx(optimum, abs=1e-4)
 
 
 @pytest.mark.parametrize("name", ["der", "memo"])

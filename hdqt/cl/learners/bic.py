@@ -3,9 +3,11 @@
 Per task with old classes (the first task trains plain cross-entropy):
 
 * Split: a validation set of ``v`` samples per class is held out, ``v`` =
-  round(bic_val_fraction * exemplars per old class) (at least 1): ``v`` exemplars
-  of every old class and ``v`` new samples of every new class, so that the set is
-  balanced between old and new classes, as in the paper.
+  max(2, round(bic_val_fraction * exemplars per old class)): ``v`` exemplars of
+  every old class and ``v`` new samples of every new class, so that the set is
+  balanced between old and new classes, as in the paper. The floor of 2 keeps
+  stage 2 from fitting alpha, beta to a single sample per class; a class keeps at
+  least one training sample, so a class of 2 samples gives only 1.
 * Stage 1 trains the network on the rest (new data + exemplars) with
   ``L = (1 - lambda) * CE(all logits) + lambda * KD_T(old logits)``,
   ``lambda = n_old / (n_old + n_new)`` classes, KD at temperature T against the
@@ -16,8 +18,13 @@ Per task with old classes (the first task trains plain cross-entropy):
 
 The correction is elementwise (two scalars per task), not a matmul, so it is the
 one parameter block not run through a quantized layer. Stage 2 computes the
-frozen network's raw logits once and trains alpha, beta on them: the same
-optimisation, without re-running the frozen quantized network every epoch.
+frozen network's raw logits once and runs ``bic_steps`` full-batch SGD steps
+(lr and momentum of the config, no weight decay, no lr decay) on them. It does
+not follow ``epochs``: with 17-40 validation samples an epoch is a single step,
+and stopping after ``epochs`` steps left alpha, beta far from converged (new-class
+accuracy swung between 0 and 96% over seeds). A few hundred full-batch steps
+bring the validation loss to its optimum (within 0.1% at the default 1000 steps on
+DSADS and HAPT, against 30000 steps), and cost well under a second.
 """
 from __future__ import annotations
 
@@ -28,6 +35,9 @@ import torch.nn.functional as F
 
 from hdqt.cl.learners.base import Learner, derive_seed, distillation_loss
 from hdqt.cl.learners.networks import IncrementalNet
+
+# Validation samples per class at least (where a class has more than this).
+MIN_VAL_PER_CLASS = 2
 
 
 class BiasLayer(nn.Module):
@@ -97,13 +107,13 @@ class BiC(Learner):
         backbone_and_head = [p for n, p in self.network.named_parameters()
                              if not n.startswith("bias_layers.")]
         self._fit(x_train, y_train, self._loss, backbone_and_head, task_index=task.index,
-                  stage="main", on_epoch=on_epoch, total_epochs=2 * epochs)
+                  stage="main", on_epoch=on_epoch, total_epochs=epochs + 1)
         return self._train_bias(x_val, y_val, task.index, on_epoch)
 
     def _split(self, task):
         """(train, validation) sets; validation balanced over old and new classes."""
         per_old = min(len(self.memory.exemplars(c)) for c in self.memory.classes)
-        per_class = max(1, int(round(self.config.bic_val_fraction * per_old)))
+        per_class = max(MIN_VAL_PER_CLASS, int(round(self.config.bic_val_fraction * per_old)))
         rng = np.random.default_rng(derive_seed(self.seed, "bic-split", task.index))
         x_mem, y_mem = self.memory.data()
         # Old classes (memory) and new classes (task data) are disjoint, so one pass
@@ -121,27 +131,44 @@ class BiC(Learner):
         return (x_cat[train_idx], y_cat[train_idx]), (x_cat[val_idx], y_cat[val_idx])
 
     def _train_bias(self, x_val, y_val, task_index: int, on_epoch) -> dict:
+        """Stage 2, reported to ``on_epoch`` as one more epoch after stage 1's."""
         net = self.network
         net.eval()
         with torch.no_grad():
             (raw,) = self._in_mixed_batches(x_val, lambda xb: (net.raw_logits(xb),))
-        newest = net.bias_layers[-1]
-        newest.requires_grad_(True)
-
-        def loss_fn(z, y):
-            logits = net.correct(z)
-            return F.cross_entropy(logits, y), logits
-
-        try:
-            # No weight decay: it would pull alpha towards 0 rather than towards 1.
-            logs = self._fit(raw, y_val, loss_fn, newest.parameters(), task_index=task_index,
-                             stage="bias", on_epoch=on_epoch, epoch_offset=self.config.epochs,
-                             total_epochs=2 * self.config.epochs, weight_decay=0.0,
-                             set_mode=net.eval, augment=False)
-        finally:
-            newest.requires_grad_(False)
+        logs = fit_bias(net, raw.to(self.device),
+                        torch.as_tensor(np.asarray(y_val), dtype=torch.long, device=self.device),
+                        steps=self.config.bic_steps, lr=self.config.lr,
+                        momentum=self.config.momentum)
+        if on_epoch is not None:
+            on_epoch(self.config.epochs + 1, self.config.epochs + 1, logs)
         return logs
 
     def bias_parameters(self) -> list[tuple[float, float]]:
         """(alpha, beta) of every task, for inspection."""
         return [(float(b.alpha), float(b.beta)) for b in self.network.bias_layers]
+
+
+def fit_bias(net: BiCNet, raw: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float,
+             momentum: float) -> dict:
+    """Train the newest bias layer of ``net`` on cached raw logits, full batch.
+
+    Deterministic (no sampling). No weight decay: it would pull alpha towards 0
+    rather than towards 1. Returns the final validation loss and accuracy.
+    """
+    newest = net.bias_layers[-1]
+    newest.requires_grad_(True)
+    try:
+        optimizer = torch.optim.SGD(newest.parameters(), lr=lr, momentum=momentum)
+        for _ in range(steps):
+            loss = F.cross_entropy(net.correct(raw), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        newest.requires_grad_(False)
+    with torch.no_grad():
+        logits = net.correct(raw)
+        loss = float(F.cross_entropy(logits, y))
+        accuracy = 100.0 * float((logits.argmax(dim=1) == y).float().mean())
+    return {"loss": loss, "accuracy": accuracy, "lr": lr, "stage": "bias", "steps": steps}

@@ -18,9 +18,10 @@ class TrainConfig:
 
     ``memory`` is the total exemplar budget, ``selection`` its strategy,
     ``temperature`` the distillation temperature, ``bic_val_fraction`` the share
-    of each class's exemplars (and as many new samples per class) BiC holds out
-    for its bias-correction stage, ``aux_loss_weight`` the weight of DER/MEMO's
-    auxiliary classifier loss.
+    of each class's exemplars (and as many new samples per class, at least 2) BiC
+    holds out for its bias-correction stage, ``bic_steps`` the full-batch steps of
+    that stage (independent of ``epochs``), ``aux_loss_weight`` the weight of
+    DER/MEMO's auxiliary classifier loss.
     """
 
     epochs: int
@@ -35,11 +36,13 @@ class TrainConfig:
     temperature: float = 2.0
     device: str = "cpu"
     bic_val_fraction: float = 0.1
+    bic_steps: int = 1000
     aux_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)
+        _positive_int("bic_steps", self.bic_steps)
         _number("lr", self.lr, low=0.0, low_open=True)
         _number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         _number("weight_decay", self.weight_decay, low=0.0)
