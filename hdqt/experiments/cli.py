@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -61,7 +62,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="output directory; rerunning with the same one resumes "
                              "(default: runs/default with no arguments, else runs/<name>-<hash>)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="discard a run with another configuration in --out instead of failing")
+                        help="discard a run with another configuration or made by other code "
+                             "in --out instead of failing")
+    parser.add_argument("--force", action="store_true",
+                        help="resume (or report) a run in --out made by other code instead "
+                             "of failing; its results then mix code versions")
     parser.set_defaults(func=run_command)
     return parser
 
@@ -137,8 +142,11 @@ def run_command(args: argparse.Namespace) -> int:
     for run in runs:
         print(f"== {run.label}: output in {run.out_dir}", flush=True)
         try:
-            results.append(run_experiment(run.config, run.out_dir, overwrite=args.overwrite,
-                                          progress=ConsoleProgress(run.label)))
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                results.append(run_experiment(run.config, run.out_dir, overwrite=args.overwrite,
+                                              force=args.force,
+                                              progress=ConsoleProgress(run.label)))
         except (ConfigError, DatasetNotFoundError, DatasetFormatError) as error:
             print(f"hdqt run: error: {error}", file=sys.stderr)
             return 2
@@ -154,3 +162,7 @@ def run_command(args: argparse.Namespace) -> int:
               f"differences to {runs[0].label}):")
         print(compare_table([r.label for r in runs], [r.metrics for r in results]), flush=True)
     return 0
+
+
+def _show_warning(message, category, *args, **kwargs) -> None:
+    print(f"hdqt run: warning: {message}", file=sys.stderr, flush=True)

@@ -6,11 +6,18 @@ and ``tasks.csv`` derived from that history. The checkpoint is the source of
 truth: a rerun in the same directory loads it and continues with the next task,
 and because the learner state and every RNG state are restored, the final
 metrics equal those of an uninterrupted run.
+
+Both ``config.json`` and the checkpoint record the code version (a hash of the
+package source, see ``fingerprint``). Resuming a run, or reporting a finished
+one, made by other code is refused (``StaleRunError``) unless ``force=True``,
+which goes on with a ``CodeVersionWarning`` and keeps the earlier versions in
+``config.json`` (``previous_code``); ``overwrite=True`` starts afresh instead.
 """
 from __future__ import annotations
 
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,14 +27,24 @@ import torch
 
 from hdqt.experiments import outputs
 from hdqt.experiments.config import ConfigError, RunConfig
+from hdqt.experiments.fingerprint import code_fingerprint, describe, same_code
 from hdqt.experiments.progress import Progress, SilentProgress
 from hdqt.experiments.summary import summarize
 
 CHECKPOINT_VERSION = 1
+_REDO = "use --overwrite to rerun it from scratch, or --force to go on with it anyway"
 
 
 class ConfigMismatchError(ConfigError):
     """The output directory holds a run with a different configuration."""
+
+
+class StaleRunError(ConfigMismatchError):
+    """The output directory holds a run made by other code."""
+
+
+class CodeVersionWarning(UserWarning):
+    """A run is continued (force=True) with code other than the code that started it."""
 
 
 @dataclass
@@ -86,19 +103,41 @@ def _restore_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
 
 
-def prepare_out_dir(config: RunConfig, out_dir: Path, overwrite: bool) -> None:
-    """Claim ``out_dir`` for ``config``: a new run, a resume of the same one, or --overwrite."""
+def prepare_out_dir(config: RunConfig, out_dir: Path, overwrite: bool,
+                    code: dict[str, Any] | None = None, force: bool = False) -> None:
+    """Claim ``out_dir`` for ``config`` made by ``code``: a new run, a resume of the same
+    one, or --overwrite."""
+    code = code or code_fingerprint()
     if overwrite:
         for name in outputs.RUN_FILES:
             (out_dir / name).unlink(missing_ok=True)
     config_path = out_dir / outputs.CONFIG_JSON
+    previous: list = []
     if config_path.exists():
         _check_same_config(config, config_path)
-    payload = {"config": config.to_dict(), "policy": _policy_dict(config)}
+        stored = outputs.read_json(config_path)
+        previous = list(stored.get("previous_code", []))
+        # Only results can mix versions: a run killed before its first task has none.
+        has_results = any((out_dir / name).exists()
+                          for name in (outputs.CHECKPOINT, outputs.METRICS_JSON))
+        if has_results and not same_code(stored.get("code"), code):
+            _stale(f"{out_dir} holds a run made by {describe(stored.get('code'))}; this is "
+                   f"{describe(code)}", force)
+            previous.append(stored.get("code"))
+    payload = {"config": config.to_dict(), "policy": _policy_dict(config), "code": code}
+    if previous:
+        payload["previous_code"] = previous
     outputs.write_json(config_path, payload)
     outputs.write_text(out_dir / outputs.CONFIG_TOML, outputs.to_toml(
         config.to_dict(), header="Resolved configuration of this run; "
         "reuse it with `hdqt run --config config.toml`."))
+
+
+def _stale(message: str, force: bool) -> None:
+    if not force:
+        raise StaleRunError(f"{message}; its results would mix code versions: {_REDO}")
+    warnings.warn(f"{message}; going on (--force), the results mix code versions",
+                  CodeVersionWarning, stacklevel=3)
 
 
 def _check_same_config(config: RunConfig, config_path: Path) -> None:
@@ -122,15 +161,17 @@ def _policy_dict(config: RunConfig) -> dict[str, Any]:
 
 
 def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = False,
-                   progress: Progress | None = None) -> RunResult:
-    """Run (or resume, or just report) the experiment in ``out_dir``."""
+                   force: bool = False, progress: Progress | None = None) -> RunResult:
+    """Run (or resume, or just report) the experiment in ``out_dir``; ``force`` goes on
+    with a run made by other code (see the module docstring)."""
     from hdqt.cl.learners import create_learner
     from hdqt.cl.scenario import ClassIncrementalScenario, check_split
     from hdqt.data import prepare
 
     out_dir = Path(out_dir)
     progress = progress or SilentProgress()
-    prepare_out_dir(config, out_dir, overwrite)
+    code = code_fingerprint()
+    prepare_out_dir(config, out_dir, overwrite, code, force)
 
     data = prepare(config.dataset, root=config.data_root, seed=config.seed,
                    test_fraction=config.test_fraction)
@@ -157,6 +198,9 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
     if checkpoint_path.exists():
         state = outputs.read_checkpoint(checkpoint_path)
         _check_checkpoint(state, config, scenario, checkpoint_path)
+        if not same_code(state.get("code"), code):
+            _stale(f"{checkpoint_path} was written by {describe(state.get('code'))}; this is "
+                   f"{describe(code)}", force)
         learner.load_state_dict(state["learner"])
         _restore_rng_states(state["rng"])
         history = list(state["history"])
@@ -173,7 +217,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
         record = _evaluate(learner, task, scenario, data.class_names, seconds)
         history.append(record)
         outputs.write_checkpoint(checkpoint_path, {
-            "version": CHECKPOINT_VERSION, "config": config.identity(),
+            "version": CHECKPOINT_VERSION, "config": config.identity(), "code": code,
             "class_order": [int(c) for c in scenario.class_order],
             "learner": learner.state_dict(), "rng": _rng_states(), "history": history})
         _write_reports(out_dir, config, scenario, history)

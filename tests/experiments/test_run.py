@@ -118,3 +118,76 @@ def test_compare_prints_both_recipes_and_their_difference(reference_run, tmp_pat
                if line.startswith("avg incremental accuracy [nme]")).split()
     a, b = fp32["avg_incremental_accuracy"], hdqt["avg_incremental_accuracy"]
     assert row[-3:] == [f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"]
+
+
+def test_code_fingerprint_hashes_the_package_source(tmp_path):
+    from hdqt.experiments.fingerprint import code_fingerprint, git_commit, source_hash
+
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "sub" / "k.c").write_text("int f;\n")
+    first = source_hash(package)
+    (package / "notes.txt").write_text("not source")
+    (package / "sub" / "__pycache__").mkdir()
+    (package / "sub" / "__pycache__" / "a.py").write_text("cached")
+    assert source_hash(package) == first  # only source files count
+    (package / "sub" / "k.c").write_text("int g;\n")
+    assert source_hash(package) != first  # native kernels count
+    (package / "sub" / "k.c").write_text("int f;\n")
+    (package / "b.py").write_text("")
+    assert source_hash(package) != first  # an added file counts
+    assert git_commit(package) is None  # not a git checkout
+    code = code_fingerprint()
+    assert len(code["source_sha256"]) == 64 and code == code_fingerprint()
+
+
+def _pretend_other_code(path):
+    """Rewrite the code fingerprint stored in config.json or checkpoint.pt."""
+    if path.suffix == ".json":
+        payload = json.loads(path.read_text())
+        payload["code"] = {"source_sha256": "0" * 64, "git_commit": "f" * 40}
+        path.write_text(json.dumps(payload))
+    else:
+        state = torch.load(path, weights_only=False)
+        state["code"] = {"source_sha256": "0" * 64, "git_commit": None}
+        torch.save(state, path)
+
+
+def test_run_from_other_code_is_refused_unless_force_or_overwrite(tmp_path, capsys):
+    from hdqt.experiments.fingerprint import code_fingerprint
+
+    out = tmp_path / "run"
+    args = (*TINY, "--recipe", "fp32", "--epochs", "1", "--out", str(out))
+    assert run_cli(*args) == 0
+    code = code_fingerprint()
+    assert json.loads((out / "config.json").read_text())["code"] == code
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["code"] == code
+    finished = read_metrics(out)
+
+    _pretend_other_code(out / "config.json")
+    capsys.readouterr()
+    assert run_cli(*args) == 2
+    error = capsys.readouterr().err
+    assert "made by source 000000000000 at commit ffffffffff" in error
+    assert "--overwrite" in error and "--force" in error
+    # --force reports the finished run, warning, and keeps the other version on record
+    assert run_cli(*args, "--force") == 0
+    assert "hdqt run: warning:" in capsys.readouterr().err
+    payload = json.loads((out / "config.json").read_text())
+    assert payload["code"] == code and payload["previous_code"][0]["source_sha256"] == "0" * 64
+    assert read_metrics(out) == finished
+
+    # A checkpoint from other code is refused as well (config.json alone is not trusted).
+    _pretend_other_code(out / "checkpoint.pt")
+    assert run_cli(*args) == 2
+    assert "checkpoint.pt was written by source 000000000000" in capsys.readouterr().err
+    # Runs from before fingerprints (nothing recorded) count as other code.
+    payload = json.loads((out / "config.json").read_text())
+    del payload["code"]
+    (out / "config.json").write_text(json.dumps(payload))
+    assert run_cli(*args) == 2
+    assert "unrecorded code" in capsys.readouterr().err
+    assert run_cli(*args, "--overwrite") == 0
+    assert read_metrics(out) == finished  # rerun from scratch by this code: same results
+    assert "previous_code" not in json.loads((out / "config.json").read_text())
