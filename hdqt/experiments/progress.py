@@ -36,10 +36,11 @@ def _format_logs(logs: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 class ConsoleProgress(Progress):
-    """Bars per task and per epoch (only on a terminal) and one log line per task.
+    """Bars per task and per epoch on a terminal; otherwise a log line per epoch.
+    A log line per task in both cases.
 
     The log lines go to ``stream`` whether or not bars are shown, so a run
-    redirected to a file still records what happened task by task.
+    redirected to a file still records what happened, epoch by epoch.
     """
 
     def __init__(self, label: str = "", stream: TextIO | None = None,
@@ -74,6 +75,8 @@ class ConsoleProgress(Progress):
 
     def epoch(self, epoch: int, total: int, logs: Mapping[str, Any] | None = None) -> None:
         if not self.bars:
+            values = " ".join(f"{key} {value}" for key, value in _format_logs(logs).items())
+            self._log(f"{self._task_label} epoch {epoch}/{total}: {values}".rstrip(": "))
             return
         if self._epoch_bar is None:
             self._epoch_bar = tqdm(total=total, desc=self._task_label, unit="epoch",

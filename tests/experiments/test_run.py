@@ -5,6 +5,8 @@ import csv
 import json
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -65,20 +67,24 @@ def test_resume_after_sigkill_mid_task_equals_uninterrupted_run(reference_run, t
     args = (*TINY, "--recipe", "hdqt", "--out", str(out))
     process = subprocess_cli(*args, cwd=tmp_path)
     seen = []
-    for line in process.stdout:  # wait until task 2 is done: task 3 is then training
+    for line in process.stdout:
         seen.append(line)
-        if "task 2/5" in line:
+        # Without a terminal every epoch is logged: after epoch 1 of task 3 the run is
+        # inside that task (epoch 2, memory, evaluation and checkpoint still to come).
+        if "task 3/5 epoch 1/2" in line:
             process.send_signal(signal.SIGKILL)
             break
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, "".join(seen)
+    assert any("task 2/5 classes" in line for line in seen)
     partial = read_metrics(out)
-    assert not partial["complete"] and 2 <= partial["finished_tasks"] < 5
+    assert not partial["complete"] and partial["finished_tasks"] == 2
 
     resumed = subprocess_cli(*args, cwd=tmp_path)
     log, _ = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, log
-    assert f"resuming after task {partial['finished_tasks']}/5" in log
+    assert "resuming after task 2/5" in log
+    assert "task 3/5 epoch 1/2" in log  # task 3 is trained again from its start
     assert read_metrics(out) == read_metrics(reference_run)
 
     # A finished run is reported, not retrained.
@@ -86,6 +92,40 @@ def test_resume_after_sigkill_mid_task_equals_uninterrupted_run(reference_run, t
     log, _ = finished.communicate(timeout=120)
     assert finished.returncode == 0 and "already complete" in log
     assert read_metrics(out) == read_metrics(reference_run)
+
+
+# Runs BiC and SIGKILLs itself from the progress callback of stage 2 (bias correction)
+# of task 3: after stage 2's steps, before the task's memory update and checkpoint.
+KILL_IN_BIAS_STAGE = """
+import os, signal, sys
+from hdqt.experiments import resolve_config, run_experiment
+from hdqt.experiments.progress import ConsoleProgress
+
+class KillInBiasStage(ConsoleProgress):
+    def epoch(self, epoch, total, logs=None):
+        super().epoch(epoch, total, logs)
+        if self._task_label.startswith("task 3/") and (logs or {}).get("stage") == "bias":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+flags = dict(dataset="digits", method="bic", recipe="hdqt", epochs=2, memory=40)
+run_experiment(resolve_config(None, flags), sys.argv[1], progress=KillInBiasStage("bic"))
+"""
+
+
+def test_bic_killed_in_its_bias_stage_resumes_to_the_uninterrupted_result(tmp_path):
+    cli_args = ("--dataset", "digits", "--method", "bic", "--recipe", "hdqt", "--epochs", "2",
+                "--memory", "40")
+    assert run_cli(*cli_args, "--out", str(tmp_path / "reference")) == 0
+    out = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_BIAS_STAGE, str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert "task 3/5 epoch 3/3: loss" in killed.stdout and "stage bias" in killed.stdout
+    partial = read_metrics(out)
+    assert partial["finished_tasks"] == 2
+
+    assert run_cli(*cli_args, "--out", str(out)) == 0
+    assert read_metrics(out) == read_metrics(tmp_path / "reference")
 
 
 def test_other_config_in_out_dir_is_refused_unless_overwrite(tmp_path, capsys):
