@@ -23,6 +23,7 @@ from hdqt.experiments.config import RunConfig
 class GridPoint:
     config: RunConfig
     out_dir: Path
+    overwrite: bool = False  # discard what out_dir holds (a run made by other code)
 
     @property
     def name(self) -> str:
@@ -48,7 +49,7 @@ def _run_point(point: GridPoint, threads: int) -> GridOutcome:
     torch.set_num_threads(threads)
     started = time.perf_counter()
     try:
-        result = run_experiment(point.config, point.out_dir)
+        result = run_experiment(point.config, point.out_dir, overwrite=point.overwrite)
     except Exception:  # reported per point; the other points keep running
         return GridOutcome(point, None, traceback.format_exc(limit=5),
                            time.perf_counter() - started)
