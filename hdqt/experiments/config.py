@@ -48,6 +48,7 @@ class RunConfig:
     bic_val_fraction: float | None = None
     bic_steps: int | None = None
     aux_loss_weight: float | None = None
+    balanced_finetune_epochs: int | None = None
     # Where the run happens, not what it computes: ignored when checking that a
     # resumed run has the same configuration (see ``identity``).
     data_root: str | None = field(default=None, compare=False)
@@ -77,7 +78,7 @@ CONFIG_KEYS = tuple(f.name for f in _FIELDS)
 RUN_KEYS = ("compare", "out")
 
 _INT_KEYS = {"epochs", "memory", "init_classes", "increment", "seed", "bits",
-             "acc_bits", "tile", "batch_size", "bic_steps"}
+             "acc_bits", "tile", "batch_size", "bic_steps", "balanced_finetune_epochs"}
 _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "temperature", "test_fraction",
                "bic_val_fraction", "aux_loss_weight"}
 _STR_KEYS = {"dataset", "method", "recipe", "backbone", "selection", "data_root", "device"}

@@ -73,8 +73,9 @@ def build_policy(config: RunConfig):
 def build_train_config(config: RunConfig):
     from hdqt.cl.learners.base import TrainConfig
 
-    optional = {key: getattr(config, key) for key in ("bic_val_fraction", "bic_steps", "aux_loss_weight")
-                if getattr(config, key) is not None}
+    optional = {key: getattr(config, key) for key in (
+        "bic_val_fraction", "bic_steps", "aux_loss_weight", "balanced_finetune_epochs")
+        if getattr(config, key) is not None}
     try:
         return TrainConfig(
             epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,

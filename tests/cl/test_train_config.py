@@ -7,6 +7,8 @@ def test_defaults_follow_the_paper():
     cfg = TrainConfig(epochs=100, lr=0.01)
     assert (cfg.batch_size, cfg.momentum, cfg.temperature, cfg.memory) == (128, 0.9, 2.0, 200)
     assert cfg.selection == "herding" and cfg.device == "cpu"
+    # stages with their own length, independent of epochs
+    assert (cfg.bic_steps, cfg.balanced_finetune_epochs) == (1000, 30)
 
 
 def test_round_trip_through_dict():
@@ -27,6 +29,7 @@ def test_milestones_that_would_never_decay_or_are_not_ints_are_rejected(mileston
 @pytest.mark.parametrize("field, value", [
     ("epochs", 0), ("lr", 0.0), ("batch_size", 1.5), ("momentum", 1.0), ("gamma", 0.0),
     ("memory", -1), ("temperature", -2.0), ("bic_val_fraction", 1.0), ("weight_decay", -1e-4),
+    ("bic_steps", 0), ("balanced_finetune_epochs", -1), ("balanced_finetune_epochs", True),
 ])
 def test_invalid_values_name_the_field(field, value):
     kwargs = {"epochs": 10, "lr": 0.1, field: value}

@@ -247,8 +247,11 @@ class Learner:
     def _fit(self, x, y, loss_fn, parameters, *, task_index: int, stage: str,
              on_epoch: EpochCallback | None, epoch_offset: int = 0,
              total_epochs: int | None = None, weight_decay: float | None = None,
-             set_mode: Callable[[], None] | None = None, augment: bool = True) -> dict:
-        """SGD + MultiStepLR over (x, y) for ``config.epochs`` epochs.
+             set_mode: Callable[[], None] | None = None, augment: bool = True,
+             epochs: int | None = None, milestones: tuple[int, ...] | None = None) -> dict:
+        """SGD + MultiStepLR over (x, y) for ``epochs`` epochs (default: the config's,
+        with the config's milestones; a stage with its own ``epochs`` passes its own
+        ``milestones``, since the config's are validated against ``config.epochs``).
 
         Batches are shuffled (and augmented) by a generator seeded by
         (seed, task, stage); anything else random in training (dropout) runs under
@@ -261,17 +264,19 @@ class Learner:
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay if weight_decay is None
                                     else weight_decay)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones),
+        if epochs is None:
+            epochs, milestones = cfg.epochs, cfg.milestones
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones or ()),
                                                          gamma=cfg.gamma)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "batches", task_index,
                                                               stage))
         x_all = _as_float_tensor(x)
         y_all = torch.as_tensor(np.asarray(y), dtype=torch.long)
-        total_epochs = cfg.epochs if total_epochs is None else total_epochs
+        total_epochs = epochs if total_epochs is None else total_epochs
         set_mode = set_mode or self._set_train_mode
         logs: dict = {}
         with self._seeded("train", task_index, stage):
-            for epoch in range(cfg.epochs):
+            for epoch in range(epochs):
                 set_mode()
                 loss_sum, correct = 0.0, 0
                 for idx in _batch_indices(len(y_all), cfg.batch_size, generator):

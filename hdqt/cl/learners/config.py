@@ -21,7 +21,10 @@ class TrainConfig:
     of each class's exemplars (and as many new samples per class, at least 2) BiC
     holds out for its bias-correction stage, ``bic_steps`` the full-batch steps of
     that stage (independent of ``epochs``), ``aux_loss_weight`` the weight of
-    DER/MEMO's auxiliary classifier loss.
+    DER/MEMO's auxiliary classifier loss, ``balanced_finetune_epochs`` the epochs
+    of DER/MEMO's classifier-learning stage on class-balanced data (0 skips it),
+    ``weight_aligning`` whether DER/MEMO then shrink the new classes' head rows
+    to the old rows' mean norm (never enlarging them).
     """
 
     epochs: int
@@ -38,6 +41,7 @@ class TrainConfig:
     bic_val_fraction: float = 0.1
     bic_steps: int = 1000
     aux_loss_weight: float = 1.0
+    balanced_finetune_epochs: int = 30
 
     def __post_init__(self) -> None:
         _positive_int("epochs", self.epochs)
@@ -51,6 +55,10 @@ class TrainConfig:
         _number("bic_val_fraction", self.bic_val_fraction, low=0.0, high=1.0,
                 low_open=True, high_open=True)
         _number("aux_loss_weight", self.aux_loss_weight, low=0.0)
+        if isinstance(self.balanced_finetune_epochs, bool) or not isinstance(
+                self.balanced_finetune_epochs, int) or self.balanced_finetune_epochs < 0:
+            raise ValueError(f"balanced_finetune_epochs must be a non-negative integer, "
+                             f"got {self.balanced_finetune_epochs!r}")
         if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 0:
             raise ValueError(f"memory must be a non-negative integer (total exemplars), "
                              f"got {self.memory!r}")

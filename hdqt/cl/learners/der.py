@@ -8,10 +8,12 @@ by a head grown to all seen classes. The auxiliary head on ``F_t(x)`` alone
 weight ``aux_loss_weight`` (1 in the paper). Exemplar memory by herding on the
 concatenated features, used for rehearsal and NME.
 
-Deviations, as in PyCIL: no channel-mask pruning (the paper's sparsity loss is
-for model size, not accuracy), and the classifier-learning stage is done by
-weight aligning (see ``expandable.py``) instead of re-training the head on a
-balanced subset.
+After each task with old classes, the classifier-learning stage of the paper
+retrains the head on class-balanced data with the features frozen
+(``balanced_finetune_epochs``, see ``expandable.py``).
+
+Deviation, as in PyCIL: no channel-mask pruning (the paper's sparsity loss is
+for model size, not accuracy).
 """
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ adaptation (as in PyCIL) keeps one grown head and restricts the cross-entropy to
 its new rows. The old classes are kept by distillation from the network frozen
 after the previous task, at temperature T (config.temperature, 2 as in the
 paper). lambda_o = 1, the paper's setting for most experiments.
+
+Not implemented, as in PyCIL: the paper's warm-up step (train the new head alone,
+shared layers frozen, before joint training).
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ specialised block (initialised from the previous one), earlier ones are frozen
 (weights and BatchNorm statistics). The features of all specialised blocks are
 concatenated and classified by a grown head; as in DER, an auxiliary head on the
 newest block's features (|new| + 1 classes) adds its cross-entropy with weight
-``aux_loss_weight``, and the new head rows are weight-aligned after training.
+``aux_loss_weight``, and after training the head is retrained on class-balanced
+data (DER's classifier-learning stage, see ``expandable.py``).
 The generalised blocks keep training in every task, as in the reference
 configuration (``train_base: true``). Exemplar memory by herding on the
 concatenated features, used for rehearsal and NME.
