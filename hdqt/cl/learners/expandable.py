@@ -90,9 +90,10 @@ class ExpandingHeads(nn.Module):
 
 
 class ExpandingLearner(Learner):
-    """Loss and training-mode logic common to DER and MEMO."""
+    """Loss, training modes and the balanced classifier stage common to DER and MEMO."""
 
     uses_memory = True
+
     def _set_train_mode(self) -> None:
         self.network.train()
         self.network.freeze_old_branches_mode()
