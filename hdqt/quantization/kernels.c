@@ -142,10 +142,11 @@ typedef struct {
 HDQT_CLONES
 static void sr_span(const float *x, float *out, uint32_t lo0, uint32_t count, float scale, float qmin,
                     float qmax, uint32_t k0, uint32_t k1) {
+    const float inv = 1.0f / scale;
     for (uint32_t j = 0; j < count; ++j) {
         uint32_t h = fmix32(fmix32((lo0 + j) * 0x9e3779b9u + k0) ^ k1);
         float u = (float)(h >> 8) * (1.0f / 16777216.0f); /* 24 random bits in [0, 1) */
-        float v = x[j] / scale; /* a division, as the torch path: ties land alike */
+        float v = x[j] * inv; /* stochastic: a multiply suffices (no ties to match) */
         v = v < qmin ? qmin : (v > qmax ? qmax : v);
         v = floor_small(v + u);
         out[j] = v > qmax ? qmax : v; /* guards float rounding of v + u at the top */
@@ -230,7 +231,29 @@ HDQT_CLONES
 static void fwht_row(float *r, int64_t n, int64_t p) {
     if (p < 2) return;
     int64_t h = 1;
-    if (p >= NV) { /* stages 1..8 inside each 16-float vector, in registers */
+    if (p >= NV * NV) { /* stages 1..128 on 256 floats at a time, all in registers */
+        const vf16 s1 = LANE_SIGNS(1), s2 = LANE_SIGNS(2), s4 = LANE_SIGNS(4), s8 = LANE_SIGNS(8);
+        for (int64_t i = 0; i < n; i += NV * NV) {
+            vf16 v[NV];
+            memcpy(v, r + i, sizeof v);
+            for (int j = 0; j < NV; ++j) {
+                v[j] = SWAP_LANES(v[j], 1) + s1 * v[j];
+                v[j] = SWAP_LANES(v[j], 2) + s2 * v[j];
+                v[j] = SWAP_LANES(v[j], 4) + s4 * v[j];
+                v[j] = SWAP_LANES(v[j], 8) + s8 * v[j];
+            }
+            for (int d = 1; d < NV; d <<= 1) { /* stages 16..128: between vectors d apart */
+                for (int j = 0; j < NV; ++j) {
+                    if (j & d) continue;
+                    vf16 a = v[j], b = v[j + d];
+                    v[j] = a + b;
+                    v[j + d] = a - b;
+                }
+            }
+            memcpy(r + i, v, sizeof v);
+        }
+        h = NV * NV;
+    } else if (p >= NV) { /* stages 1..8 inside each 16-float vector, in registers */
         const vf16 s1 = LANE_SIGNS(1), s2 = LANE_SIGNS(2), s4 = LANE_SIGNS(4), s8 = LANE_SIGNS(8);
         for (int64_t i = 0; i < n; i += NV) {
             vf16 v;
@@ -426,45 +449,61 @@ static void cols_amax_range(void *arg, int64_t begin, int64_t end, int worker) {
     c->amax[worker] = m;
 }
 
-/* part[n * K + k] += sum_l g[n][l] * r[l] for the N gradient rows g (stride B*L) */
+/* part[n * K + k + i] += sum_l g[n][l] * r_i[l] for the N gradient rows g (stride
+ * B*L) and the two column rows r_0 = r, r_1 = r + L (k and k + 1): each load of
+ * g feeds both rows, so loads per multiply-add halve. */
 HDQT_CLONES
-static void dot_rows(const float *gb, int64_t row_stride, int64_t N, const float *r, int64_t L, int64_t K,
-                     int64_t k, float *part) {
+static void dot_row_pair(const float *gb, int64_t row_stride, int64_t N, const float *r, int64_t L, int64_t K,
+                         int64_t k, int pair, float *part) {
     int64_t full = L / NV * NV;
+    const float *r1 = r + L;
     for (int64_t n0 = 0; n0 < N; n0 += MR) {
         int64_t rows = N - n0 < MR ? N - n0 : MR;
-        vf16 acc[MR];
-        for (int i = 0; i < MR; ++i) acc[i] = (vf16){0};
+        vf16 acc0[MR], acc1[MR];
+        for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = (vf16){0};
         for (int64_t l = 0; l < full; l += NV) {
-            vf16 v, gv;
-            memcpy(&v, r + l, sizeof v);
+            vf16 v0, v1, gv;
+            memcpy(&v0, r + l, sizeof v0);
+            memcpy(&v1, r1 + l, sizeof v1); /* the second buffer row exists even when unused */
             for (int i = 0; i < rows; ++i) {
                 memcpy(&gv, gb + (n0 + i) * row_stride + l, sizeof gv);
-                acc[i] += gv * v;
+                acc0[i] += gv * v0;
+                acc1[i] += gv * v1;
             }
         }
         for (int i = 0; i < rows; ++i) {
-            float lanes[NV], sum = 0.0f;
-            memcpy(lanes, &acc[i], sizeof lanes);
-            for (int j = 0; j < NV; ++j) sum += lanes[j];
-            for (int64_t l = full; l < L; ++l) sum += gb[(n0 + i) * row_stride + l] * r[l];
-            part[(n0 + i) * K + k] += sum;
+            float lanes0[NV], lanes1[NV], sum0 = 0.0f, sum1 = 0.0f;
+            memcpy(lanes0, &acc0[i], sizeof lanes0);
+            memcpy(lanes1, &acc1[i], sizeof lanes1);
+            for (int j = 0; j < NV; ++j) sum0 += lanes0[j], sum1 += lanes1[j];
+            const float *g = gb + (n0 + i) * row_stride;
+            for (int64_t l = full; l < L; ++l) sum0 += g[l] * r[l], sum1 += g[l] * r1[l];
+            part[(n0 + i) * K + k] += sum0;
+            if (pair) part[(n0 + i) * K + k + 1] += sum1;
         }
     }
+}
+
+static void build_row(dw_ctx *c, int64_t b, int64_t k, float *r) {
+    const int64_t L = c->g.OH * c->g.OW;
+    gather_row(&c->g, c->x, b, k, r);
+    fwht_row(r, L, c->p);
+    sr_indexed(r, L, (k * c->g.B + b) * L, c);
 }
 
 static void dw_range(void *arg, int64_t begin, int64_t end, int worker) {
     dw_ctx *c = (dw_ctx *)arg;
     const int64_t K = c->g.C * c->g.kh * c->g.kw, L = c->g.OH * c->g.OW, B = c->g.B;
-    float *r = c->rows + worker * L;
+    float *r = c->rows + worker * 2 * L; /* two rows per worker */
     float *part = c->partials + worker * c->N * K;
     memset(part, 0, (size_t)(c->N * K) * sizeof(float));
     for (int64_t b = begin; b < end; ++b) {
-        for (int64_t k = 0; k < K; ++k) {
-            gather_row(&c->g, c->x, b, k, r);
-            fwht_row(r, L, c->p);
-            sr_indexed(r, L, (k * B + b) * L, c);
-            dot_rows(c->gq + b * L, B * L, c->N, r, L, K, k, part);
+        for (int64_t k = 0; k < K; k += 2) {
+            int pair = k + 1 < K;
+            build_row(c, b, k, r);
+            if (pair) build_row(c, b, k + 1, r + L);
+            else memset(r + L, 0, (size_t)L * sizeof(float));
+            dot_row_pair(c->gq + b * L, B * L, c->N, r, L, K, k, pair, part);
         }
     }
 }
@@ -501,7 +540,7 @@ int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t 
     memset(&c, 0, sizeof c);
     c.g = make_geom(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW);
     c.x = x, c.gq = gq, c.N = N, c.p = p, c.scale = scale, c.qmin = qmin, c.qmax = qmax, c.seed = seed;
-    c.rows = (float *)malloc((size_t)threads * L * sizeof(float));
+    c.rows = (float *)malloc((size_t)threads * 2 * L * sizeof(float));
     c.partials = (float *)malloc((size_t)threads * N * K * sizeof(float));
     if (c.rows == NULL || c.partials == NULL) {
         free(c.rows);

@@ -29,7 +29,7 @@ def _torch_only(monkeypatch):
 
 
 def test_native_fwht_equals_dense_for_every_block_size():
-    for p in (2, 4, 8, 16, 32, 1024):
+    for p in (2, 4, 8, 16, 32, 128, 256, 512, 1024):
         x = torch.randn(3, 4 * p)
         layout = block_layout(4 * p)  # paper rule: one block of 4p
         fast = hadamard_transform(x, 1, layout)
