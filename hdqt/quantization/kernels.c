@@ -204,6 +204,59 @@ void hdqt_rtn_quantize_f32(const float *x, float *out, int64_t n, float scale, f
     parallel_for(n, threads, 1 << 16, rtn_range, &c);
 }
 
+/* max|x| and whether any x < 0, in one pass over the bits: on the bits of |x| an
+ * unsigned max orders like the floats and puts every NaN above infinity, and a
+ * negative number has the sign bit and a non-zero magnitude (-0.0 is not below
+ * zero). Integer reductions only, which vectorise. */
+typedef struct {
+    const float *x;
+    uint32_t top[HDQT_MAX_THREADS], negative[HDQT_MAX_THREADS];
+} range_ctx;
+
+HDQT_CLONES
+static void range_scan(void *arg, int64_t begin, int64_t end, int worker) {
+    range_ctx *c = (range_ctx *)arg;
+    uint32_t top = 0, negative = 0;
+    for (int64_t i = begin; i < end; ++i) {
+        uint32_t bits;
+        memcpy(&bits, &c->x[i], sizeof bits);
+        uint32_t magnitude = bits & 0x7fffffffu;
+        top = magnitude > top ? magnitude : top;
+        negative |= (bits >> 31) & (magnitude != 0);
+    }
+    c->top[worker] = top, c->negative[worker] = negative;
+}
+
+/* The whole dynamic per-tensor quantizer in one call: min and max, the grid (the
+ * same rule as Quantizer.grid in quantizer.py: sign_mode 0 signed, 1 unsigned,
+ * 2 signed only if the tensor has a negative value; clip = clip_ratio * max|x|, scale =
+ * clip / qmax, or 1 for an all-zero tensor), then rounding to nearest
+ * (stochastic = 0) or stochastically. Writes the scale to *scale_out. Returns 0,
+ * or 1 if the tensor holds NaN or Inf (out is then untouched). */
+int hdqt_quantize_f32(const float *x, float *out, int64_t n, int stochastic, int sign_mode, double clip_ratio,
+                      double signed_max, double unsigned_max, uint64_t seed, double *scale_out, int threads) {
+    range_ctx rc;
+    rc.x = x;
+    int used = parallel_for(n, threads, 1 << 16, range_scan, &rc);
+    uint32_t top = 0, negative = 0;
+    for (int t = 0; t < used; ++t) {
+        top = rc.top[t] > top ? rc.top[t] : top;
+        negative |= rc.negative[t];
+    }
+    if (top >= 0x7f800000u) return 1; /* Inf or NaN */
+    float amax_f;
+    memcpy(&amax_f, &top, sizeof amax_f);
+    double amax = amax_f;
+    int is_signed = sign_mode == 0 || (sign_mode == 2 && negative);
+    double qmax = is_signed ? signed_max : unsigned_max, qmin = is_signed ? -qmax : 0.0;
+    double clip = clip_ratio * amax;
+    double scale = clip > 0.0 ? clip / qmax : 1.0;
+    *scale_out = scale;
+    round_ctx c = {x, out, (float)scale, (float)qmin, (float)qmax, (uint32_t)seed, (uint32_t)(seed >> 32)};
+    parallel_for(n, threads, 1 << 16, stochastic ? sr_range : rtn_range, &c);
+    return 0;
+}
+
 /* ------------------------------------------------------------- Hadamard */
 
 /* The four butterfly stages inside a 16-lane vector (h = 1, 2, 4, 8): lane i

@@ -59,6 +59,9 @@ def _compiled() -> ctypes.CDLL | None:
     lib.hdqt_sr_quantize_f32.restype = None
     lib.hdqt_rtn_quantize_f32.argtypes = [ptr, ptr, i64, f32, f32, f32, i32]
     lib.hdqt_rtn_quantize_f32.restype = None
+    lib.hdqt_quantize_f32.argtypes = [ptr, ptr, i64, i32, i32, ctypes.c_double, ctypes.c_double, ctypes.c_double,
+                                      ctypes.c_uint64, ctypes.POINTER(ctypes.c_double), i32]
+    lib.hdqt_quantize_f32.restype = i32
     lib.hdqt_fwht_rows_f32.argtypes = [ptr, i64, i64, i64, i32]
     lib.hdqt_fwht_rows_f32.restype = f32
     lib.hdqt_im2col_fwht_f32.argtypes = [ptr, ptr] + [i64] * 16 + [i32]

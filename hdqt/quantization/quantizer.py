@@ -6,6 +6,7 @@ such that ``values * scale`` approximates the input.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -85,6 +86,10 @@ class Quantizer:
         ``amax`` is max|tensor| when the caller already knows it (a fused kernel
         computed it); a signed format then needs no extra pass over the tensor.
         """
+        if native.usable(tensor) and (amax is None or self.format.signed == "auto"):
+            lib = native.load()
+            if lib is not None:  # one native call: range, grid and rounding
+                return self._quantize_native_fused(tensor, generator, lib, nonfinite, role)
         if amax is None or self.format.signed == "auto":
             lo, hi = torch.aminmax(tensor.detach())
             lo, hi = lo.item(), hi.item()  # one host sync gives sign, magnitude and finiteness
@@ -92,12 +97,7 @@ class Quantizer:
         else:
             lo = -amax
         if not math.isfinite(amax):
-            if nonfinite == "raise":
-                raise NonFiniteError(
-                    f"{role} contains NaN or Inf; set the policy's nonfinite='propagate' "
-                    "to let it flow through instead"
-                )
-            return QTensor(tensor * math.nan, math.nan)
+            return _nonfinite(tensor, nonfinite, role)
         scale, qmin, qmax = self.grid(amax, lo)
         signed = qmin < 0
         if native.usable(tensor):
@@ -129,15 +129,24 @@ class Quantizer:
         """The 63-bit key of a native counter-based random stream, drawn from ``generator``."""
         return int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
 
+    def _quantize_native_fused(self, tensor, generator, lib, nonfinite, role) -> QTensor:
+        """Range, grid (as ``grid``) and rounding in one native call."""
+        src, out = _native_buffers(tensor)
+        seed = self.stream_seed(generator) if self.rounding == "stochastic" else 0
+        sign_mode = ("signed", "unsigned", "auto").index(self.format.signed)
+        scale = ctypes.c_double()
+        status = lib.hdqt_quantize_f32(
+            src.data_ptr(), out.data_ptr(), src.numel(), self.rounding == "stochastic", sign_mode,
+            self.scaling.clip_ratio, self.format.signed_max, self.format.unsigned_max, seed, ctypes.byref(scale),
+            native.threads(),
+        )
+        if status != 0:
+            return _nonfinite(tensor, nonfinite, role)
+        return QTensor(out, scale.value)
+
     def _quantize_native(self, tensor, generator, lib, scale, qmin, qmax) -> QTensor:
         """One fused, threaded pass (scale, clamp, round); stochastic draws are seeded from ``generator``."""
-        src = tensor.detach()
-        order = native.dense_order(src)
-        if order is None:
-            src = src.contiguous()
-        # empty_like keeps a dense tensor's strides, so a transposed view is rounded in
-        # memory order and comes back with the same layout, without a copy
-        out = torch.empty_like(src)
+        src, out = _native_buffers(tensor)
         if self.rounding == "nearest":
             lib.hdqt_rtn_quantize_f32(src.data_ptr(), out.data_ptr(), src.numel(), scale, qmin, qmax,
                                       native.threads())
@@ -164,6 +173,24 @@ class Quantizer:
             scaling=scaling_from_dict(data.get("scaling", {})),
             rounding=data.get("rounding", "nearest"),
         )
+
+
+def _nonfinite(tensor: torch.Tensor, nonfinite: str, role: str) -> QTensor:
+    if nonfinite == "raise":
+        raise NonFiniteError(
+            f"{role} contains NaN or Inf; set the policy's nonfinite='propagate' to let it flow through instead"
+        )
+    return QTensor(tensor * math.nan, math.nan)
+
+
+def _native_buffers(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input as a dense tensor and an output of the same layout. empty_like keeps a
+    dense tensor's strides, so a transposed view is rounded in memory order and comes
+    back with the same layout, without a copy."""
+    src = tensor.detach()
+    if native.dense_order(src) is None:
+        src = src.contiguous()
+    return src, torch.empty_like(src)
 
 
 def int_quantizer(bits: int, *, signed: str = "signed", clip_ratio: float = 1.0, rounding: str = "nearest") -> Quantizer:

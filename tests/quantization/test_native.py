@@ -55,6 +55,28 @@ def test_native_nearest_rounding_equals_torch_path(monkeypatch):
     assert fast.scale == slow.scale and torch.equal(fast.values, slow.values)
 
 
+@pytest.mark.parametrize("signed", ["signed", "unsigned", "auto"])
+@pytest.mark.parametrize("kind", ["normal", "relu", "negative_zero", "zeros", "one"])
+def test_native_range_and_grid_equal_torch_path(monkeypatch, signed, kind):
+    t = {"normal": torch.randn(3000), "relu": torch.randn(3000).relu(), "negative_zero": -torch.zeros(50),
+         "zeros": torch.zeros(7), "one": torch.tensor([-2.5])}[kind]
+    q = int_quantizer(5, signed=signed, clip_ratio=0.9)
+    fast = q.quantize(t)
+    _torch_only(monkeypatch)
+    slow = q.quantize(t)
+    assert fast.scale == slow.scale and torch.equal(fast.values, slow.values)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_native_quantizer_detects_nonfinite(bad):
+    t = torch.randn(100_000)
+    t[77_777] = bad
+    with pytest.raises(hdqt.quantization.NonFiniteError, match="layer input"):
+        int_quantizer(4).quantize(t, role="layer input")
+    out = int_quantizer(4).quantize(t, nonfinite="propagate")
+    assert torch.isnan(out.values).all()
+
+
 def test_native_stochastic_rounding_unbiased_reproducible_and_in_range():
     q = int_quantizer(4, rounding="stochastic")
     t = torch.tensor([7.0, -2.3, 0.61, 3.5, -6.9, 0.05]).repeat(4000)
