@@ -777,39 +777,14 @@ static void conv_pack_panel(const conv_ctx *c, int64_t b, int64_t l0, float *pan
     }
 }
 
-HDQT_CLONES
+/* All output channels for one panel: the panel is a (K x 16) strip of the column
+ * matrix, so this is the tiled product's register-blocked step with A = w (read
+ * through the transposed weight's strides) and Y = sample b's (N, L) output. */
 static void conv_panel_product(const conv_ctx *c, const float *panel, int64_t b, int64_t l0) {
     const int64_t L = c->OH * c->OW, K = c->C * c->kh * c->kw;
     const int64_t lanes = L - l0 < NV ? L - l0 : NV;
-    const float lim = c->limit;
-    for (int64_t n0 = 0; n0 < c->N; n0 += MR) {
-        int64_t rows = c->N - n0 < MR ? c->N - n0 : MR;
-        vf16 total[MR];
-        for (int r = 0; r < MR; ++r) total[r] = (vf16){0};
-        for (int64_t k0 = 0; k0 < K; k0 += c->tile) {
-            int64_t k1 = k0 + c->tile < K ? k0 + c->tile : K;
-            vf16 acc[MR];
-            for (int r = 0; r < MR; ++r) acc[r] = (vf16){0};
-            for (int64_t k = k0; k < k1; ++k) {
-                vf16 v;
-                memcpy(&v, panel + k * NV, sizeof v);
-                if (rows == MR) {
-                    for (int r = 0; r < MR; ++r) acc[r] += c->wt[k * c->N + n0 + r] * v;
-                } else {
-                    for (int r = 0; r < rows; ++r) acc[r] += c->wt[k * c->N + n0 + r] * v;
-                }
-            }
-            for (int r = 0; r < MR; ++r) {
-                CLAMP16(acc[r], lim);
-                total[r] += acc[r];
-            }
-        }
-        for (int r = 0; r < rows; ++r) {
-            float *dst = c->y + ((b * c->N) + n0 + r) * L + l0;
-            if (lanes == NV) memcpy(dst, &total[r], sizeof total[r]);
-            else memcpy(dst, &total[r], (size_t)lanes * sizeof(float));
-        }
-    }
+    tmm_ctx t = {c->wt, NULL, c->y + b * c->N * L, 1, c->N, c->N, K, L, c->tile, c->limit};
+    tmm_vector_block(&t, panel, NV, l0, lanes);
 }
 
 static void conv_range(void *arg, int64_t begin, int64_t end, int worker) {
