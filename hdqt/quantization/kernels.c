@@ -658,9 +658,12 @@ typedef struct {
         memcpy(&(v), t_, sizeof t_);                                                                   \
     } while (0)
 
-/* Y[:, j:j+lanes] from a (K x 16) strip of B with row stride ldb. */
-HDQT_CLONES
-static void tmm_vector_block(const tmm_ctx *c, const float *b_strip, int64_t ldb, int64_t j, int64_t lanes) {
+/* Y[:, j:j+lanes] from a (K x 16) strip of B: row k of the strip starts at
+ * b_strip + koff[k], or at b_strip + k * ldb without a table. Inlined into the
+ * two clones below, so that the address rule is resolved at compile time. */
+static inline __attribute__((always_inline)) void tmm_block(const tmm_ctx *c, const float *b_strip,
+                                                           const int64_t *koff, int64_t ldb, int64_t j,
+                                                           int64_t lanes) {
     const float lim = c->limit;
     for (int64_t m0 = 0; m0 < c->M; m0 += MR) {
         int64_t rows = c->M - m0 < MR ? c->M - m0 : MR;
@@ -672,7 +675,7 @@ static void tmm_vector_block(const tmm_ctx *c, const float *b_strip, int64_t ldb
             for (int r = 0; r < MR; ++r) acc[r] = (vf16){0};
             for (int64_t k = k0; k < k1; ++k) {
                 vf16 b;
-                memcpy(&b, b_strip + k * ldb, sizeof b);
+                memcpy(&b, b_strip + (koff ? koff[k] : k * ldb), sizeof b);
                 if (rows == MR) {
                     for (int r = 0; r < MR; ++r) acc[r] += c->A[(m0 + r) * c->sm + k * c->sk] * b;
                 } else {
@@ -686,6 +689,17 @@ static void tmm_vector_block(const tmm_ctx *c, const float *b_strip, int64_t ldb
         }
         for (int r = 0; r < rows; ++r) memcpy(c->Y + (m0 + r) * c->J + j, &total[r], (size_t)lanes * sizeof(float));
     }
+}
+
+HDQT_CLONES
+static void tmm_vector_block(const tmm_ctx *c, const float *b_strip, int64_t ldb, int64_t j, int64_t lanes) {
+    tmm_block(c, b_strip, NULL, ldb, j, lanes);
+}
+
+HDQT_CLONES
+static void tmm_vector_block_offsets(const tmm_ctx *c, const float *b_strip, const int64_t *koff, int64_t j,
+                                     int64_t lanes) {
+    tmm_block(c, b_strip, koff, 0, j, lanes);
 }
 
 static void tmm_range(void *arg, int64_t begin, int64_t end, int worker) {
@@ -813,6 +827,78 @@ static void conv_range(void *arg, int64_t begin, int64_t end, int worker) {
     }
 }
 
+/* Stride 1 along the width: no panel. For a band of up to CONV_BAND output rows
+ * of one sample, the input rows the band reads are copied, zero-padded, into a
+ * small per-worker buffer (C x band_in rows of W + 2 * pw + 16 floats, in L1 or
+ * L2). Column k = (channel, kernel row ki, kernel column kj) of the run of 16
+ * positions at (oh, ow0) is then the 16 consecutive floats at buffer row
+ * (channel, (oh - oh0) * sh + ki * dh), column ow0 + kj * dw, which the product
+ * loads in place through an offset table. Each input row is copied about once,
+ * against kh * kw times into panels, with no branch per column and run. */
+#define CONV_BAND 8
+
+typedef struct {
+    const conv_ctx *c;
+    float *rows;         /* per worker: C * band_in rows of row_len floats */
+    const int64_t *koff; /* K offsets into a worker's rows, for the band's first output row */
+    int64_t row_len, band_in;
+} conv_rows_ctx;
+
+static void conv_rows_range(void *arg, int64_t begin, int64_t end, int worker) {
+    const conv_rows_ctx *rc = (const conv_rows_ctx *)arg;
+    const conv_ctx *c = rc->c;
+    const int64_t L = c->OH * c->OW, K = c->C * c->kh * c->kw, bands = (c->OH + CONV_BAND - 1) / CONV_BAND;
+    const int64_t row_len = rc->row_len;
+    float *rows = rc->rows + worker * c->C * rc->band_in * row_len;
+    /* the padding columns are never written again, so they stay zero */
+    memset(rows, 0, (size_t)(c->C * rc->band_in * row_len) * sizeof(float));
+    for (int64_t unit = begin; unit < end; ++unit) {
+        int64_t b = unit / bands, oh0 = unit % bands * CONV_BAND;
+        int64_t oh1 = oh0 + CONV_BAND < c->OH ? oh0 + CONV_BAND : c->OH;
+        int64_t ih0 = oh0 * c->sh - c->ph, used = (oh1 - 1 - oh0) * c->sh + (c->kh - 1) * c->dh + 1;
+        for (int64_t ch = 0; ch < c->C; ++ch) {
+            const float *img = c->x + (b * c->C + ch) * c->H * c->W;
+            for (int64_t r = 0; r < used; ++r) {
+                float *dst = rows + (ch * rc->band_in + r) * row_len;
+                int64_t ih = ih0 + r;
+                if (ih < 0 || ih >= c->H) memset(dst, 0, (size_t)row_len * sizeof(float));
+                else memcpy(dst + c->pw, img + ih * c->W, (size_t)c->W * sizeof(float));
+            }
+        }
+        tmm_ctx t = {c->wt, NULL, c->y + b * c->N * L, 1, c->N, c->N, K, L, c->tile, c->limit};
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+            const float *base = rows + (oh - oh0) * c->sh * row_len;
+            for (int64_t ow0 = 0; ow0 < c->OW; ow0 += NV) {
+                int64_t lanes = c->OW - ow0 < NV ? c->OW - ow0 : NV; /* extra lanes are computed, not stored */
+                tmm_vector_block_offsets(&t, base + ow0, rc->koff, oh * c->OW + ow0, lanes);
+            }
+        }
+    }
+}
+
+static int conv_direct(const conv_ctx *c, int threads) {
+    const int64_t K = c->C * c->kh * c->kw, row_len = c->W + 2 * c->pw + NV;
+    const int64_t band_in = (CONV_BAND - 1) * c->sh + (c->kh - 1) * c->dh + 1;
+    float *rows = (float *)malloc((size_t)threads * c->C * band_in * row_len * sizeof(float));
+    int64_t *koff = (int64_t *)malloc((size_t)K * sizeof(int64_t));
+    if (rows == NULL || koff == NULL) {
+        free(rows);
+        free(koff);
+        return -1;
+    }
+    for (int64_t k = 0; k < K; ++k) { /* k = (channel, ki, kj) in unfold order */
+        int64_t ch = k / (c->kh * c->kw), ki = k / c->kw % c->kh, kj = k % c->kw;
+        koff[k] = (ch * band_in + ki * c->dh) * row_len + kj * c->dw;
+    }
+    conv_rows_ctx rc = {c, rows, koff, row_len, band_in};
+    const int64_t bands = (c->OH + CONV_BAND - 1) / CONV_BAND;
+    int64_t grain = ((int64_t)1 << 20) / (c->N * K * c->OW * CONV_BAND + 1) + 1;
+    parallel_for(c->B * bands, threads, grain, conv_rows_range, &rc);
+    free(rows);
+    free(koff);
+    return 0;
+}
+
 /* Returns 0, or -1 if the panel buffers could not be allocated. */
 int hdqt_conv_tiled_f32(const float *x, const float *wt, float *y, int64_t B, int64_t C, int64_t H, int64_t W,
                         int64_t N, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
@@ -820,9 +906,11 @@ int hdqt_conv_tiled_f32(const float *x, const float *wt, float *y, int64_t B, in
     if (threads > HDQT_MAX_THREADS) threads = HDQT_MAX_THREADS;
     if (threads < 1) threads = 1;
     const int64_t L = OH * OW, runs = (L + NV - 1) / NV, K = C * kh * kw;
+    conv_ctx c = {x, wt, y, NULL, B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile, limit};
+    if (sw == 1) return conv_direct(&c, threads);
     float *panels = (float *)aligned_alloc(64, (size_t)threads * K * NV * sizeof(float));
     if (panels == NULL) return -1;
-    conv_ctx c = {x, wt, y, panels, B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile, limit};
+    c.panels = panels;
     int64_t grain = ((int64_t)1 << 20) / (N * K * NV + 1) + 1;
     parallel_for(B * runs, threads, grain, conv_range, &c);
     free(panels);

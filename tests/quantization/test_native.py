@@ -20,6 +20,8 @@ CONV_CASES = [
     (4, 64, 8, 8, 9, (3, 3), (1, 1), (1, 1), (1, 1), 32),
     (2, 3, 17, 17, 9, (5, 5), (1, 1), (2, 2), (1, 1), 10),
     (2, 4, 6, 40, 3, (1, 3), (1, 1), (0, 1), (1, 1), 5),  # runs of 16 positions cross output rows
+    (2, 3, 13, 21, 5, (3, 3), (2, 1), (1, 2), (2, 2), 9),  # row stride 2 and dilation, width stride 1
+    (1, 2, 5, 6, 3, (3, 3), (1, 1), (3, 3), (1, 1), 4),  # padding wider than the kernel: rows of zeros
 ]
 
 
