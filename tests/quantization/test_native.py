@@ -22,6 +22,10 @@ CONV_CASES = [
     (2, 4, 6, 40, 3, (1, 3), (1, 1), (0, 1), (1, 1), 5),  # runs of 16 positions cross output rows
     (2, 3, 13, 21, 5, (3, 3), (2, 1), (1, 2), (2, 2), 9),  # row stride 2 and dilation, width stride 1
     (1, 2, 5, 6, 3, (3, 3), (1, 1), (3, 3), (1, 1), 4),  # padding wider than the kernel: rows of zeros
+    # Hadamard blocks of whole output rows of width 16..64 (the conv dW's shared width transforms)
+    (2, 3, 32, 32, 5, (3, 3), (2, 2), (1, 1), (1, 1), 32),
+    (1, 2, 64, 16, 3, (3, 3), (1, 1), (2, 2), (2, 2), 8),
+    (1, 2, 16, 64, 3, (1, 3), (1, 1), (0, 1), (1, 1), 8),
 ]
 
 
@@ -141,8 +145,8 @@ def test_native_unfold_equals_torch_unfold(monkeypatch, case):
         assert torch.allclose(fast, slow, atol=1e-4) and amax == pytest.approx(float(slow.abs().max()), rel=1e-5)
 
 
-@pytest.mark.parametrize("case", CONV_CASES[:3])
-def test_fused_weight_gradient_is_unbiased(case):
+def _fused_dw_case(case):
+    """Inputs of a fused dW and the exact product of the materialised, transformed columns."""
     b, c, h, w, n, kernel, stride, padding, dilation, _ = case
     x = torch.randint(0, 16, (b, c, h, w)).float()
     cols, _ = unfold_channel_major(x, kernel, stride, padding, dilation)
@@ -151,11 +155,24 @@ def test_fused_weight_gradient_is_unbiased(case):
     cols_h, _ = unfold_channel_major(x, kernel, stride, padding, dilation, layout)
     g = torch.randint(-7, 8, (n, b, cols.shape[-1])).float()
     exact = g.reshape(n, -1) @ cols_h.reshape(cols.shape[0], -1).T
-    q16, q4 = int_quantizer(16, rounding="stochastic"), int_quantizer(4, rounding="stochastic")
-    dw, scale = fused_weight_grad(x, g, kernel, stride, padding, dilation, layout, q16, torch.Generator())
+    return (x, g, kernel, stride, padding, dilation, layout), cols_h, exact
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_fused_weight_gradient_matches_materialised_columns(case):
+    args, cols_h, exact = _fused_dw_case(case)
+    q16 = int_quantizer(16, rounding="stochastic")
+    dw, scale = fused_weight_grad(*args, q16, torch.Generator())
+    # the first pass's range is exact: the same max as the materialised, transformed columns
+    assert scale == q16.grid(float(cols_h.abs().max()), -1.0)[0]
     assert torch.allclose(dw * scale, exact, rtol=0, atol=1e-3 * float(exact.abs().max()))
-    draws = [fused_weight_grad(x, g, kernel, stride, padding, dilation, layout, q4, torch.Generator().manual_seed(s))
-             for s in range(300)]
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:3])
+def test_fused_weight_gradient_is_unbiased(case):
+    args, _, exact = _fused_dw_case(case)
+    q4 = int_quantizer(4, rounding="stochastic")
+    draws = [fused_weight_grad(*args, q4, torch.Generator().manual_seed(s)) for s in range(300)]
     mean = torch.stack([d * s for d, s in draws]).mean(0)
     one = draws[0][0] * draws[0][1]
     # the mean of 300 draws is ~17x closer than one draw: unbiased, not merely close
