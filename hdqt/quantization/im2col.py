@@ -10,6 +10,7 @@ the dimension the backward Hadamard transform runs along.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,49 @@ from hdqt.quantization.hadamard import BlockLayout, hadamard_transform_amax
 from hdqt.quantization.matmul import accumulator_limit, tiled_matmul_kj
 
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Shapes of a convolution of an input (B, C, H, W): its output size and the
+    im2col sizes K = C*kh*kw (a column's length) and L = OH*OW (positions per sample)."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @classmethod
+    def of(cls, x: torch.Tensor, kernel, stride, padding, dilation) -> "ConvGeometry":
+        return cls(*x.shape, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
+
+    def _out(self, axis: int) -> int:
+        size = (self.height, self.width)[axis]
+        span = self.dilation[axis] * (self.kernel[axis] - 1) + 1
+        return (size + 2 * self.padding[axis] - span) // self.stride[axis] + 1
+
+    @property
+    def out_h(self) -> int:
+        return self._out(0)
+
+    @property
+    def out_w(self) -> int:
+        return self._out(1)
+
+    @property
+    def k(self) -> int:
+        return self.channels * self.kernel[0] * self.kernel[1]
+
+    @property
+    def positions(self) -> int:
+        return self.out_h * self.out_w
+
+    def native_args(self) -> tuple[int, ...]:
+        """(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW), the kernels' argument order."""
+        return (self.batch, self.channels, self.height, self.width, *self.kernel, *self.stride, *self.padding,
+                *self.dilation, self.out_h, self.out_w)
 
 
 def unfold_channel_major(
@@ -38,22 +80,16 @@ def unfold_channel_major(
     CPU float32 one native pass gathers each row and transforms it while it is in
     cache, so the untransformed columns are never written.
     """
-    b, c, h, w = x.shape
-    kh, kw = kernel
-    out_h = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
-    out_w = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
-    k, positions = c * kh * kw, out_h * out_w
+    geo = ConvGeometry.of(x, kernel, stride, padding, dilation)
     transform = layout is not None and not layout.is_identity
     if native.usable(x) and (not transform or layout.uniform):
         lib = native.load()
         if lib is not None:
             src = x.contiguous()
-            cols = torch.empty(k, b, positions, dtype=x.dtype)
+            cols = torch.empty(geo.k, geo.batch, geo.positions, dtype=x.dtype)
             block = layout.blocks[0] if transform else 1
-            amax = lib.hdqt_im2col_fwht_f32(
-                src.data_ptr(), cols.data_ptr(), b, c, h, w, kh, kw, *stride, *padding, *dilation,
-                out_h, out_w, block, 1, native.threads(),
-            )
+            amax = lib.hdqt_im2col_fwht_f32(src.data_ptr(), cols.data_ptr(), *geo.native_args(), block, 1,
+                                            native.threads())
             return cols, (amax if transform else None)
     cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, K, L)
     cols = cols.transpose(0, 1).contiguous()
@@ -75,21 +111,21 @@ def tiled_conv2d(
     as an im2col product whose reduction (K = C*kh*kw, unfold order) is tiled and
     saturated like ``tiled_matmul``. Returns (B, N, OH, OW).
 
-    On CPU float32 a native kernel gathers each run of 16 positions' columns into
-    an L1 buffer and never materialises the (K, B*L) column matrix.
+    On CPU float32 a native kernel never materialises the (K, B*L) column matrix:
+    at width stride 1 it reads each run of 16 positions' columns in place from a
+    zero-padded band of input rows, otherwise it gathers them into an L1 panel.
     """
-    b, _, h, w = x.shape
-    n, c, kh, kw = weight.shape
-    out_h = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
-    out_w = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
+    n, _, kh, kw = weight.shape
+    geo = ConvGeometry.of(x, (kh, kw), stride, padding, dilation)
+    b, out_h, out_w = geo.batch, geo.out_h, geo.out_w
     if native.usable(x) and native.usable(weight):
         lib = native.load()
         if lib is not None:
             src, wt = x.contiguous(), weight.reshape(n, -1).T.contiguous()
             out = torch.empty(b, n, out_h, out_w, dtype=x.dtype)
             status = lib.hdqt_conv_tiled_f32(
-                src.data_ptr(), wt.data_ptr(), out.data_ptr(), b, c, h, w, n, kh, kw, *stride, *padding,
-                *dilation, out_h, out_w, tile, float(accumulator_limit(acc_bits)), native.threads(),
+                src.data_ptr(), wt.data_ptr(), out.data_ptr(), *geo.native_args(), n, tile,
+                float(accumulator_limit(acc_bits)), native.threads(),
             )
             if status != 0:
                 raise MemoryError("hdqt native convolution: could not allocate its column panels")
@@ -125,13 +161,10 @@ def fused_weight_grad(
     lib = native.load()
     if lib is None:
         return None
-    b, c, h, w = x.shape
-    kh, kw = kernel
-    out_h = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
-    out_w = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
+    geo = ConvGeometry.of(x, kernel, stride, padding, dilation)
     block = 1 if layout is None else layout.blocks[0]
     src, gq = x.contiguous(), grad_q.contiguous()
-    geometry = (b, c, h, w, kh, kw, *stride, *padding, *dilation, out_h, out_w, block)
+    geometry = (*geo.native_args(), block)
     amax = lib.hdqt_conv_cols_amax_f32(src.data_ptr(), *geometry, native.threads())
     if amax < 0:
         raise MemoryError("hdqt native weight gradient: could not allocate its row buffers")
@@ -139,7 +172,7 @@ def fused_weight_grad(
         return None
     scale, qmin, qmax = quantizer.grid(amax, -amax)
     n = gq.shape[0]
-    grad_w = torch.empty(n, c * kh * kw, dtype=x.dtype)
+    grad_w = torch.empty(n, geo.k, dtype=x.dtype)
     status = lib.hdqt_conv_dw_sr_f32(
         src.data_ptr(), gq.data_ptr(), grad_w.data_ptr(), n, *geometry, scale, qmin, qmax,
         quantizer.stream_seed(generator), native.threads(),

@@ -1015,8 +1015,8 @@ static int conv_direct(const conv_ctx *c, int threads) {
 
 /* Returns 0, or -1 if the panel buffers could not be allocated. */
 int hdqt_conv_tiled_f32(const float *x, const float *wt, float *y, int64_t B, int64_t C, int64_t H, int64_t W,
-                        int64_t N, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                        int64_t dh, int64_t dw, int64_t OH, int64_t OW, int64_t tile, float limit, int threads) {
+                        int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                        int64_t dw, int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, int threads) {
     if (threads > HDQT_MAX_THREADS) threads = HDQT_MAX_THREADS;
     if (threads < 1) threads = 1;
     const int64_t L = OH * OW, runs = (L + NV - 1) / NV, K = C * kh * kw;
