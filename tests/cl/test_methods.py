@@ -83,32 +83,30 @@ def test_bic_validation_keeps_at_least_two_samples_per_class(scenario):
     assert np.bincount(bic._split(task)[1][1]).tolist() == [2] * 6
 
 
+def blob_scenario(seed, spread, test_per_class):
+    """Six Gaussian blobs in 16 dimensions, 150 training samples per class, tasks of 2
+    classes; centres ``spread`` apart (smaller: more overlap)."""
+    from hdqt.cl.scenario import ClassIncrementalScenario
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(6, 16)) * spread
+
+    def draw(per_class):
+        y = np.repeat(np.arange(6), per_class)
+        return (centres[y] + rng.normal(size=(len(y), 16))).astype(np.float32), y
+
+    return ClassIncrementalScenario(*draw(150), *draw(test_per_class), init_classes=2, increment=2, seed=0)
+
+
 def imbalanced_scenario():
     """Overlapping blobs, 150 training samples per class against a memory of 30
     (15, then 7 exemplars per old class)."""
-    rng = np.random.default_rng(2)
-    centres = rng.normal(size=(6, 16)) * 0.8
-
-    def draw(per_class):
-        y = np.repeat(np.arange(6), per_class)
-        return (centres[y] + rng.normal(size=(len(y), 16))).astype(np.float32), y
-
-    from hdqt.cl.scenario import ClassIncrementalScenario
-    return ClassIncrementalScenario(*draw(150), *draw(30), init_classes=2, increment=2, seed=0)
+    return blob_scenario(seed=2, spread=0.8, test_per_class=30)
 
 
 def overlapping_scenario():
-    """Blobs with close centres: the validation loss of stage 2 has a finite optimum."""
-    rng = np.random.default_rng(1)
-    centres = rng.normal(size=(6, 16)) * 0.6
-
-    def draw(per_class):
-        y = np.repeat(np.arange(6), per_class)
-        return (centres[y] + rng.normal(size=(len(y), 16))).astype(np.float32), y
-
-    from hdqt.cl.scenario import ClassIncrementalScenario
-    # Many new samples against 15 exemplars per old class: a bias for stage 2 to correct.
-    return ClassIncrementalScenario(*draw(150), *draw(10), init_classes=2, increment=2, seed=0)
+    """Blobs with close centres: the validation loss of stage 2 has a finite optimum.
+    Many new samples against 15 exemplars per old class: a bias for stage 2 to correct."""
+    return blob_scenario(seed=1, spread=0.6, test_per_class=10)
 
 
 @pytest.mark.parametrize("recipe", ["fp32", "hdqt"])
@@ -154,7 +152,10 @@ def test_bic_stage_two_reaches_the_optimum_of_the_validation_loss(recipe):
     optimum = float(loss_at(alpha.detach(), beta.detach()))
     initial = float(loss_at(torch.ones(1), torch.zeros(1)))
     assert optimum < initial - 0.01  # stage 2 has something to correct here
-    assert reached == pytest.approx(optimum, abs=1e-4)
+    # within 0.1% of the optimum, as bic.py documents for the default 1000 steps (the
+    # start point is more than 0.01 above it, and 1 step per epoch stopped far off)
+    assert reached == pytest.approx(optimum, rel=1e-3)
+    assert reached >= optimum - 1e-6  # and L-BFGS found the optimum, not a worse point
 
 
 @pytest.mark.parametrize("name", ["der", "memo"])
