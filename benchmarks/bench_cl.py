@@ -32,7 +32,7 @@ from pathlib import Path
 
 from hdqt.experiments import outputs
 from hdqt.experiments.config import ConfigError, parse_int_list, parse_name_list, resolve_config
-from hdqt.experiments.fingerprint import code_fingerprint, describe, same_code
+from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint, same_code
 from hdqt.experiments.grid import GridOutcome, GridPoint, run_grid, stat
 
 TARGET_METHODS = ("icarl", "bic", "der")
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_cl.py: error: {error}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    code = code_fingerprint()
+    code = loaded_code_fingerprint()
     if args.report_only:
         outcomes = [read_finished(point, code) for point in points]
     else:

@@ -6,9 +6,14 @@ records both: a resume or a reuse of finished results is only safe when the
 source hash matches. The commit is informational (it says where to look); the
 hash alone decides, since it also covers uncommitted edits and ignores commits
 that did not touch the package.
+
+A process labels its runs with ``loaded_code_fingerprint()``: the files as they
+were when it first asked, which is when it loaded them, not as they are on disk
+when a later run starts. A grid's workers check theirs against the grid's.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import subprocess
 from pathlib import Path
@@ -51,7 +56,27 @@ def git_commit(root: Path | None = None) -> str | None:
 
 
 def code_fingerprint(root: Path | None = None) -> dict[str, Any]:
+    """The fingerprint of the source files on disk now."""
     return {"source_sha256": source_hash(root), "git_commit": git_commit(root)}
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded() -> tuple[tuple[str, Any], ...]:
+    # Everything a run executes is loaded first: the learners, models and data code,
+    # and the native kernels (compiled from kernels.c as it is now), then hashed.
+    import hdqt.cl.learners  # noqa: F401
+    import hdqt.data  # noqa: F401
+    from hdqt.quantization import native
+
+    native.load()
+    return tuple(code_fingerprint().items())
+
+
+def loaded_code_fingerprint() -> dict[str, Any]:
+    """The fingerprint of the code this process runs: hashed once, on the first call,
+    right after loading it. Edits made on disk afterwards (say, while a long grid
+    runs) do not relabel the runs this process makes with code it did not load."""
+    return dict(_loaded())
 
 
 def same_code(stored: Mapping[str, Any] | None, current: Mapping[str, Any]) -> bool:

@@ -39,15 +39,23 @@ class GridOutcome:
     seconds: float = 0.0
 
 
-def _run_point(point: GridPoint, threads: int) -> GridOutcome:
+def _run_point(point: GridPoint, threads: int, grid_code: dict[str, Any]) -> GridOutcome:
     # Runs in a worker process: pin its threads so that N jobs share the cores
     # instead of each grabbing all of them.
     import torch
 
+    from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint
     from hdqt.experiments.runner import run_experiment
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
+    worker_code = loaded_code_fingerprint()
+    if worker_code["source_sha256"] != grid_code["source_sha256"]:
+        # A worker (re)started after hdqt's files were edited runs other code than
+        # the grid began with: its runs would mix versions in one table.
+        return GridOutcome(point, None, f"hdqt's source changed while the grid ran: this worker loaded "
+                           f"{describe(worker_code)}, the grid started with {describe(grid_code)}; "
+                           "run the grid again", 0.0)
     try:
         result = run_experiment(point.config, point.out_dir, overwrite=point.overwrite)
     except Exception:  # reported per point; the other points keep running
@@ -59,11 +67,14 @@ def _run_point(point: GridPoint, threads: int) -> GridOutcome:
 def run_grid(points: Sequence[GridPoint], jobs: int = 1, threads: int | None = None,
              on_done: Callable[[GridOutcome, int, int], None] | None = None) -> list[GridOutcome]:
     """Run every point with ``jobs`` worker processes; outcomes in the order of ``points``."""
+    from hdqt.experiments.fingerprint import loaded_code_fingerprint
+
     threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    grid_code = loaded_code_fingerprint()
     outcomes: dict[int, GridOutcome] = {}
     # spawn, not fork: forking a process that already ran torch can deadlock.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(_run_point, point, threads): i for i, point in enumerate(points)}
+        futures = {pool.submit(_run_point, point, threads, grid_code): i for i, point in enumerate(points)}
         for future in as_completed(futures):
             outcome = future.result()
             outcomes[futures[future]] = outcome

@@ -27,7 +27,7 @@ import torch
 
 from hdqt.experiments import outputs
 from hdqt.experiments.config import ConfigError, RunConfig
-from hdqt.experiments.fingerprint import code_fingerprint, describe, same_code
+from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint, same_code
 from hdqt.experiments.progress import Progress, SilentProgress
 from hdqt.experiments.summary import summarize
 
@@ -108,7 +108,7 @@ def prepare_out_dir(config: RunConfig, out_dir: Path, overwrite: bool,
                     code: dict[str, Any] | None = None, force: bool = False) -> None:
     """Claim ``out_dir`` for ``config`` made by ``code``: a new run, a resume of the same
     one, or --overwrite."""
-    code = code or code_fingerprint()
+    code = code or loaded_code_fingerprint()
     if overwrite:
         for name in outputs.RUN_FILES:
             (out_dir / name).unlink(missing_ok=True)
@@ -171,7 +171,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
 
     out_dir = Path(out_dir)
     progress = progress or SilentProgress()
-    code = code_fingerprint()
+    code = loaded_code_fingerprint()
     prepare_out_dir(config, out_dir, overwrite, code, force)
 
     data = prepare(config.dataset, root=config.data_root, seed=config.seed,

@@ -182,6 +182,29 @@ def test_code_fingerprint_hashes_the_package_source(tmp_path):
     assert len(code["source_sha256"]) == 64 and code == code_fingerprint()
 
 
+def test_a_process_labels_its_runs_with_the_code_it_loaded(monkeypatch):
+    from hdqt.experiments import fingerprint
+
+    loaded = fingerprint.loaded_code_fingerprint()
+    assert loaded == fingerprint.code_fingerprint()  # the files have not changed since
+    # an edit on disk after loading: this process still runs (and labels) what it loaded
+    monkeypatch.setattr(fingerprint, "source_hash", lambda root=None: "e" * 64)
+    assert fingerprint.code_fingerprint()["source_sha256"] == "e" * 64
+    assert fingerprint.loaded_code_fingerprint() == loaded
+
+
+def test_grid_worker_with_other_code_than_the_grid_refuses_to_run(tmp_path):
+    from hdqt.experiments.grid import GridPoint, _run_point
+
+    from hdqt.experiments.config import resolve_config
+
+    config = resolve_config(flag_values={"dataset": "digits", "method": "finetune", "epochs": 1})
+    outcome = _run_point(GridPoint(config, tmp_path / "run"), 1, {"source_sha256": "0" * 64, "git_commit": None})
+    assert outcome.metrics is None and "changed while the grid ran" in outcome.error
+    assert "source 000000000000" in outcome.error
+    assert not (tmp_path / "run").exists()  # nothing was run
+
+
 def _pretend_other_code(path):
     """Rewrite the code fingerprint stored in config.json or checkpoint.pt."""
     if path.suffix == ".json":
