@@ -62,24 +62,45 @@ def test_same_seed_same_metrics_and_config_toml_repeats_the_run(reference_run, t
     assert read_metrics(other_seed)["class_order"] != read_metrics(reference_run)["class_order"]
 
 
+# Runs a tiny digits experiment that SIGKILLs itself from its progress callback in
+# task 3: at the end of the epoch of the given stage ("main": stage 1's first epoch;
+# "bias": BiC's bias correction), before the task's memory update and checkpoint.
+# Killing from inside the process lands at that point whatever the machine's speed;
+# a kill sent by the parent on reading a log line raced with the child's progress.
+KILL_IN_TASK_3 = """
+import os, signal, sys
+from hdqt.experiments import resolve_config, run_experiment
+from hdqt.experiments.progress import ConsoleProgress
+
+out, method, stage = sys.argv[1:4]
+
+class KillInTask3(ConsoleProgress):
+    def epoch(self, epoch, total, logs=None):
+        super().epoch(epoch, total, logs)
+        if self._task_label.startswith("task 3/") and (logs or {}).get("stage") == stage:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+flags = dict(dataset="digits", method=method, recipe="hdqt", epochs=2, memory=40)
+run_experiment(resolve_config(None, flags), out, progress=KillInTask3(method))
+"""
+
+
+def kill_in_task_3(out, method: str, stage: str) -> str:
+    """Run KILL_IN_TASK_3; returns its output, after checking it died of the kill."""
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_TASK_3, str(out), method, stage],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    return killed.stdout
+
+
 def test_resume_after_sigkill_mid_task_equals_uninterrupted_run(reference_run, tmp_path):
     out = tmp_path / "killed"
-    args = (*TINY, "--recipe", "hdqt", "--out", str(out))
-    process = subprocess_cli(*args, cwd=tmp_path)
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        # Without a terminal every epoch is logged: after epoch 1 of task 3 the run is
-        # inside that task (epoch 2, memory, evaluation and checkpoint still to come).
-        if "task 3/5 epoch 1/2" in line:
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "".join(seen)
-    assert any("task 2/5 classes" in line for line in seen)
+    log = kill_in_task_3(out, "icarl", "main")  # the reference run's config (TINY, hdqt)
+    assert "task 2/5 classes" in log and "task 3/5 epoch 1/2" in log and "task 3/5 epoch 2/2" not in log
     partial = read_metrics(out)
     assert not partial["complete"] and partial["finished_tasks"] == 2
 
+    args = (*TINY, "--recipe", "hdqt", "--out", str(out))
     resumed = subprocess_cli(*args, cwd=tmp_path)
     log, _ = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, log
@@ -94,33 +115,13 @@ def test_resume_after_sigkill_mid_task_equals_uninterrupted_run(reference_run, t
     assert read_metrics(out) == read_metrics(reference_run)
 
 
-# Runs BiC and SIGKILLs itself from the progress callback of stage 2 (bias correction)
-# of task 3: after stage 2's steps, before the task's memory update and checkpoint.
-KILL_IN_BIAS_STAGE = """
-import os, signal, sys
-from hdqt.experiments import resolve_config, run_experiment
-from hdqt.experiments.progress import ConsoleProgress
-
-class KillInBiasStage(ConsoleProgress):
-    def epoch(self, epoch, total, logs=None):
-        super().epoch(epoch, total, logs)
-        if self._task_label.startswith("task 3/") and (logs or {}).get("stage") == "bias":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-flags = dict(dataset="digits", method="bic", recipe="hdqt", epochs=2, memory=40)
-run_experiment(resolve_config(None, flags), sys.argv[1], progress=KillInBiasStage("bic"))
-"""
-
-
 def test_bic_killed_in_its_bias_stage_resumes_to_the_uninterrupted_result(tmp_path):
     cli_args = ("--dataset", "digits", "--method", "bic", "--recipe", "hdqt", "--epochs", "2",
                 "--memory", "40")
     assert run_cli(*cli_args, "--out", str(tmp_path / "reference")) == 0
     out = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILL_IN_BIAS_STAGE, str(out)],
-                            capture_output=True, text=True, timeout=120)
-    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    assert "task 3/5 epoch 3/3: loss" in killed.stdout and "stage bias" in killed.stdout
+    log = kill_in_task_3(out, "bic", "bias")
+    assert "task 3/5 epoch 3/3: loss" in log and "stage bias" in log
     partial = read_metrics(out)
     assert partial["finished_tasks"] == 2
 
