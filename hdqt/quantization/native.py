@@ -40,7 +40,9 @@ def _compiled() -> ctypes.CDLL | None:
     # loaded, so kernels share torch's threads instead of competing with them) and
     # per-ISA clones; then without whichever the compiler lacks.
     variants = (["-fopenmp"], [], ["-fopenmp", "-DHDQT_NO_CLONES"], ["-DHDQT_NO_CLONES"])
-    digest = hashlib.sha256(_SOURCE.read_bytes() + repr((flags, variants)).encode()).hexdigest()[:16]
+    sources = [_SOURCE, *sorted(_SOURCE.with_name("csrc").glob("*"))]  # kernels.c includes csrc/*
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + repr((flags, variants)).encode())
+    digest = digest.hexdigest()[:16]
     target = _cache_dir() / f"hdqt_kernels_{digest}.so"
     try:
         if not target.exists():

@@ -1,0 +1,106 @@
+/* Shared by every kernel file: includes, the clone attribute, the 16-float vector
+ * type, the thread helper and small scalar helpers.
+ * Part of the one translation unit that kernels.c includes (static helpers are
+ * shared across files); not compiled on its own.
+ */
+#ifndef HDQT_COMMON_H
+#define HDQT_COMMON_H
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && !defined(HDQT_NO_CLONES)
+#define HDQT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HDQT_CLONES
+#endif
+
+#define HDQT_MAX_THREADS 64
+
+/* 16 floats: GCC/Clang vector extensions lower it to whatever the clone's
+ * instruction set has (one AVX-512 register, two AVX2 registers, ...). */
+typedef float vf16 __attribute__((vector_size(64)));
+#define NV 16 /* lanes of vf16 */
+#define MR 8  /* rows of a register block: each vector load feeds MR multiply-adds */
+
+/* ---------------------------------------------------------------- threads */
+
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end, int worker);
+
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int64_t begin, end;
+    int worker;
+} range_job;
+
+static void *run_job(void *arg) {
+    range_job *job = (range_job *)arg;
+    job->fn(job->ctx, job->begin, job->end, job->worker);
+    return NULL;
+}
+
+/* Split [0, n) into at most `threads` contiguous ranges of at least `grain`
+ * items; returns the number of workers used (worker ids 0..used-1). */
+static int parallel_for(int64_t n, int threads, int64_t grain, range_fn fn, void *ctx) {
+    if (threads > HDQT_MAX_THREADS) threads = HDQT_MAX_THREADS;
+    if (threads < 1) threads = 1;
+    if (grain < 1) grain = 1;
+    int64_t by_grain = n / grain;
+    if (by_grain < threads) threads = by_grain < 1 ? 1 : (int)by_grain;
+    if (threads == 1) {
+        fn(ctx, 0, n, 0);
+        return 1;
+    }
+    int64_t chunk_omp = (n + threads - 1) / threads;
+#ifdef _OPENMP
+    /* Built against the OpenMP runtime that torch has already loaded (the same
+     * SONAME resolves to the loaded copy): the work runs on torch's own threads. */
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; ++t) {
+        int64_t b = t * chunk_omp, e = b + chunk_omp < n ? b + chunk_omp : n;
+        if (b < e) fn(ctx, b, e, t);
+    }
+    return threads;
+#endif
+    range_job jobs[HDQT_MAX_THREADS];
+    pthread_t tids[HDQT_MAX_THREADS];
+    int started[HDQT_MAX_THREADS];
+    int64_t chunk = (n + threads - 1) / threads;
+    for (int t = 0; t < threads; ++t) {
+        int64_t b = t * chunk, e = b + chunk < n ? b + chunk : n;
+        jobs[t] = (range_job){fn, ctx, b, e, t};
+    }
+    for (int t = 1; t < threads; ++t)
+        started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    for (int t = 1; t < threads; ++t) {
+        if (started[t]) pthread_join(tids[t], NULL);
+        else run_job(&jobs[t]); /* no thread available: do the work here */
+    }
+    return threads;
+}
+
+/* NaN-propagating running maximum of |v|: once NaN, it stays NaN. */
+static inline float absmax_step(float m, float v) {
+    float a = fabsf(v);
+    return (a > m || a != a) ? a : m;
+}
+
+/* floor(y) for |y| < 2^31, in branch-free form the vectoriser accepts (floorf is a libm call). */
+static inline float floor_small(float y) {
+    float t = (float)(int32_t)y; /* truncates toward zero */
+    return t > y ? t - 1.0f : t;
+}
+
+/* Round half to even for |y| < 2^22 (adding and removing 1.5 * 2^23 leaves the
+ * nearest integer under the default rounding mode), as torch.round does. Valid
+ * only without -ffast-math, which would fold the two operations away. */
+static inline float round_small(float y) {
+    return (y + 12582912.0f) - 12582912.0f;
+}
+
+#endif

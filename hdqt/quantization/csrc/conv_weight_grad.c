@@ -1,0 +1,265 @@
+/* The weight gradient of a convolution without materialising its columns.
+ * Part of the one translation unit that kernels.c includes (static helpers are
+ * shared across files); not compiled on its own.
+ */
+/* dW = Gq (N, B*L) @ Q_sr(H cols)^T without materialising the columns: the rows
+ * of a few input channels of one sample (one row per channel and kernel offset,
+ * along the L output positions) are built transformed in a small buffer,
+ * stochastically rounded, and multiplied with the N gradient rows of that
+ * sample. A first pass (hdqt_conv_cols_amax_f32) finds the scale: max|H cols|
+ * over the whole batch. Work is split over samples, and each worker sums into its
+ * own (N, K) partial. The random draw of element (k, b, l) is keyed by its index
+ * in the (K, B, L) layout, so the result does not depend on the thread count. */
+typedef struct {
+    conv_geom g;
+    const float *x, *gq;
+    float *partials, *rows, *scratch;
+    int64_t N, p, group, rows_per_worker, scratch_per_worker;
+    float scale, qmin, qmax;
+    uint64_t seed;
+    float amax[HDQT_MAX_THREADS];
+} dw_ctx;
+
+static int64_t is_pow2(int64_t v) {
+    return v > 0 && (v & (v - 1)) == 0;
+}
+
+/* When a Hadamard block covers m >= 16 whole output rows of a power-of-two width
+ * OW >= 16, H_p = H_m (over rows) (x) H_OW (along a row), since Sylvester indices
+ * split into (row, column) bits. Then the kh * kw rows of one channel share their
+ * work: each input row is shifted by kj and transformed along the width once
+ * (kw * H short transforms), and every kernel offset only selects shifted rows
+ * and transforms across them, 16 rows at a time in registers. About half the
+ * work of gathering and transforming each of the kh * kw rows on its own. */
+static int rows_share_width_transform(const conv_geom *g, int64_t p) {
+    return is_pow2(g->OW) && g->OW >= NV && p % g->OW == 0 && p / g->OW >= NV;
+}
+
+/* The kh * kw rows of channel ch of sample b into out (row i = kernel offset i),
+ * each transformed along the positions in blocks of p (p = 1: plain unfold).
+ * scratch holds kw * H * OW floats for the shared path. */
+HDQT_CLONES
+static void build_channel_rows(const dw_ctx *c, int64_t b, int64_t ch, float *out, float *scratch) {
+    const conv_geom *g = &c->g;
+    const int64_t L = g->OH * g->OW, offsets = g->kh * g->kw;
+    if (!rows_share_width_transform(g, c->p)) {
+        for (int64_t i = 0; i < offsets; ++i) {
+            gather_row(g, c->x, b, ch * offsets + i, out + i * L);
+            fwht_row(out + i * L, L, c->p);
+        }
+        return;
+    }
+    const float *img = c->x + (b * g->C + ch) * g->H * g->W;
+    const int64_t OW = g->OW, m = c->p / OW;
+    /* every input row, shifted by kj and transformed along the width */
+    float *padded = scratch + g->kw * g->H * OW; /* one zero-padded input row */
+    const int64_t padded_len = (OW - 1) * g->sw + (g->kw - 1) * g->dw + 1;
+    for (int64_t i = 0; i < padded_len; ++i) padded[i] = 0.0f;
+    for (int64_t ih = 0; ih < g->H; ++ih) {
+        const int64_t copy = g->W < padded_len - g->pw ? g->W : padded_len - g->pw;
+        if (copy > 0) memcpy(padded + g->pw, img + ih * g->W, (size_t)copy * sizeof(float));
+        for (int64_t kj = 0; kj < g->kw; ++kj) {
+            const float *src = padded + kj * g->dw;
+            float *d = scratch + (kj * g->H + ih) * OW;
+            if (g->sw == 1 && OW == NV) {
+                vf16 v0;
+                memcpy(&v0, src, sizeof v0);
+                v0 = lanes16(v0);
+                memcpy(d, &v0, sizeof v0);
+            } else if (g->sw == 1 && OW == 2 * NV) {
+                vf16 v0, v1;
+                memcpy(&v0, src, sizeof v0);
+                memcpy(&v1, src + NV, sizeof v1);
+                v0 = lanes16(v0), v1 = lanes16(v1);
+                vf16 sum = v0 + v1, diff = v0 - v1;
+                memcpy(d, &sum, sizeof sum);
+                memcpy(d + NV, &diff, sizeof diff);
+            } else {
+                for (int64_t ow = 0; ow < OW; ++ow) d[ow] = src[ow * g->sw];
+                fwht_row(d, OW, OW);
+            }
+        }
+    }
+    static const float zeros[NV] = {0};
+    for (int64_t ki = 0; ki < g->kh; ++ki) {
+        for (int64_t kj = 0; kj < g->kw; ++kj) {
+            float *dst = out + (ki * g->kw + kj) * L;
+            const float *shifted = scratch + kj * g->H * OW;
+            for (int64_t s = 0; s < OW; s += NV) {         /* a strip of 16 columns */
+                for (int64_t r0 = 0; r0 < g->OH; r0 += NV) { /* 16 output rows in registers */
+                    const float *src[NV]; /* row i's input row, or zeros outside the image */
+                    for (int i = 0; i < NV; ++i) {
+                        int64_t ih = (r0 + i) * g->sh - g->ph + ki * g->dh;
+                        src[i] = ih >= 0 && ih < g->H ? shifted + ih * OW + s : zeros;
+                    }
+                    vf16 v[NV];
+                    for (int i = 0; i < NV; ++i) memcpy(&v[i], src[i], sizeof v[i]);
+                    butterflies16(v);
+                    for (int i = 0; i < NV; ++i) memcpy(dst + (r0 + i) * OW + s, &v[i], sizeof v[i]);
+                }
+                for (int64_t h = NV; h < m; h <<= 1) { /* the remaining stages across rows, within blocks of m */
+                    for (int64_t r = 0; r < g->OH; ++r) {
+                        if (r & h) continue;
+                        vf16 lo, hi, sum, diff;
+                        memcpy(&lo, dst + r * OW + s, sizeof lo);
+                        memcpy(&hi, dst + (r + h) * OW + s, sizeof hi);
+                        sum = lo + hi, diff = lo - hi;
+                        memcpy(dst + r * OW + s, &sum, sizeof sum);
+                        memcpy(dst + (r + h) * OW + s, &diff, sizeof diff);
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void cols_amax_range(void *arg, int64_t begin, int64_t end, int worker) {
+    dw_ctx *c = (dw_ctx *)arg;
+    const int64_t offsets = c->g.kh * c->g.kw, L = c->g.OH * c->g.OW;
+    float *r = c->rows + worker * c->rows_per_worker * L;
+    float *scratch = c->scratch + worker * c->scratch_per_worker;
+    float m = 0.0f;
+    for (int64_t b = begin; b < end; ++b) {
+        for (int64_t ch = 0; ch < c->g.C; ++ch) {
+            build_channel_rows(c, b, ch, r, scratch);
+            m = absmax_step(m, absmax_row(r, offsets * L));
+        }
+    }
+    c->amax[worker] = m;
+}
+
+/* Sum of the 16 lanes of v. */
+static inline float lane_sum(vf16 v) {
+    float lanes[NV], sum = 0.0f;
+    memcpy(lanes, &v, sizeof lanes);
+    for (int j = 0; j < NV; ++j) sum += lanes[j];
+    return sum;
+}
+
+#define DOT_ROWS 4 /* column rows per register block, and gradient rows */
+
+/* part[n * K + k + i] += sum_l g[n][l] * r_i[l] for the N gradient rows g (stride
+ * row_stride) and `count` <= 4 column rows r_i = r + i * L (k .. k + count - 1; the
+ * buffer holds 4 rows, unused ones zeroed). 4 x 4 register blocks: each vector
+ * load feeds 4 multiply-adds, and the gradient rows, which live in L2, are read
+ * once per 4 column rows. */
+HDQT_CLONES
+static void dot_rows(const float *gb, int64_t row_stride, int64_t N, const float *r, int64_t L, int64_t K, int64_t k,
+                     int count, float *part) {
+    const int64_t full = L / NV * NV;
+    for (int64_t n0 = 0; n0 < N; n0 += DOT_ROWS) {
+        const int64_t rows = N - n0 < DOT_ROWS ? N - n0 : DOT_ROWS;
+        const float *g[DOT_ROWS];
+        for (int i = 0; i < DOT_ROWS; ++i) g[i] = gb + (n0 + (i < rows ? i : 0)) * row_stride;
+        vf16 acc[DOT_ROWS][DOT_ROWS];
+        for (int i = 0; i < DOT_ROWS; ++i)
+            for (int j = 0; j < DOT_ROWS; ++j) acc[i][j] = (vf16){0};
+        for (int64_t l = 0; l < full; l += NV) {
+            vf16 v[DOT_ROWS], gv;
+            for (int j = 0; j < DOT_ROWS; ++j) memcpy(&v[j], r + j * L + l, sizeof gv);
+            for (int i = 0; i < DOT_ROWS; ++i) { /* rows past N repeat row n0: computed, not stored */
+                memcpy(&gv, g[i] + l, sizeof gv);
+                for (int j = 0; j < DOT_ROWS; ++j) acc[i][j] += gv * v[j];
+            }
+        }
+        for (int i = 0; i < rows; ++i) {
+            for (int j = 0; j < count; ++j) {
+                float sum = lane_sum(acc[i][j]);
+                for (int64_t l = full; l < L; ++l) sum += g[i][l] * r[j * L + l];
+                part[(n0 + i) * K + k + j] += sum;
+            }
+        }
+    }
+}
+
+static void dw_range(void *arg, int64_t begin, int64_t end, int worker) {
+    dw_ctx *c = (dw_ctx *)arg;
+    const int64_t offsets = c->g.kh * c->g.kw, K = c->g.C * offsets, L = c->g.OH * c->g.OW, B = c->g.B;
+    float *r = c->rows + worker * c->rows_per_worker * L;
+    float *scratch = c->scratch + worker * c->scratch_per_worker;
+    float *part = c->partials + worker * c->N * K;
+    round_ctx rc = {NULL, NULL, c->scale, c->qmin, c->qmax, (uint32_t)c->seed, (uint32_t)(c->seed >> 32)};
+    memset(part, 0, (size_t)(c->N * K) * sizeof(float));
+    for (int64_t b = begin; b < end; ++b) {
+        for (int64_t ch0 = 0; ch0 < c->g.C; ch0 += c->group) { /* a group's rows fill whole register blocks */
+            int64_t channels = c->g.C - ch0 < c->group ? c->g.C - ch0 : c->group;
+            int64_t k0 = ch0 * offsets, count = channels * offsets;
+            for (int64_t i = 0; i < channels; ++i) build_channel_rows(c, b, ch0 + i, r + i * offsets * L, scratch);
+            for (int64_t i = 0; i < count; ++i) sr_apply(r + i * L, r + i * L, ((k0 + i) * B + b) * L, L, &rc);
+            int64_t padded = (count + DOT_ROWS - 1) / DOT_ROWS * DOT_ROWS;
+            memset(r + count * L, 0, (size_t)((padded - count) * L) * sizeof(float));
+            for (int64_t i = 0; i < count; i += DOT_ROWS)
+                dot_rows(c->gq + b * L, B * L, c->N, r + i * L, L, K, k0 + i,
+                         count - i < DOT_ROWS ? (int)(count - i) : DOT_ROWS, part);
+        }
+    }
+}
+
+static int clamp_threads(int threads) {
+    return threads < 1 ? 1 : (threads > HDQT_MAX_THREADS ? HDQT_MAX_THREADS : threads);
+}
+
+/* Geometry and per-worker buffers of both passes; 0, or -1 if a buffer could not be allocated. */
+static int dw_setup(dw_ctx *c, int threads, const float *x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh,
+                    int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t OH,
+                    int64_t OW, int64_t p, int64_t N) {
+    memset(c, 0, sizeof *c);
+    c->g = make_geom(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW);
+    c->x = x, c->p = p, c->N = N;
+    const int64_t offsets = kh * kw;
+    int64_t group = 1; /* channels per group: the fewest whose rows are a multiple of DOT_ROWS */
+    while ((group * offsets) % DOT_ROWS != 0) ++group;
+    c->group = group;
+    c->rows_per_worker = (group * offsets + DOT_ROWS - 1) / DOT_ROWS * DOT_ROWS;
+    /* the shifted, width-transformed input rows, and one zero-padded input row */
+    c->scratch_per_worker = rows_share_width_transform(&c->g, p) ? kw * H * OW + (OW - 1) * sw + (kw - 1) * dw + 1 : 0;
+    c->rows = (float *)malloc((size_t)threads * c->rows_per_worker * OH * OW * sizeof(float));
+    c->scratch = (float *)malloc((size_t)threads * c->scratch_per_worker * sizeof(float) + 1);
+    c->partials = N > 0 ? (float *)malloc((size_t)threads * N * C * offsets * sizeof(float)) : NULL;
+    if (c->rows == NULL || c->scratch == NULL || (N > 0 && c->partials == NULL)) {
+        free(c->rows);
+        free(c->scratch);
+        free(c->partials);
+        return -1;
+    }
+    return 0;
+}
+
+static void dw_release(dw_ctx *c) {
+    free(c->rows);
+    free(c->scratch);
+    free(c->partials);
+}
+
+/* max|H cols| over the batch (NaN if any is NaN); -1 if no buffer could be allocated. */
+float hdqt_conv_cols_amax_f32(const float *x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                              int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t OH,
+                              int64_t OW, int64_t p, int threads) {
+    threads = clamp_threads(threads);
+    dw_ctx c;
+    if (dw_setup(&c, threads, x, B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, p, 0) != 0) return -1.0f;
+    int used = parallel_for(B, threads, 1, cols_amax_range, &c);
+    dw_release(&c);
+    return reduce_amax(c.amax, used);
+}
+
+/* dw (N, K) = gq (N, B, L) @ Q_sr(H cols (K, B, L))^T, the columns rounded onto
+ * [qmin, qmax] with `scale`. Returns 0, or -1 if no buffer could be allocated. */
+int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t N, int64_t B, int64_t C, int64_t H,
+                        int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                        int64_t dw, int64_t OH, int64_t OW, int64_t p, float scale, float qmin, float qmax,
+                        uint64_t seed, int threads) {
+    threads = clamp_threads(threads);
+    dw_ctx c;
+    if (dw_setup(&c, threads, x, B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, p, N) != 0) return -1;
+    c.gq = gq, c.scale = scale, c.qmin = qmin, c.qmax = qmax, c.seed = seed;
+    const int64_t NK = N * C * kh * kw;
+    int used = parallel_for(B, threads, 1, dw_range, &c);
+    for (int64_t i = 0; i < NK; ++i) {
+        float sum = 0.0f;
+        for (int t = 0; t < used; ++t) sum += c.partials[t * NK + i];
+        dw_out[i] = sum;
+    }
+    dw_release(&c);
+    return 0;
+}

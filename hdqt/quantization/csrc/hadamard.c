@@ -1,0 +1,134 @@
+/* The Walsh-Hadamard transform of contiguous rows, with max|result|.
+ * Part of the one translation unit that kernels.c includes (static helpers are
+ * shared across files); not compiled on its own.
+ */
+/* The four butterfly stages inside a 16-lane vector (h = 1, 2, 4, 8): lane i
+ * becomes x[i ^ h] + x[i] where bit h of i is clear and x[i ^ h] - x[i] where it
+ * is set, i.e. shuffle(x) + sign * x: one permute and one multiply-add per stage. */
+typedef int32_t vi16 __attribute__((vector_size(64)));
+#if defined(__clang__)
+#define SWAP_LANES(x, h)                                                                               \
+    __builtin_shufflevector(x, x, 0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h, 8 ^ h, 9 ^ h, \
+                            10 ^ h, 11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h)
+#else
+#define SWAP_LANES(x, h)                                                                               \
+    __builtin_shuffle(x, (vi16){0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h, 8 ^ h, 9 ^ h,  \
+                               10 ^ h, 11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h})
+#endif
+#define LANE_SIGNS(h)                                                                                  \
+    ((vf16){(0 & h) ? -1.f : 1.f, (1 & h) ? -1.f : 1.f, (2 & h) ? -1.f : 1.f, (3 & h) ? -1.f : 1.f,     \
+            (4 & h) ? -1.f : 1.f, (5 & h) ? -1.f : 1.f, (6 & h) ? -1.f : 1.f, (7 & h) ? -1.f : 1.f,     \
+            (8 & h) ? -1.f : 1.f, (9 & h) ? -1.f : 1.f, (10 & h) ? -1.f : 1.f, (11 & h) ? -1.f : 1.f,   \
+            (12 & h) ? -1.f : 1.f, (13 & h) ? -1.f : 1.f, (14 & h) ? -1.f : 1.f, (15 & h) ? -1.f : 1.f})
+
+/* The four butterfly stages between 16 vectors (distances 1, 2, 4, 8), spelt
+ * out with constant indices so that all 16 stay in registers. */
+#define BF(i, j)                                                                                       \
+    do {                                                                                               \
+        vf16 t_ = v[i];                                                                                \
+        v[i] = t_ + v[j];                                                                              \
+        v[j] = t_ - v[j];                                                                              \
+    } while (0)
+static inline __attribute__((always_inline)) void butterflies16(vf16 *v) {
+    BF(0, 1); BF(2, 3); BF(4, 5); BF(6, 7); BF(8, 9); BF(10, 11); BF(12, 13); BF(14, 15);
+    BF(0, 2); BF(1, 3); BF(4, 6); BF(5, 7); BF(8, 10); BF(9, 11); BF(12, 14); BF(13, 15);
+    BF(0, 4); BF(1, 5); BF(2, 6); BF(3, 7); BF(8, 12); BF(9, 13); BF(10, 14); BF(11, 15);
+    BF(0, 8); BF(1, 9); BF(2, 10); BF(3, 11); BF(4, 12); BF(5, 13); BF(6, 14); BF(7, 15);
+}
+#undef BF
+
+/* The four butterfly stages inside one 16-lane vector. */
+static inline __attribute__((always_inline)) vf16 lanes16(vf16 v) {
+    const vf16 s1 = LANE_SIGNS(1), s2 = LANE_SIGNS(2), s4 = LANE_SIGNS(4), s8 = LANE_SIGNS(8);
+    v = SWAP_LANES(v, 1) + s1 * v;
+    v = SWAP_LANES(v, 2) + s2 * v;
+    v = SWAP_LANES(v, 4) + s4 * v;
+    return SWAP_LANES(v, 8) + s8 * v;
+}
+
+/* Unnormalised Sylvester transform of every length-p block of a row of n floats
+ * (p a power of two dividing n). */
+HDQT_CLONES
+static void fwht_row(float *r, int64_t n, int64_t p) {
+    if (p < 2) return;
+    int64_t h = 1;
+    if (p >= NV * NV) { /* stages 1..128 on 256 floats at a time, all in registers */
+        for (int64_t i = 0; i < n; i += NV * NV) {
+            vf16 v[NV];
+            memcpy(v, r + i, sizeof v);
+            for (int j = 0; j < NV; ++j) v[j] = lanes16(v[j]);
+            butterflies16(v); /* stages 16..128: between vectors 1..8 apart */
+            memcpy(r + i, v, sizeof v);
+        }
+        h = NV * NV;
+    } else if (p >= NV) { /* stages 1..8 inside each 16-float vector, in registers */
+        for (int64_t i = 0; i < n; i += NV) {
+            vf16 v;
+            memcpy(&v, r + i, sizeof v);
+            v = lanes16(v);
+            memcpy(r + i, &v, sizeof v);
+        }
+        h = NV;
+    }
+    for (; h < p; h <<= 1) {
+        for (int64_t block = 0; block < n; block += p) {
+            for (int64_t i = block; i < block + p; i += h << 1) {
+                float *lo = r + i, *hi = r + i + h;
+                for (int64_t j = 0; j < h; ++j) { /* contiguous: vectorised */
+                    float a = lo[j], b = hi[j];
+                    lo[j] = a + b;
+                    hi[j] = a - b;
+                }
+            }
+        }
+    }
+}
+
+HDQT_CLONES
+static float absmax_row(const float *r, int64_t n) {
+    /* On the bits of |v| an unsigned max orders like the floats, and every NaN
+     * pattern is above infinity: one integer reduction, which vectorises. */
+    uint32_t top = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        memcpy(&bits, &r[i], sizeof bits);
+        bits &= 0x7fffffffu;
+        top = bits > top ? bits : top;
+    }
+    float m;
+    memcpy(&m, &top, sizeof m);
+    return m;
+}
+
+typedef struct {
+    float *x;
+    int64_t row_len, p;
+    float amax[HDQT_MAX_THREADS];
+} fwht_ctx;
+
+static void fwht_range(void *arg, int64_t begin, int64_t end, int worker) {
+    fwht_ctx *c = (fwht_ctx *)arg;
+    float m = 0.0f;
+    for (int64_t row = begin; row < end; ++row) {
+        float *r = c->x + row * c->row_len;
+        fwht_row(r, c->row_len, c->p);
+        m = absmax_step(m, absmax_row(r, c->row_len));
+    }
+    c->amax[worker] = m;
+}
+
+static float reduce_amax(const float *amax, int used) {
+    float m = 0.0f;
+    for (int t = 0; t < used; ++t) m = absmax_step(m, amax[t]);
+    return m;
+}
+
+/* In place: every length-p block of `rows` contiguous rows of length row_len.
+ * Returns max|result| (NaN if any element is NaN). */
+float hdqt_fwht_rows_f32(float *x, int64_t rows, int64_t row_len, int64_t p, int threads) {
+    fwht_ctx c;
+    c.x = x, c.row_len = row_len, c.p = p;
+    int64_t grain = (1 << 15) / (row_len > 0 ? row_len : 1);
+    int used = parallel_for(rows, threads, grain, fwht_range, &c);
+    return reduce_amax(c.amax, used);
+}
