@@ -39,4 +39,5 @@
 #include "csrc/im2col.c"
 #include "csrc/conv_weight_grad.c"
 #include "csrc/matmul.c"
+#include "csrc/matmul_int8.c"
 #include "csrc/conv.c"

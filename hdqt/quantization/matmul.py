@@ -40,8 +40,10 @@ def tiled_matmul(x: torch.Tensor, w: torch.Tensor, tile: int, acc_bits: int | No
 def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int | None) -> torch.Tensor:
     """``a @ b`` for a (M, K), b (K, J), tiled and saturated along K like ``tiled_matmul``.
 
-    On CPU float32 a native kernel keeps each tile's partial sums in registers; the
-    torch path materialises all tiles' partial sums, (K/tile) x the output.
+    On CPU float32 a native kernel keeps each tile's partial sums in registers; where
+    the operands are integers that fit in bytes and the CPU has AVX512-VNNI, it
+    multiplies 8-bit integers (4x the multiply-adds per instruction), with the same
+    result. The torch path materialises all tiles' partial sums, (K/tile) x the output.
     """
     if acc_bits is None:
         return a @ b
@@ -52,8 +54,13 @@ def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int |
             m, k = a.shape
             b = b.contiguous()  # a is read through its strides: no copy
             out = torch.empty(m, b.shape[1], dtype=a.dtype)
-            lib.hdqt_tiled_matmul_f32(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), out.data_ptr(), m, k, b.shape[1], tile,
-                                      float(limit), native.threads())
+            args = (a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), out.data_ptr(), m, k, b.shape[1], tile,
+                    float(limit), native.threads())
+            status = lib.hdqt_tiled_matmul_i8(*args) if native.int8_dot(lib) else 2
+            if status < 0:
+                raise MemoryError("hdqt native int8 product: could not allocate its packed operands")
+            if status != 0:  # operands that are not bytes, or no VNNI: the float32 kernel
+                lib.hdqt_tiled_matmul_f32(*args)
             return out
     m, k = a.shape
     full = k // tile

@@ -70,6 +70,10 @@ def _compiled() -> ctypes.CDLL | None:
     lib.hdqt_im2col_fwht_f32.restype = f32
     lib.hdqt_tiled_matmul_f32.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, f32, i32]
     lib.hdqt_tiled_matmul_f32.restype = None
+    lib.hdqt_tiled_matmul_i8.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, f32, i32]
+    lib.hdqt_tiled_matmul_i8.restype = i32
+    lib.hdqt_int8_dot_available.argtypes = []
+    lib.hdqt_int8_dot_available.restype = i32
     lib.hdqt_conv_tiled_f32.argtypes = [ptr, ptr, ptr] + [i64] * 16 + [f32, i32]
     lib.hdqt_conv_tiled_f32.restype = i32
     lib.hdqt_conv_cols_amax_f32.argtypes = [ptr] + [i64] * 15 + [i32]
@@ -81,6 +85,17 @@ def _compiled() -> ctypes.CDLL | None:
 
 def load() -> ctypes.CDLL | None:
     return _compiled() if enabled() else None
+
+
+def int8_dot(lib: ctypes.CDLL) -> bool:
+    """Whether the tiled product may run on 8-bit integer dot products (AVX512-VNNI on
+    this CPU, and not switched off with ``HDQT_INT8=0``)."""
+    return os.environ.get("HDQT_INT8", "1") != "0" and _int8_available(lib)
+
+
+@functools.lru_cache(maxsize=4)  # a property of the loaded library on this CPU
+def _int8_available(lib: ctypes.CDLL) -> bool:
+    return bool(lib.hdqt_int8_dot_available())
 
 
 def threads() -> int:

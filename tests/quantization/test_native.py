@@ -7,7 +7,7 @@ import hdqt
 from hdqt.quantization import int_quantizer, native
 from hdqt.quantization.hadamard import block_layout, dense_block_matrix, hadamard_transform
 from hdqt.quantization.im2col import fused_weight_grad, tiled_conv2d, unfold_channel_major
-from hdqt.quantization.matmul import tiled_matmul, tiled_matmul_batched
+from hdqt.quantization.matmul import tiled_matmul, tiled_matmul_batched, tiled_matmul_kj
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="no C compiler: only the torch path exists here")
 
@@ -117,6 +117,57 @@ def test_native_tiled_matmul_equals_torch_path(monkeypatch, m, k, n, tile, acc_b
     fast = tiled_matmul(x, w, tile, acc_bits)
     _torch_only(monkeypatch)
     assert torch.equal(fast, tiled_matmul(x, w, tile, acc_bits))
+
+
+def _int8_available() -> bool:
+    lib = native.load()
+    return lib is not None and native.int8_dot(lib)
+
+
+def _native_products(a, b, tile, acc_bits):
+    """(status, Y) of the int8 kernel and Y of the float32 kernel, called directly."""
+    lib = native.load()
+    m, k = a.shape
+    y_i8, y_f32 = torch.full((m, b.shape[1]), -1.0), torch.empty(m, b.shape[1])
+    args = (a.stride(0), a.stride(1), b.data_ptr())
+    limit = float(2 ** (acc_bits - 1) - 1)
+    status = lib.hdqt_tiled_matmul_i8(a.data_ptr(), *args, y_i8.data_ptr(), m, k, b.shape[1], tile, limit, 2)
+    lib.hdqt_tiled_matmul_f32(a.data_ptr(), *args, y_f32.data_ptr(), m, k, b.shape[1], tile, limit, 2)
+    return status, y_i8, y_f32
+
+
+@pytest.mark.skipif(not _int8_available(), reason="no AVX512-VNNI on this CPU")
+@pytest.mark.parametrize("a_range,b_range", [((-7, 8), (0, 16)), ((-7, 8), (-7, 8)), ((-128, 128), (0, 256)),
+                                             ((-128, 128), (-128, 128))])
+@pytest.mark.parametrize("m,k,j,tile,acc_bits", [(33, 130, 47, 32, 8), (8, 37, 16, 7, 12), (1, 5, 1, 3, 8),
+                                                 (17, 64, 100, 1, 8), (9, 405, 20, 32, 16)])
+def test_int8_product_equals_float_kernel_bit_for_bit(a_range, b_range, m, k, j, tile, acc_bits):
+    a = torch.randint(*a_range, (m, k)).float()
+    b = torch.randint(*b_range, (k, j)).float()
+    for operand in (a, a.T.contiguous().T):  # rows of A contiguous, or read through strides
+        status, y_i8, y_f32 = _native_products(operand, b, tile, acc_bits)
+        assert status == 0  # bytes that fit: the int8 kernel ran
+        assert torch.equal(y_i8, y_f32)
+
+
+@pytest.mark.skipif(not _int8_available(), reason="no AVX512-VNNI on this CPU")
+def test_int8_product_declines_operands_that_are_not_bytes(monkeypatch):
+    a = torch.randint(-7, 8, (6, 50)).float()
+    b = torch.randint(0, 16, (50, 20)).float()
+    cases = {"fraction": (a, b.index_put((torch.tensor(3), torch.tensor(4)), torch.tensor(0.5))),
+             "B above 255": (a, b.index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(256.0))),
+             "B both signs, above 127": (a, b.index_put((torch.tensor(1), torch.tensor(1)), torch.tensor(-1.0))
+                                         .index_put((torch.tensor(2), torch.tensor(2)), torch.tensor(200.0))),
+             "A above 127": (a.index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(128.0)), b),
+             "NaN": (a, b.index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(float("nan"))))}
+    for name, (x, y) in cases.items():
+        status, y_i8, _ = _native_products(x, y, 32, 8)
+        assert status == 1, name
+        assert torch.equal(y_i8, torch.full_like(y_i8, -1.0)), name  # nothing written
+    x, y = cases["fraction"]
+    fast = tiled_matmul_kj(x, y, 32, 8)  # the float32 kernel takes over
+    _torch_only(monkeypatch)
+    assert torch.equal(fast, tiled_matmul_kj(x, y, 32, 8))
 
 
 @pytest.mark.parametrize("case", CONV_CASES)

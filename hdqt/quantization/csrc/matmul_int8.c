@@ -1,0 +1,251 @@
+/* The tiled, saturating product on 8-bit integer dot products (AVX512-VNNI).
+ * Part of the one translation unit that kernels.c includes (static helpers are
+ * shared across files); not compiled on its own.
+ *
+ * The quantized operands of the forward product are small integers held in
+ * float32. Where they fit in bytes (A in [-128, 127], B in [0, 255] or
+ * [-128, 127]), vpdpbusd multiplies 16 lanes x 4 byte pairs and adds them into
+ * 32-bit lanes in one instruction: 64 multiply-adds against a float32 FMA's 16.
+ * Each tile's partial sum is an exact int32, clamped at the accumulator's limit
+ * and added to a float32 total in the same order as hdqt_tiled_matmul_f32, so
+ * the two kernels agree bit for bit.
+ *
+ * Layout: a tile's reduction is cut into groups of 4 (the last group of a tile
+ * zero-padded), so that no group straddles two tiles.
+ *   A (M, K) -> (M, groups) int32 words, 4 signed bytes each (broadcast operand);
+ *   B (K, J) -> (J / 16 strips, groups, 16 lanes, 4 bytes), unsigned: a signed B
+ *   is offset by +128, and each tile's sum starts at -128 * (its part of A's row sum).
+ * Operands that do not fit, or a CPU without VNNI, leave the product to the
+ * float32 kernel (hdqt_tiled_matmul_i8 returns 1 or 2). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(HDQT_NO_INT8)
+#include <immintrin.h>
+#define HDQT_INT8 1
+#define INT8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#endif
+
+/* 1 when this build and CPU run the int8 product. */
+int hdqt_int8_dot_available(void) {
+#ifdef HDQT_INT8
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
+#ifdef HDQT_INT8
+
+#define I8_MR 8 /* rows of A per register block */
+
+typedef struct {
+    const float *A, *B;
+    int64_t sm, sk, M, K, J, tile, tiles, groups;
+    int32_t *a;          /* (M, groups) */
+    uint8_t *b;          /* (strips, groups, 16, 4) */
+    int32_t *start;      /* (M, tiles): where each tile's accumulator starts */
+    int64_t *tile_group; /* (tiles + 1): first group of each tile */
+    float *Y;
+    int32_t limit, offset;
+    int bad[HDQT_MAX_THREADS];
+    float lo[HDQT_MAX_THREADS], hi[HDQT_MAX_THREADS];
+} i8_ctx;
+
+/* Whether every value is an integer in [lo, hi]; NaN is not. */
+static inline int fits(float v, float lo, float hi) {
+    return v >= lo && v <= hi && (float)(int32_t)v == v;
+}
+
+/* Per 16 floats: whether each is an integer in [lo, hi] (NaN is not), as a mask. */
+INT8_TARGET
+static inline __mmask16 fits16(__m512 v, __m512i q, float lo, float hi, __mmask16 lanes) {
+    __mmask16 in = _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(lo), _CMP_GE_OQ);
+    in = _mm512_mask_cmp_ps_mask(in, v, _mm512_set1_ps(hi), _CMP_LE_OQ);
+    return _mm512_mask_cmp_ps_mask(in, _mm512_cvtepi32_ps(q), v, _CMP_EQ_OQ);
+}
+
+/* A's rows as signed bytes, and each tile's starting sum (the offset correction;
+ * 0 without an offset). */
+INT8_TARGET
+static void i8_pack_a(void *arg, int64_t begin, int64_t end, int worker) {
+    i8_ctx *c = (i8_ctx *)arg;
+    int bad = 0;
+    for (int64_t m = begin; m < end; ++m) {
+        int8_t *row = (int8_t *)(c->a + m * c->groups);
+        memset(row, 0, (size_t)c->groups * 4);
+        for (int64_t t = 0; t < c->tiles; ++t) {
+            int64_t k0 = t * c->tile, k1 = k0 + c->tile < c->K ? k0 + c->tile : c->K;
+            int8_t *dst = row + c->tile_group[t] * 4;
+            int32_t sum = 0;
+            if (c->sk == 1) { /* a contiguous row: 16 at a time */
+                const float *src = c->A + m * c->sm;
+                __m512i sums = _mm512_setzero_si512();
+                for (int64_t k = k0; k < k1; k += NV) {
+                    int64_t n = k1 - k < NV ? k1 - k : NV;
+                    __mmask16 lanes = (__mmask16)((1u << n) - 1);
+                    __m512 v = _mm512_maskz_loadu_ps(lanes, src + k);
+                    __m512i q = _mm512_cvttps_epi32(v);
+                    bad |= fits16(v, q, -128.0f, 127.0f, lanes) != lanes;
+                    sums = _mm512_add_epi32(sums, q);
+                    _mm_mask_storeu_epi8(dst + (k - k0), lanes, _mm512_cvtepi32_epi8(q));
+                }
+                sum = _mm512_reduce_add_epi32(sums);
+            } else {
+                for (int64_t k = k0; k < k1; ++k) {
+                    float v = c->A[m * c->sm + k * c->sk];
+                    int ok = fits(v, -128.0f, 127.0f);
+                    bad |= !ok;
+                    int32_t q = ok ? (int32_t)v : 0;
+                    dst[k - k0] = (int8_t)q;
+                    sum += q;
+                }
+            }
+            c->start[m * c->tiles + t] = -c->offset * sum;
+        }
+    }
+    c->bad[worker] = bad;
+}
+
+/* min and max of B, and whether all of it is integer-valued in [-128, 255] (NaN is not). */
+INT8_TARGET
+static void i8_scan_b(void *arg, int64_t begin, int64_t end, int worker) {
+    i8_ctx *c = (i8_ctx *)arg;
+    __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+    int bad = 0;
+    for (int64_t i = begin * c->J, stop = end * c->J; i < stop; i += NV) {
+        int64_t n = stop - i < NV ? stop - i : NV;
+        __mmask16 lanes = (__mmask16)((1u << n) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(lanes, c->B + i);
+        bad |= fits16(v, _mm512_cvttps_epi32(v), -128.0f, 255.0f, lanes) != lanes;
+        lo = _mm512_min_ps(lo, v), hi = _mm512_max_ps(hi, v); /* padding lanes are 0: neutral */
+    }
+    c->bad[worker] = bad, c->lo[worker] = _mm512_reduce_min_ps(lo), c->hi[worker] = _mm512_reduce_max_ps(hi);
+}
+
+/* B's 16-column strips as (groups, 16 lanes, 4 bytes): lane j of a group holds
+ * rows k..k+3 of column j, the byte order vpdpbusd pairs with A's word. */
+INT8_TARGET
+static void i8_pack_b(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    i8_ctx *c = (i8_ctx *)arg;
+    const __m512i bytes = _mm512_set1_epi32(0xff), offset = _mm512_set1_epi32(c->offset);
+    for (int64_t s = begin; s < end; ++s) {
+        int64_t j = s * NV, lanes = c->J - j < NV ? c->J - j : NV;
+        __mmask16 mask = (__mmask16)((1u << lanes) - 1);
+        uint8_t *dst = c->b + s * c->groups * 64;
+        for (int64_t t = 0; t < c->tiles; ++t) {
+            int64_t k0 = t * c->tile, k1 = k0 + c->tile < c->K ? k0 + c->tile : c->K;
+            for (int64_t k = k0, g = c->tile_group[t]; k < k1; k += 4, ++g) {
+                __m512i word = _mm512_setzero_si512();
+                for (int64_t i = 0; i < 4 && k + i < k1; ++i) {
+                    __m512 v = _mm512_maskz_loadu_ps(mask, c->B + (k + i) * c->J + j);
+                    __m512i q = _mm512_and_si512(_mm512_add_epi32(_mm512_cvttps_epi32(v), offset), bytes);
+                    q = _mm512_maskz_mov_epi32(mask, q); /* padding lanes hold 0, not the offset */
+                    word = _mm512_or_si512(word, _mm512_slli_epi32(q, (unsigned)(8 * i)));
+                }
+                _mm512_storeu_si512(dst + g * 64, word);
+            }
+        }
+    }
+}
+
+INT8_TARGET
+static void i8_product(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    const i8_ctx *c = (const i8_ctx *)arg;
+    const __m512i lim = _mm512_set1_epi32(c->limit), neg_lim = _mm512_set1_epi32(-c->limit);
+    for (int64_t s = begin; s < end; ++s) {
+        int64_t j = s * NV, lanes = c->J - j < NV ? c->J - j : NV;
+        __mmask16 mask = (__mmask16)((1u << lanes) - 1);
+        const uint8_t *bs = c->b + s * c->groups * 64;
+        for (int64_t m0 = 0; m0 < c->M; m0 += I8_MR) {
+            int64_t rows = c->M - m0 < I8_MR ? c->M - m0 : I8_MR;
+            const int32_t *a[I8_MR], *start[I8_MR];
+            for (int r = 0; r < I8_MR; ++r) { /* rows past M repeat row m0: computed, not stored */
+                int64_t m = m0 + (r < rows ? r : 0);
+                a[r] = c->a + m * c->groups, start[r] = c->start + m * c->tiles;
+            }
+            __m512 total[I8_MR];
+            for (int r = 0; r < I8_MR; ++r) total[r] = _mm512_setzero_ps();
+            for (int64_t t = 0; t < c->tiles; ++t) {
+                __m512i acc[I8_MR];
+                for (int r = 0; r < I8_MR; ++r) acc[r] = _mm512_set1_epi32(start[r][t]);
+                for (int64_t g = c->tile_group[t]; g < c->tile_group[t + 1]; ++g) {
+                    __m512i bv = _mm512_loadu_si512(bs + g * 64);
+                    for (int r = 0; r < I8_MR; ++r)
+                        acc[r] = _mm512_dpbusd_epi32(acc[r], bv, _mm512_set1_epi32(a[r][g]));
+                }
+                for (int r = 0; r < I8_MR; ++r) {
+                    __m512i clamped = _mm512_min_epi32(_mm512_max_epi32(acc[r], neg_lim), lim);
+                    total[r] = _mm512_add_ps(total[r], _mm512_cvtepi32_ps(clamped));
+                }
+            }
+            for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(c->Y + (m0 + r) * c->J + j, mask, total[r]);
+        }
+    }
+}
+
+static int any_bad(const int *bad, int used) {
+    int b = 0;
+    for (int t = 0; t < used; ++t) b |= bad[t];
+    return b;
+}
+
+#endif /* HDQT_INT8 */
+
+/* Y (M, J) as hdqt_tiled_matmul_f32, on int8 dot products. Returns 0; 1 when an
+ * operand does not fit in bytes (nothing written: use the float32 kernel); 2
+ * without VNNI; -1 if no buffer could be allocated. limit < 2^31. */
+int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B, float *Y, int64_t M, int64_t K,
+                         int64_t J, int64_t tile, float limit, int threads) {
+#ifdef HDQT_INT8
+    if (!hdqt_int8_dot_available()) return 2;
+    if (threads > HDQT_MAX_THREADS) threads = HDQT_MAX_THREADS;
+    if (threads < 1) threads = 1;
+    if (M < 1 || J < 1 || K < 1) return 1; /* nothing to gain: the float kernel handles the edge */
+    i8_ctx c;
+    memset(&c, 0, sizeof c);
+    c.A = A, c.B = B, c.sm = sm, c.sk = sk, c.M = M, c.K = K, c.J = J, c.tile = tile, c.Y = Y;
+    c.limit = limit >= 2147483647.0f ? 2147483647 : (int32_t)limit;
+    c.tiles = (K + tile - 1) / tile;
+    int used = parallel_for(K, threads, (1 << 16) / J + 1, i8_scan_b, &c);
+    if (any_bad(c.bad, used)) return 1;
+    float lo = 0.0f, hi = 0.0f;
+    for (int t = 0; t < used; ++t) lo = c.lo[t] < lo ? c.lo[t] : lo, hi = c.hi[t] > hi ? c.hi[t] : hi;
+    if (lo < 0.0f && hi > 127.0f) return 1; /* neither unsigned nor signed bytes */
+    c.offset = lo < 0.0f ? 128 : 0;
+    c.tile_group = (int64_t *)malloc((size_t)(c.tiles + 1) * sizeof(int64_t));
+    if (c.tile_group == NULL) return -1;
+    c.tile_group[0] = 0;
+    for (int64_t t = 0; t < c.tiles; ++t) {
+        int64_t len = (t + 1) * tile < K ? tile : K - t * tile;
+        c.tile_group[t + 1] = c.tile_group[t] + (len + 3) / 4;
+    }
+    c.groups = c.tile_group[c.tiles];
+    const int64_t strips = (J + NV - 1) / NV;
+    c.a = (int32_t *)malloc((size_t)(M * c.groups) * sizeof(int32_t));
+    c.start = (int32_t *)malloc((size_t)(M * c.tiles) * sizeof(int32_t));
+    c.b = (uint8_t *)aligned_alloc(64, (size_t)(strips * c.groups) * 64);
+    int status = 0;
+    if (c.a == NULL || c.start == NULL || c.b == NULL) {
+        status = -1;
+    } else {
+        used = parallel_for(M, threads, (1 << 14) / K + 1, i8_pack_a, &c);
+        if (any_bad(c.bad, used)) {
+            status = 1;
+        } else {
+            parallel_for(strips, threads, 1, i8_pack_b, &c);
+            int64_t grain = ((int64_t)1 << 20) / (M * K * NV + 1) + 1;
+            parallel_for(strips, threads, grain, i8_product, &c);
+        }
+    }
+    free(c.tile_group);
+    free(c.a);
+    free(c.start);
+    free(c.b);
+    return status;
+#else
+    (void)A, (void)sm, (void)sk, (void)B, (void)Y, (void)M, (void)K, (void)J, (void)tile, (void)limit, (void)threads;
+    return 2;
+#endif
+}
