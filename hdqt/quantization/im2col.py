@@ -114,6 +114,8 @@ def tiled_conv2d(
     On CPU float32 a native kernel never materialises the (K, B*L) column matrix:
     at width stride 1 it reads each run of 16 positions' columns in place from a
     zero-padded band of input rows, otherwise it gathers them into an L1 panel.
+    At width stride 1, with operands that fit in bytes and AVX512-VNNI, it runs
+    on 8-bit integer dot products (the same result).
     """
     n, _, kh, kw = weight.shape
     geo = ConvGeometry.of(x, (kh, kw), stride, padding, dilation)
@@ -123,12 +125,13 @@ def tiled_conv2d(
         if lib is not None:
             src, wt = x.contiguous(), weight.reshape(n, -1).T.contiguous()
             out = torch.empty(b, n, out_h, out_w, dtype=x.dtype)
-            status = lib.hdqt_conv_tiled_f32(
-                src.data_ptr(), wt.data_ptr(), out.data_ptr(), *geo.native_args(), n, tile,
-                float(accumulator_limit(acc_bits)), native.threads(),
-            )
+            args = (src.data_ptr(), wt.data_ptr(), out.data_ptr(), *geo.native_args(), n, tile,
+                    float(accumulator_limit(acc_bits)), native.threads())
+            status = lib.hdqt_conv_tiled_i8(*args) if native.int8_dot(lib) else 2
+            if status > 0:  # not bytes, a width stride above 1, or no VNNI: the float32 kernel
+                status = lib.hdqt_conv_tiled_f32(*args)
             if status != 0:
-                raise MemoryError("hdqt native convolution: could not allocate its column panels")
+                raise MemoryError("hdqt native convolution: could not allocate its buffers")
             return out
     cols, _ = unfold_channel_major(x, (kh, kw), stride, padding, dilation)
     y = tiled_matmul_kj(weight.reshape(n, -1), cols.reshape(cols.shape[0], -1), tile, acc_bits)

@@ -41,3 +41,4 @@
 #include "csrc/matmul.c"
 #include "csrc/matmul_int8.c"
 #include "csrc/conv.c"
+#include "csrc/conv_int8.c"

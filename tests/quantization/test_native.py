@@ -170,6 +170,31 @@ def test_int8_product_declines_operands_that_are_not_bytes(monkeypatch):
     assert torch.equal(fast, tiled_matmul_kj(x, y, 32, 8))
 
 
+@pytest.mark.skipif(not _int8_available(), reason="no AVX512-VNNI on this CPU")
+@pytest.mark.parametrize("x_range", [(0, 16), (-7, 8), (-128, 128), (0, 256)])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_int8_conv_equals_float_kernel_bit_for_bit(case, x_range):
+    from hdqt.quantization.im2col import ConvGeometry
+
+    b, c, h, w, n, kernel, stride, padding, dilation, tile = case
+    x = torch.randint(*x_range, (b, c, h, w)).float()
+    weight = torch.randint(-7, 8, (n, c, *kernel)).float()
+    geo = ConvGeometry.of(x, kernel, stride, padding, dilation)
+    wt = weight.reshape(n, -1).T.contiguous()
+    lib = native.load()
+    outs = {}
+    for kernel_fn in ("hdqt_conv_tiled_i8", "hdqt_conv_tiled_f32"):
+        outs[kernel_fn] = torch.full((b, n, geo.out_h, geo.out_w), -1.0)
+        status = getattr(lib, kernel_fn)(x.data_ptr(), wt.data_ptr(), outs[kernel_fn].data_ptr(), *geo.native_args(),
+                                         n, tile, 127.0, 2)
+        # the int8 kernel runs at width stride 1 and declines (writing nothing) otherwise
+        assert status == (0 if kernel_fn.endswith("f32") or stride[1] == 1 else 1)
+    if stride[1] == 1:
+        assert torch.equal(outs["hdqt_conv_tiled_i8"], outs["hdqt_conv_tiled_f32"])
+    else:
+        assert (outs["hdqt_conv_tiled_i8"] == -1).all()
+
+
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_native_tiled_conv_equals_im2col_reference(case):
     b, c, h, w, n, kernel, stride, padding, dilation, tile = case

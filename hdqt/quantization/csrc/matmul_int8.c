@@ -149,39 +149,43 @@ static void i8_pack_b(void *arg, int64_t begin, int64_t end, int worker) {
     }
 }
 
+/* All M rows of Y against one 16-lane strip of B, given as its packed groups bs:
+ * Y[m * ldy + j + lane] for the lanes in mask. */
 INT8_TARGET
+static void i8_block(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, int64_t j, __mmask16 mask) {
+    const __m512i lim = _mm512_set1_epi32(c->limit), neg_lim = _mm512_set1_epi32(-c->limit);
+    for (int64_t m0 = 0; m0 < c->M; m0 += I8_MR) {
+        int64_t rows = c->M - m0 < I8_MR ? c->M - m0 : I8_MR;
+        const int32_t *a[I8_MR], *start[I8_MR];
+        for (int r = 0; r < I8_MR; ++r) { /* rows past M repeat row m0: computed, not stored */
+            int64_t m = m0 + (r < rows ? r : 0);
+            a[r] = c->a + m * c->groups, start[r] = c->start + m * c->tiles;
+        }
+        __m512 total[I8_MR];
+        for (int r = 0; r < I8_MR; ++r) total[r] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < c->tiles; ++t) {
+            __m512i acc[I8_MR];
+            for (int r = 0; r < I8_MR; ++r) acc[r] = _mm512_set1_epi32(start[r][t]);
+            for (int64_t g = c->tile_group[t]; g < c->tile_group[t + 1]; ++g) {
+                __m512i bv = _mm512_loadu_si512(bs + g * 64);
+                for (int r = 0; r < I8_MR; ++r)
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], bv, _mm512_set1_epi32(a[r][g]));
+            }
+            for (int r = 0; r < I8_MR; ++r) {
+                __m512i clamped = _mm512_min_epi32(_mm512_max_epi32(acc[r], neg_lim), lim);
+                total[r] = _mm512_add_ps(total[r], _mm512_cvtepi32_ps(clamped));
+            }
+        }
+        for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(Y + (m0 + r) * ldy + j, mask, total[r]);
+    }
+}
+
 static void i8_product(void *arg, int64_t begin, int64_t end, int worker) {
     (void)worker;
     const i8_ctx *c = (const i8_ctx *)arg;
-    const __m512i lim = _mm512_set1_epi32(c->limit), neg_lim = _mm512_set1_epi32(-c->limit);
     for (int64_t s = begin; s < end; ++s) {
         int64_t j = s * NV, lanes = c->J - j < NV ? c->J - j : NV;
-        __mmask16 mask = (__mmask16)((1u << lanes) - 1);
-        const uint8_t *bs = c->b + s * c->groups * 64;
-        for (int64_t m0 = 0; m0 < c->M; m0 += I8_MR) {
-            int64_t rows = c->M - m0 < I8_MR ? c->M - m0 : I8_MR;
-            const int32_t *a[I8_MR], *start[I8_MR];
-            for (int r = 0; r < I8_MR; ++r) { /* rows past M repeat row m0: computed, not stored */
-                int64_t m = m0 + (r < rows ? r : 0);
-                a[r] = c->a + m * c->groups, start[r] = c->start + m * c->tiles;
-            }
-            __m512 total[I8_MR];
-            for (int r = 0; r < I8_MR; ++r) total[r] = _mm512_setzero_ps();
-            for (int64_t t = 0; t < c->tiles; ++t) {
-                __m512i acc[I8_MR];
-                for (int r = 0; r < I8_MR; ++r) acc[r] = _mm512_set1_epi32(start[r][t]);
-                for (int64_t g = c->tile_group[t]; g < c->tile_group[t + 1]; ++g) {
-                    __m512i bv = _mm512_loadu_si512(bs + g * 64);
-                    for (int r = 0; r < I8_MR; ++r)
-                        acc[r] = _mm512_dpbusd_epi32(acc[r], bv, _mm512_set1_epi32(a[r][g]));
-                }
-                for (int r = 0; r < I8_MR; ++r) {
-                    __m512i clamped = _mm512_min_epi32(_mm512_max_epi32(acc[r], neg_lim), lim);
-                    total[r] = _mm512_add_ps(total[r], _mm512_cvtepi32_ps(clamped));
-                }
-            }
-            for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(c->Y + (m0 + r) * c->J + j, mask, total[r]);
-        }
+        i8_block(c, c->b + s * c->groups * 64, c->Y, c->J, j, (__mmask16)((1u << lanes) - 1));
     }
 }
 
@@ -191,58 +195,76 @@ static int any_bad(const int *bad, int used) {
     return b;
 }
 
+/* The tile groups of the reduction, and A packed with its tiles' starting sums
+ * (c->offset set before). 0; 1 when A is not signed bytes; -1 without memory. */
+static int i8_setup_a(i8_ctx *c, int threads) {
+    c->tiles = (c->K + c->tile - 1) / c->tile;
+    c->tile_group = (int64_t *)malloc((size_t)(c->tiles + 1) * sizeof(int64_t));
+    if (c->tile_group == NULL) return -1;
+    c->tile_group[0] = 0;
+    for (int64_t t = 0; t < c->tiles; ++t) {
+        int64_t len = (t + 1) * c->tile < c->K ? c->tile : c->K - t * c->tile;
+        c->tile_group[t + 1] = c->tile_group[t] + (len + 3) / 4;
+    }
+    c->groups = c->tile_group[c->tiles];
+    c->a = (int32_t *)malloc((size_t)(c->M * c->groups) * sizeof(int32_t));
+    c->start = (int32_t *)malloc((size_t)(c->M * c->tiles) * sizeof(int32_t));
+    if (c->a == NULL || c->start == NULL) return -1;
+    int used = parallel_for(c->M, threads, (1 << 14) / c->K + 1, i8_pack_a, c);
+    return any_bad(c->bad, used) ? 1 : 0;
+}
+
+static void i8_release(i8_ctx *c) {
+    free(c->tile_group);
+    free(c->a);
+    free(c->start);
+    free(c->b);
+}
+
+/* The byte offset of B's values: 0 when they are in [0, 255], 128 when in
+ * [-128, 127] (their sums then start at -128 * A's sums); -1 when neither. */
+static int32_t i8_offset(const float *lo, const float *hi, int used) {
+    float l = 0.0f, h = 0.0f;
+    for (int t = 0; t < used; ++t) l = lo[t] < l ? lo[t] : l, h = hi[t] > h ? hi[t] : h;
+    if (l < 0.0f && h > 127.0f) return -1;
+    return l < 0.0f ? 128 : 0;
+}
+
+static int clamp_i8_threads(int threads) {
+    return threads < 1 ? 1 : (threads > HDQT_MAX_THREADS ? HDQT_MAX_THREADS : threads);
+}
+
 #endif /* HDQT_INT8 */
 
 /* Y (M, J) as hdqt_tiled_matmul_f32, on int8 dot products. Returns 0; 1 when an
  * operand does not fit in bytes (nothing written: use the float32 kernel); 2
- * without VNNI; -1 if no buffer could be allocated. limit < 2^31. */
+ * without VNNI; -1 if no buffer could be allocated. */
 int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B, float *Y, int64_t M, int64_t K,
                          int64_t J, int64_t tile, float limit, int threads) {
 #ifdef HDQT_INT8
     if (!hdqt_int8_dot_available()) return 2;
-    if (threads > HDQT_MAX_THREADS) threads = HDQT_MAX_THREADS;
-    if (threads < 1) threads = 1;
+    threads = clamp_i8_threads(threads);
     if (M < 1 || J < 1 || K < 1) return 1; /* nothing to gain: the float kernel handles the edge */
     i8_ctx c;
     memset(&c, 0, sizeof c);
     c.A = A, c.B = B, c.sm = sm, c.sk = sk, c.M = M, c.K = K, c.J = J, c.tile = tile, c.Y = Y;
     c.limit = limit >= 2147483647.0f ? 2147483647 : (int32_t)limit;
-    c.tiles = (K + tile - 1) / tile;
     int used = parallel_for(K, threads, (1 << 16) / J + 1, i8_scan_b, &c);
     if (any_bad(c.bad, used)) return 1;
-    float lo = 0.0f, hi = 0.0f;
-    for (int t = 0; t < used; ++t) lo = c.lo[t] < lo ? c.lo[t] : lo, hi = c.hi[t] > hi ? c.hi[t] : hi;
-    if (lo < 0.0f && hi > 127.0f) return 1; /* neither unsigned nor signed bytes */
-    c.offset = lo < 0.0f ? 128 : 0;
-    c.tile_group = (int64_t *)malloc((size_t)(c.tiles + 1) * sizeof(int64_t));
-    if (c.tile_group == NULL) return -1;
-    c.tile_group[0] = 0;
-    for (int64_t t = 0; t < c.tiles; ++t) {
-        int64_t len = (t + 1) * tile < K ? tile : K - t * tile;
-        c.tile_group[t + 1] = c.tile_group[t] + (len + 3) / 4;
-    }
-    c.groups = c.tile_group[c.tiles];
+    c.offset = i8_offset(c.lo, c.hi, used);
+    if (c.offset < 0) return 1; /* neither unsigned nor signed bytes */
+    int status = i8_setup_a(&c, threads);
     const int64_t strips = (J + NV - 1) / NV;
-    c.a = (int32_t *)malloc((size_t)(M * c.groups) * sizeof(int32_t));
-    c.start = (int32_t *)malloc((size_t)(M * c.tiles) * sizeof(int32_t));
-    c.b = (uint8_t *)aligned_alloc(64, (size_t)(strips * c.groups) * 64);
-    int status = 0;
-    if (c.a == NULL || c.start == NULL || c.b == NULL) {
-        status = -1;
-    } else {
-        used = parallel_for(M, threads, (1 << 14) / K + 1, i8_pack_a, &c);
-        if (any_bad(c.bad, used)) {
-            status = 1;
-        } else {
-            parallel_for(strips, threads, 1, i8_pack_b, &c);
-            int64_t grain = ((int64_t)1 << 20) / (M * K * NV + 1) + 1;
-            parallel_for(strips, threads, grain, i8_product, &c);
-        }
+    if (status == 0) {
+        c.b = (uint8_t *)aligned_alloc(64, (size_t)(strips * c.groups) * 64);
+        status = c.b == NULL ? -1 : 0;
     }
-    free(c.tile_group);
-    free(c.a);
-    free(c.start);
-    free(c.b);
+    if (status == 0) {
+        parallel_for(strips, threads, 1, i8_pack_b, &c);
+        int64_t grain = ((int64_t)1 << 20) / (M * K * NV + 1) + 1;
+        parallel_for(strips, threads, grain, i8_product, &c);
+    }
+    i8_release(&c);
     return status;
 #else
     (void)A, (void)sm, (void)sk, (void)B, (void)Y, (void)M, (void)K, (void)J, (void)tile, (void)limit, (void)threads;

@@ -1,0 +1,161 @@
+/* The tiled, saturating convolution on 8-bit integer dot products (AVX512-VNNI).
+ * Part of the one translation unit that kernels.c includes (static helpers are
+ * shared across files); not compiled on its own.
+ *
+ * The direct path of conv.c (width stride 1) in bytes: a band of input rows is
+ * converted once into zero-padded byte rows (offset by +128 for a signed input),
+ * and for each run of 16 output positions the 4 columns of every group of the
+ * reduction are interleaved from 4 rows of that band into one 64-byte vector,
+ * the layout vpdpbusd pairs with the weights' 4-byte words. All output channels
+ * are then computed from those vectors by the int8 product's register block
+ * (i8_block), with the same tiles, clamps and float32 totals: the result equals
+ * hdqt_conv_tiled_f32's bit for bit. */
+#ifdef HDQT_INT8
+
+typedef struct {
+    const conv_ctx *c;
+    const i8_ctx *p;       /* the weights, packed, and the tile groups */
+    const int64_t *koff;   /* K byte offsets into a worker's band, for the band's first output row */
+    uint8_t *bands, *panels;
+    int64_t row_len, band_in;
+    int32_t offset;
+} conv_i8_ctx;
+
+/* min and max of x and whether it is integer-valued in [-128, 255], per worker. */
+INT8_TARGET
+static void conv_i8_scan(void *arg, int64_t begin, int64_t end, int worker) {
+    i8_ctx *c = (i8_ctx *)arg; /* B = x, flat; J = 1 */
+    __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+    int bad = 0;
+    for (int64_t i = begin; i < end; i += NV) {
+        int64_t n = end - i < NV ? end - i : NV;
+        __mmask16 lanes = (__mmask16)((1u << n) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(lanes, c->B + i);
+        bad |= fits16(v, _mm512_cvttps_epi32(v), -128.0f, 255.0f, lanes) != lanes;
+        lo = _mm512_min_ps(lo, v), hi = _mm512_max_ps(hi, v);
+    }
+    c->bad[worker] = bad, c->lo[worker] = _mm512_reduce_min_ps(lo), c->hi[worker] = _mm512_reduce_max_ps(hi);
+}
+
+/* Four 16-byte rows a, b, c, d -> 16 lanes of 4 bytes (a[i], b[i], c[i], d[i]). */
+INT8_TARGET
+static inline __m512i interleave4(__m128i a, __m128i b, __m128i c, __m128i d) {
+    __m128i ab_lo = _mm_unpacklo_epi8(a, b), ab_hi = _mm_unpackhi_epi8(a, b);
+    __m128i cd_lo = _mm_unpacklo_epi8(c, d), cd_hi = _mm_unpackhi_epi8(c, d);
+    __m512i v = _mm512_castsi128_si512(_mm_unpacklo_epi16(ab_lo, cd_lo));
+    v = _mm512_inserti32x4(v, _mm_unpackhi_epi16(ab_lo, cd_lo), 1);
+    v = _mm512_inserti32x4(v, _mm_unpacklo_epi16(ab_hi, cd_hi), 2);
+    return _mm512_inserti32x4(v, _mm_unpackhi_epi16(ab_hi, cd_hi), 3);
+}
+
+INT8_TARGET
+static void conv_i8_range(void *arg, int64_t begin, int64_t end, int worker) {
+    const conv_i8_ctx *ic = (const conv_i8_ctx *)arg;
+    const conv_ctx *c = ic->c;
+    const i8_ctx *p = ic->p;
+    const int64_t L = c->OH * c->OW, bands = (c->OH + CONV_BAND - 1) / CONV_BAND, row_len = ic->row_len;
+    uint8_t *band = ic->bands + worker * c->C * ic->band_in * row_len;
+    uint8_t *panel = ic->panels + worker * p->groups * 64;
+    static const uint8_t none[NV] = {0}; /* the padding columns of a tile's last group: A's bytes are 0 */
+    const __m512i offset = _mm512_set1_epi32(ic->offset);
+    /* the padding columns stay at the offset: the byte of a zero input */
+    memset(band, ic->offset, (size_t)(c->C * ic->band_in * row_len));
+    for (int64_t unit = begin; unit < end; ++unit) {
+        int64_t b = unit / bands, oh0 = unit % bands * CONV_BAND;
+        int64_t oh1 = oh0 + CONV_BAND < c->OH ? oh0 + CONV_BAND : c->OH;
+        int64_t ih0 = oh0 * c->sh - c->ph, used = (oh1 - 1 - oh0) * c->sh + (c->kh - 1) * c->dh + 1;
+        for (int64_t ch = 0; ch < c->C; ++ch) {
+            const float *img = c->x + (b * c->C + ch) * c->H * c->W;
+            for (int64_t r = 0; r < used; ++r) {
+                uint8_t *dst = band + (ch * ic->band_in + r) * row_len;
+                int64_t ih = ih0 + r;
+                if (ih < 0 || ih >= c->H) {
+                    memset(dst, ic->offset, (size_t)row_len);
+                    continue;
+                }
+                for (int64_t iw = 0; iw < c->W; iw += NV) {
+                    int64_t n = c->W - iw < NV ? c->W - iw : NV;
+                    __mmask16 lanes = (__mmask16)((1u << n) - 1);
+                    __m512i q = _mm512_cvttps_epi32(_mm512_maskz_loadu_ps(lanes, img + ih * c->W + iw));
+                    _mm_mask_storeu_epi8(dst + c->pw + iw, lanes, _mm512_cvtepi32_epi8(_mm512_add_epi32(q, offset)));
+                }
+            }
+        }
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+            const uint8_t *base = band + (oh - oh0) * c->sh * row_len;
+            for (int64_t ow0 = 0; ow0 < c->OW; ow0 += NV) {
+                int64_t lanes = c->OW - ow0 < NV ? c->OW - ow0 : NV; /* extra lanes are computed, not stored */
+                for (int64_t t = 0; t < p->tiles; ++t) {
+                    int64_t k0 = t * p->tile, k1 = k0 + p->tile < p->K ? k0 + p->tile : p->K;
+                    for (int64_t k = k0, g = p->tile_group[t]; k < k1; k += 4, ++g) {
+                        const uint8_t *row[4];
+                        for (int i = 0; i < 4; ++i) row[i] = k + i < k1 ? base + ic->koff[k + i] + ow0 : none;
+                        __m512i v = interleave4(_mm_loadu_si128((const __m128i *)row[0]),
+                                                _mm_loadu_si128((const __m128i *)row[1]),
+                                                _mm_loadu_si128((const __m128i *)row[2]),
+                                                _mm_loadu_si128((const __m128i *)row[3]));
+                        _mm512_storeu_si512(panel + g * 64, v);
+                    }
+                }
+                i8_block(p, panel, c->y + b * c->N * L, L, oh * c->OW + ow0, (__mmask16)((1u << lanes) - 1));
+            }
+        }
+    }
+}
+
+#endif /* HDQT_INT8 */
+
+/* hdqt_conv_tiled_f32 at width stride 1, on int8 dot products (same arguments).
+ * Returns 0; 1 when x or the weights are not bytes, or the stride is not 1 along
+ * the width (nothing written: use the float32 kernel); 2 without VNNI; -1 if no
+ * buffer could be allocated. */
+int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int64_t C, int64_t H, int64_t W,
+                       int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                       int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, int threads) {
+#ifdef HDQT_INT8
+    if (!hdqt_int8_dot_available()) return 2;
+    if (sw != 1 || B < 1 || C < 1 || N < 1 || OH < 1 || OW < 1) return 1;
+    threads = clamp_i8_threads(threads);
+    const int64_t K = C * kh * kw;
+    conv_ctx c = {x, wt, y, NULL, B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile, limit};
+    i8_ctx p; /* the weights as A (N, K), read through the transposed wt (K, N) */
+    memset(&p, 0, sizeof p);
+    p.A = wt, p.sm = 1, p.sk = N, p.M = N, p.K = K, p.tile = tile, p.B = x;
+    p.limit = limit >= 2147483647.0f ? 2147483647 : (int32_t)limit;
+    int used = parallel_for(B * C * H * W, threads, 1 << 16, conv_i8_scan, &p);
+    if (any_bad(p.bad, used)) return 1;
+    p.offset = i8_offset(p.lo, p.hi, used);
+    if (p.offset < 0) return 1;
+    int status = i8_setup_a(&p, threads);
+    /* byte rows: pw zeros, W values, and room for a run's 16 bytes past the last position */
+    const int64_t row_len = W + 2 * pw + (kw - 1) * dw + 2 * NV;
+    const int64_t band_in = (CONV_BAND - 1) * sh + (kh - 1) * dh + 1;
+    conv_i8_ctx ic = {&c, &p, NULL, NULL, NULL, row_len, band_in, p.offset};
+    int64_t *koff = NULL;
+    if (status == 0) {
+        koff = (int64_t *)malloc((size_t)K * sizeof(int64_t));
+        ic.bands = (uint8_t *)malloc((size_t)(threads * C * band_in * row_len));
+        ic.panels = (uint8_t *)aligned_alloc(64, (size_t)(threads * p.groups * 64));
+        status = koff == NULL || ic.bands == NULL || ic.panels == NULL ? -1 : 0;
+    }
+    if (status == 0) {
+        for (int64_t k = 0; k < K; ++k) { /* k = (channel, ki, kj) in unfold order */
+            int64_t ch = k / (kh * kw), ki = k / kw % kh, kj = k % kw;
+            koff[k] = (ch * band_in + ki * dh) * row_len + kj * dw;
+        }
+        ic.koff = koff;
+        const int64_t bands = (OH + CONV_BAND - 1) / CONV_BAND;
+        int64_t grain = ((int64_t)1 << 20) / (N * K * OW * CONV_BAND + 1) + 1;
+        parallel_for(B * bands, threads, grain, conv_i8_range, &ic);
+    }
+    free(koff);
+    free(ic.bands);
+    free(ic.panels);
+    i8_release(&p);
+    return status;
+#else
+    (void)x, (void)wt, (void)y, (void)B, (void)C, (void)H, (void)W, (void)kh, (void)kw, (void)sh, (void)sw,
+        (void)ph, (void)pw, (void)dh, (void)dw, (void)OH, (void)OW, (void)N, (void)tile, (void)limit, (void)threads;
+    return 2;
+#endif
+}
