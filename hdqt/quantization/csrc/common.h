@@ -24,6 +24,7 @@
  * instruction set has (one AVX-512 register, two AVX2 registers, ...). */
 typedef float vf16 __attribute__((vector_size(64)));
 #define NV 16 /* lanes of vf16 */
+
 #define MR 8  /* rows of a register block: each vector load feeds MR multiply-adds */
 
 /* ---------------------------------------------------------------- threads */

@@ -33,30 +33,29 @@ typedef struct {
     } while (0)
 
 /* Y[:, j:j+lanes] from a (K x 16) strip of B: row k of the strip starts at
- * b_strip + koff[k], or at b_strip + k * ldb without a table. Inlined into the
- * two clones below, so that the address rule is resolved at compile time. */
+ * b_strip + koff[k], or at b_strip + k * ldb without a table; mr (<= MR) rows of
+ * A per register block. Inlined into the clones below with constant arguments, so
+ * that the address rule and the block height are resolved at compile time. */
 static inline __attribute__((always_inline)) void tmm_block(const tmm_ctx *c, const float *b_strip,
                                                            const int64_t *koff, int64_t ldb, int64_t j,
-                                                           int64_t lanes) {
+                                                           int64_t lanes, const int mr) {
     const float lim = c->limit;
-    for (int64_t m0 = 0; m0 < c->M; m0 += MR) {
-        int64_t rows = c->M - m0 < MR ? c->M - m0 : MR;
+    for (int64_t m0 = 0; m0 < c->M; m0 += mr) {
+        int64_t rows = c->M - m0 < mr ? c->M - m0 : mr;
+        const float *a[MR]; /* rows past M repeat row m0: computed, not stored (no data-dependent loop) */
+        for (int r = 0; r < mr; ++r) a[r] = c->A + (m0 + (r < rows ? r : 0)) * c->sm;
         vf16 total[MR];
-        for (int r = 0; r < MR; ++r) total[r] = (vf16){0};
+        for (int r = 0; r < mr; ++r) total[r] = (vf16){0};
         for (int64_t k0 = 0; k0 < c->K; k0 += c->tile) {
             int64_t k1 = k0 + c->tile < c->K ? k0 + c->tile : c->K;
             vf16 acc[MR];
-            for (int r = 0; r < MR; ++r) acc[r] = (vf16){0};
+            for (int r = 0; r < mr; ++r) acc[r] = (vf16){0};
             for (int64_t k = k0; k < k1; ++k) {
                 vf16 b;
                 memcpy(&b, b_strip + (koff ? koff[k] : k * ldb), sizeof b);
-                if (rows == MR) {
-                    for (int r = 0; r < MR; ++r) acc[r] += c->A[(m0 + r) * c->sm + k * c->sk] * b;
-                } else {
-                    for (int r = 0; r < rows; ++r) acc[r] += c->A[(m0 + r) * c->sm + k * c->sk] * b;
-                }
+                for (int r = 0; r < mr; ++r) acc[r] += a[r][k * c->sk] * b;
             }
-            for (int r = 0; r < MR; ++r) {
+            for (int r = 0; r < mr; ++r) {
                 CLAMP16(acc[r], lim);
                 total[r] += acc[r];
             }
@@ -67,13 +66,13 @@ static inline __attribute__((always_inline)) void tmm_block(const tmm_ctx *c, co
 
 HDQT_CLONES
 static void tmm_vector_block(const tmm_ctx *c, const float *b_strip, int64_t ldb, int64_t j, int64_t lanes) {
-    tmm_block(c, b_strip, NULL, ldb, j, lanes);
+    tmm_block(c, b_strip, NULL, ldb, j, lanes, MR);
 }
 
 HDQT_CLONES
 static void tmm_vector_block_offsets(const tmm_ctx *c, const float *b_strip, const int64_t *koff, int64_t j,
                                      int64_t lanes) {
-    tmm_block(c, b_strip, koff, 0, j, lanes);
+    tmm_block(c, b_strip, koff, 0, j, lanes, MR);
 }
 
 static void tmm_range(void *arg, int64_t begin, int64_t end, int worker) {
