@@ -20,11 +20,13 @@
 
 #define HDQT_MAX_THREADS 64
 
-/* 16 floats: GCC/Clang vector extensions lower it to whatever the clone's
- * instruction set has (one AVX-512 register, two AVX2 registers, ...). */
+/* 16 floats: one AVX-512 register. Elementwise code on it compiles for any
+ * instruction set, but where no register holds 64 bytes (AVX2, NEON) GCC keeps
+ * such variables in memory: the register-blocked kernels (tiled product, conv dW)
+ * then run several times slower (a -march=x86-64-v3 build: 94 ms against 9 ms
+ * for the benchmark's conv forward), though still ahead of the torch path. */
 typedef float vf16 __attribute__((vector_size(64)));
 #define NV 16 /* lanes of vf16 */
-
 #define MR 8  /* rows of a register block: each vector load feeds MR multiply-adds */
 
 /* ---------------------------------------------------------------- threads */
