@@ -104,13 +104,14 @@ class QuantLinearFunction(torch.autograd.Function):
                 rt, grad, 1, policy.grad_output_dx, "output gradient (dX)",
                 w_values.T, 1, policy.backward_weight, "backward weight",
             )
+            integers = policy.grad_output_dx is not None and policy.backward_weight is not None
             if ctx.input_transposed:
                 # The input was the transposed view of a (K, B) tensor (a previous layer's
                 # Y^T): dX^T = W G^T gives dX that layout too. Elementwise backwards such as
                 # ReLU's then see one layout, which runs ~5x faster than mixed strides.
-                grad_x = tiled_matmul(w.values, g.values, policy.tile, acc).T
+                grad_x = tiled_matmul(w.values, g.values, policy.tile, acc, integers=integers).T
             else:
-                grad_x = tiled_matmul(g.values, w.values, policy.tile, acc)
+                grad_x = tiled_matmul(g.values, w.values, policy.tile, acc, integers=integers)
             grad_x.mul_(g.scale * w.scale * w_scale * extra)
         if ctx.needs_input_grad[1]:
             # dW = G^T X, reduced over the batch: rows of G^T (N, B) and X^T (K, B).
@@ -118,7 +119,8 @@ class QuantLinearFunction(torch.autograd.Function):
                 rt, grad.T, 1, policy.grad_output_dw, "output gradient (dW)",
                 x_values.T, 1, policy.backward_input, "backward input",
             )
-            grad_w = tiled_matmul(g.values, x.values, policy.tile, acc)
+            integers = policy.grad_output_dw is not None and policy.backward_input is not None
+            grad_w = tiled_matmul(g.values, x.values, policy.tile, acc, integers=integers)
             grad_w.mul_(g.scale * x.scale * x_scale * extra)
         return grad_x, grad_w, None
 

@@ -25,19 +25,21 @@ def exact_dtype(length: int, max_a: float, max_b: float, dtype: torch.dtype) -> 
     return torch.float64
 
 
-def tiled_matmul(x: torch.Tensor, w: torch.Tensor, tile: int, acc_bits: int | None) -> torch.Tensor:
+def tiled_matmul(x: torch.Tensor, w: torch.Tensor, tile: int, acc_bits: int | None, *,
+                 integers: bool = False) -> torch.Tensor:
     """``x @ w.T`` for x (M, K), w (N, K), with each length-``tile`` chunk of the
     reduction summed into an accumulator that saturates at ±(2^(acc_bits-1)-1).
 
     The tiles' partial sums are added in float (the accumulator of the next level).
-    ``acc_bits=None`` means an unlimited accumulator: one plain matmul.
+    ``acc_bits=None`` means an unlimited accumulator: one plain matmul, which runs on
+    8-bit integer dot products when ``integers`` says both operands are quantized
+    (and they fit in bytes: see ``tiled_matmul_kj``).
     """
-    if acc_bits is None:
-        return x @ w.T
-    return tiled_matmul_kj(x, w.T, tile, acc_bits)
+    return tiled_matmul_kj(x, w.T, tile, acc_bits, integers=integers)
 
 
-def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int | None) -> torch.Tensor:
+def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int | None, *,
+                    integers: bool = False) -> torch.Tensor:
     """``a @ b`` for a (M, K), b (K, J), tiled and saturated along K like ``tiled_matmul``.
 
     On CPU float32 a native kernel keeps each tile's partial sums in registers; where
@@ -46,22 +48,14 @@ def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int |
     result. The torch path materialises all tiles' partial sums, (K/tile) x the output.
     """
     if acc_bits is None:
-        return a @ b
+        # The exact product of integer operands: int32 sums on VNNI equal float32's
+        # wherever float32 is exact (below 2^24), and stay exact beyond.
+        exact = _native_product(a, b, a.shape[1], float(2**31 - 1), int8_only=True) if integers else None
+        return a @ b if exact is None else exact
     limit = accumulator_limit(acc_bits)
-    if native.usable(a) and native.usable(b):
-        lib = native.load()
-        if lib is not None:
-            m, k = a.shape
-            b = b.contiguous()  # a is read through its strides: no copy
-            out = torch.empty(m, b.shape[1], dtype=a.dtype)
-            args = (a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), out.data_ptr(), m, k, b.shape[1], tile,
-                    float(limit), native.threads())
-            status = lib.hdqt_tiled_matmul_i8(*args) if native.int8_dot(lib) else 2
-            if status < 0:
-                raise MemoryError("hdqt native int8 product: could not allocate its packed operands")
-            if status != 0:  # operands that are not bytes, or no VNNI: the float32 kernel
-                lib.hdqt_tiled_matmul_f32(*args)
-            return out
+    out = _native_product(a, b, tile, float(limit))
+    if out is not None:
+        return out
     m, k = a.shape
     full = k // tile
     out = None
@@ -73,6 +67,31 @@ def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int |
     if k % tile:  # the short last tile, without padding copies of the operands
         rest = (a[:, full * tile :] @ b[full * tile :]).clamp_(-limit, limit)
         out = rest if out is None else out.add_(rest)
+    return out
+
+
+def _native_product(a: torch.Tensor, b: torch.Tensor, tile: int, limit: float, *,
+                    int8_only: bool = False) -> torch.Tensor | None:
+    """The tiled product by a native kernel: int8 where the operands fit in bytes (and
+    the CPU has VNNI), else float32 (unless ``int8_only``); None without the kernels."""
+    if not (native.usable(a) and native.usable(b)):
+        return None
+    lib = native.load()
+    if lib is None or (int8_only and not native.int8_dot(lib)):
+        return None
+    m, k = a.shape
+    b = b.contiguous()  # a is read through its strides: no copy
+    out = torch.empty(m, b.shape[1], dtype=a.dtype)
+    args = (a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), out.data_ptr(), m, k, b.shape[1], tile,
+            limit, native.threads())
+    status = lib.hdqt_tiled_matmul_i8(*args) if native.int8_dot(lib) else 2
+    if status < 0:
+        raise MemoryError("hdqt native int8 product: could not allocate its packed operands")
+    if status == 0:
+        return out
+    if int8_only:
+        return None
+    lib.hdqt_tiled_matmul_f32(*args)  # operands that are not bytes, or no VNNI
     return out
 
 

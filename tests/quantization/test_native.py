@@ -171,6 +171,37 @@ def test_int8_product_declines_operands_that_are_not_bytes(monkeypatch):
 
 
 @pytest.mark.skipif(not _int8_available(), reason="no AVX512-VNNI on this CPU")
+def test_unlimited_integer_product_runs_on_int8_and_equals_float32(monkeypatch):
+    x = torch.randint(-7, 8, (128, 405)).float()
+    w = torch.randint(-7, 8, (300, 405)).float()
+    calls = []
+    lib = native.load()
+    monkeypatch.setattr(native, "int8_dot", lambda l: calls.append(1) or True)
+    exact = tiled_matmul(x, w, 32, None, integers=True)
+    assert calls and torch.equal(exact, x @ w.T)  # every sum < 2^24: float32 is exact too
+    assert status_of(lib, x[:1], w[:1].T, tile=405, limit=float(2**31 - 1)) == 0
+    halves = x + 0.5  # not integers: the hint is wrong, the float product is used
+    assert torch.equal(tiled_matmul(halves, w, 32, None, integers=True), halves @ w.T)
+
+
+def status_of(lib, a, b, tile, limit):
+    y = torch.empty(a.shape[0], b.shape[1])
+    b = b.contiguous()
+    return lib.hdqt_tiled_matmul_i8(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), y.data_ptr(),
+                                    a.shape[0], a.shape[1], b.shape[1], tile, limit, 1)
+
+
+@pytest.mark.skipif(not _int8_available(), reason="no AVX512-VNNI on this CPU")
+def test_int8_product_declines_tiles_whose_sum_could_leave_int32():
+    lib = native.load()
+    k = 70_000  # 70000 * 127 * 255 > 2^31
+    a, b = torch.full((1, k), 127.0), torch.full((k, 1), 255.0)
+    assert status_of(lib, a, b, tile=k, limit=float(2**31 - 1)) == 1
+    assert status_of(lib, a, b, tile=32, limit=127.0) == 0  # short tiles are safe
+    assert status_of(lib, a.clamp(max=7), b.clamp(max=7), tile=k, limit=float(2**31 - 1)) == 0
+
+
+@pytest.mark.skipif(not _int8_available(), reason="no AVX512-VNNI on this CPU")
 @pytest.mark.parametrize("x_range", [(0, 16), (-7, 8), (-128, 128), (0, 256)])
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_int8_conv_equals_float_kernel_bit_for_bit(case, x_range):

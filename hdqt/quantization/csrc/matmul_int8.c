@@ -48,6 +48,7 @@ typedef struct {
     float *Y;
     int32_t limit, offset;
     int bad[HDQT_MAX_THREADS];
+    int32_t a_max[HDQT_MAX_THREADS]; /* max |A| */
     float lo[HDQT_MAX_THREADS], hi[HDQT_MAX_THREADS];
 } i8_ctx;
 
@@ -70,6 +71,8 @@ INT8_TARGET
 static void i8_pack_a(void *arg, int64_t begin, int64_t end, int worker) {
     i8_ctx *c = (i8_ctx *)arg;
     int bad = 0;
+    __m512i top = _mm512_setzero_si512();
+    int32_t top_scalar = 0;
     for (int64_t m = begin; m < end; ++m) {
         int8_t *row = (int8_t *)(c->a + m * c->groups);
         memset(row, 0, (size_t)c->groups * 4);
@@ -87,6 +90,7 @@ static void i8_pack_a(void *arg, int64_t begin, int64_t end, int worker) {
                     __m512i q = _mm512_cvttps_epi32(v);
                     bad |= fits16(v, q, -128.0f, 127.0f, lanes) != lanes;
                     sums = _mm512_add_epi32(sums, q);
+                    top = _mm512_max_epi32(top, _mm512_abs_epi32(q));
                     _mm_mask_storeu_epi8(dst + (k - k0), lanes, _mm512_cvtepi32_epi8(q));
                 }
                 sum = _mm512_reduce_add_epi32(sums);
@@ -98,12 +102,14 @@ static void i8_pack_a(void *arg, int64_t begin, int64_t end, int worker) {
                     int32_t q = ok ? (int32_t)v : 0;
                     dst[k - k0] = (int8_t)q;
                     sum += q;
+                    top_scalar = q > top_scalar ? q : (-q > top_scalar ? -q : top_scalar);
                 }
             }
             c->start[m * c->tiles + t] = -c->offset * sum;
         }
     }
-    c->bad[worker] = bad;
+    int32_t vector_top = _mm512_reduce_max_epi32(top);
+    c->bad[worker] = bad, c->a_max[worker] = vector_top > top_scalar ? vector_top : top_scalar;
 }
 
 /* min and max of B, and whether all of it is integer-valued in [-128, 255] (NaN is not). */
@@ -211,7 +217,12 @@ static int i8_setup_a(i8_ctx *c, int threads) {
     c->start = (int32_t *)malloc((size_t)(c->M * c->tiles) * sizeof(int32_t));
     if (c->a == NULL || c->start == NULL) return -1;
     int used = parallel_for(c->M, threads, (1 << 14) / c->K + 1, i8_pack_a, c);
-    return any_bad(c->bad, used) ? 1 : 0;
+    if (any_bad(c->bad, used)) return 1;
+    /* every tile's int32 sum must be exact: |sum| <= tile * max|A| * (255 + offset) */
+    int32_t a_max = 0;
+    for (int t = 0; t < used; ++t) a_max = c->a_max[t] > a_max ? c->a_max[t] : a_max;
+    double length = c->tile < c->K ? (double)c->tile : (double)c->K;
+    return length * a_max * (255.0 + c->offset) < 2147483647.0 ? 0 : 1;
 }
 
 static void i8_release(i8_ctx *c) {
@@ -237,8 +248,9 @@ static int clamp_i8_threads(int threads) {
 #endif /* HDQT_INT8 */
 
 /* Y (M, J) as hdqt_tiled_matmul_f32, on int8 dot products. Returns 0; 1 when an
- * operand does not fit in bytes (nothing written: use the float32 kernel); 2
- * without VNNI; -1 if no buffer could be allocated. */
+ * operand does not fit in bytes or a tile's sum could leave int32 (nothing
+ * written: use the float32 kernel); 2 without VNNI; -1 if no buffer could be
+ * allocated. tile >= K with limit >= 2^31 - 1 is the exact, unsaturated product. */
 int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B, float *Y, int64_t M, int64_t K,
                          int64_t J, int64_t tile, float limit, int threads) {
 #ifdef HDQT_INT8
