@@ -94,6 +94,22 @@ static void conv_range(void *arg, int64_t begin, int64_t end, int worker) {
  * against kh * kw times into panels, with no branch per column and run. */
 #define CONV_BAND 8
 
+/* Unit `unit` of the band split: sample b, output rows [oh0, oh1), and the input
+ * rows they read, ih0 .. ih0 + used - 1 (some may lie in the padding). */
+typedef struct {
+    int64_t b, oh0, oh1, ih0, used;
+} conv_band;
+
+static conv_band band_of(const conv_ctx *c, int64_t unit) {
+    const int64_t bands = (c->OH + CONV_BAND - 1) / CONV_BAND;
+    conv_band band;
+    band.b = unit / bands, band.oh0 = unit % bands * CONV_BAND;
+    band.oh1 = band.oh0 + CONV_BAND < c->OH ? band.oh0 + CONV_BAND : c->OH;
+    band.ih0 = band.oh0 * c->sh - c->ph;
+    band.used = (band.oh1 - 1 - band.oh0) * c->sh + (c->kh - 1) * c->dh + 1;
+    return band;
+}
+
 typedef struct {
     const conv_ctx *c;
     float *rows;         /* per worker: C * band_in rows of row_len floats */
@@ -104,20 +120,19 @@ typedef struct {
 static void conv_rows_range(void *arg, int64_t begin, int64_t end, int worker) {
     const conv_rows_ctx *rc = (const conv_rows_ctx *)arg;
     const conv_ctx *c = rc->c;
-    const int64_t L = c->OH * c->OW, K = c->C * c->kh * c->kw, bands = (c->OH + CONV_BAND - 1) / CONV_BAND;
+    const int64_t L = c->OH * c->OW, K = c->C * c->kh * c->kw;
     const int64_t row_len = rc->row_len;
     float *rows = rc->rows + worker * c->C * rc->band_in * row_len;
     /* the padding columns are never written again, so they stay zero */
     memset(rows, 0, (size_t)(c->C * rc->band_in * row_len) * sizeof(float));
     for (int64_t unit = begin; unit < end; ++unit) {
-        int64_t b = unit / bands, oh0 = unit % bands * CONV_BAND;
-        int64_t oh1 = oh0 + CONV_BAND < c->OH ? oh0 + CONV_BAND : c->OH;
-        int64_t ih0 = oh0 * c->sh - c->ph, used = (oh1 - 1 - oh0) * c->sh + (c->kh - 1) * c->dh + 1;
+        const conv_band band = band_of(c, unit);
+        const int64_t b = band.b, oh0 = band.oh0, oh1 = band.oh1;
         for (int64_t ch = 0; ch < c->C; ++ch) {
             const float *img = c->x + (b * c->C + ch) * c->H * c->W;
-            for (int64_t r = 0; r < used; ++r) {
+            for (int64_t r = 0; r < band.used; ++r) {
                 float *dst = rows + (ch * rc->band_in + r) * row_len;
-                int64_t ih = ih0 + r;
+                int64_t ih = band.ih0 + r;
                 if (ih < 0 || ih >= c->H) memset(dst, 0, (size_t)row_len * sizeof(float));
                 else memcpy(dst + c->pw, img + ih * c->W, (size_t)c->W * sizeof(float));
             }

@@ -53,7 +53,7 @@ static void conv_i8_range(void *arg, int64_t begin, int64_t end, int worker) {
     const conv_i8_ctx *ic = (const conv_i8_ctx *)arg;
     const conv_ctx *c = ic->c;
     const i8_ctx *p = ic->p;
-    const int64_t L = c->OH * c->OW, bands = (c->OH + CONV_BAND - 1) / CONV_BAND, row_len = ic->row_len;
+    const int64_t L = c->OH * c->OW, row_len = ic->row_len;
     uint8_t *band = ic->bands + worker * c->C * ic->band_in * row_len;
     uint8_t *panel = ic->panels + worker * p->groups * 64;
     static const uint8_t none[NV] = {0}; /* the padding columns of a tile's last group: A's bytes are 0 */
@@ -61,14 +61,13 @@ static void conv_i8_range(void *arg, int64_t begin, int64_t end, int worker) {
     /* the padding columns stay at the offset: the byte of a zero input */
     memset(band, ic->offset, (size_t)(c->C * ic->band_in * row_len));
     for (int64_t unit = begin; unit < end; ++unit) {
-        int64_t b = unit / bands, oh0 = unit % bands * CONV_BAND;
-        int64_t oh1 = oh0 + CONV_BAND < c->OH ? oh0 + CONV_BAND : c->OH;
-        int64_t ih0 = oh0 * c->sh - c->ph, used = (oh1 - 1 - oh0) * c->sh + (c->kh - 1) * c->dh + 1;
+        const conv_band rows = band_of(c, unit);
+        const int64_t b = rows.b, oh0 = rows.oh0, oh1 = rows.oh1;
         for (int64_t ch = 0; ch < c->C; ++ch) {
             const float *img = c->x + (b * c->C + ch) * c->H * c->W;
-            for (int64_t r = 0; r < used; ++r) {
+            for (int64_t r = 0; r < rows.used; ++r) {
                 uint8_t *dst = band + (ch * ic->band_in + r) * row_len;
-                int64_t ih = ih0 + r;
+                int64_t ih = rows.ih0 + r;
                 if (ih < 0 || ih >= c->H) {
                     memset(dst, ic->offset, (size_t)row_len);
                     continue;
