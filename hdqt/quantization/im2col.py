@@ -178,8 +178,8 @@ def fused_weight_grad(
     grad_w = torch.empty(n, geo.k, dtype=x.dtype)
     status = lib.hdqt_conv_dw_sr_f32(
         src.data_ptr(), gq.data_ptr(), grad_w.data_ptr(), n, *geometry, scale, qmin, qmax,
-        quantizer.stream_seed(generator), native.threads(),
-    )
-    if status != 0:
+        quantizer.stream_seed(generator), native.int8_dot(lib), native.threads(),
+    )  # how many samples it multiplied as bytes (the same result as floats), or -1
+    if status < 0:
         raise MemoryError("hdqt native weight gradient: could not allocate its row buffers")
     return grad_w, scale

@@ -80,7 +80,7 @@ def _compiled() -> ctypes.CDLL | None:
     lib.hdqt_conv_tiled_i8.restype = i32
     lib.hdqt_conv_cols_amax_f32.argtypes = [ptr] + [i64] * 15 + [i32]
     lib.hdqt_conv_cols_amax_f32.restype = f32
-    lib.hdqt_conv_dw_sr_f32.argtypes = [ptr, ptr, ptr] + [i64] * 16 + [f32, f32, f32, ctypes.c_uint64, i32]
+    lib.hdqt_conv_dw_sr_f32.argtypes = [ptr, ptr, ptr] + [i64] * 16 + [f32, f32, f32, ctypes.c_uint64, i32, i32]
     lib.hdqt_conv_dw_sr_f32.restype = i32
     return lib
 

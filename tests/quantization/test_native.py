@@ -1,4 +1,6 @@
 """The native kernels and the pure-torch path must compute the same quantities."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -273,6 +275,37 @@ def test_fused_weight_gradient_matches_materialised_columns(case):
     # the first pass's range is exact: the same max as the materialised, transformed columns
     assert scale == q16.grid(float(cols_h.abs().max()), -1.0)[0]
     assert torch.allclose(dw * scale, exact, rtol=0, atol=1e-3 * float(exact.abs().max()))
+
+
+@pytest.mark.skipif(not _int8_available(), reason="no AVX512-VNNI on this CPU")
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_fused_weight_gradient_on_bytes_equals_float32_bit_for_bit(case, monkeypatch):
+    (x, g, kernel, stride, padding, dilation, layout), _, _ = _fused_dw_case(case)
+    q4 = int_quantizer(4, rounding="stochastic")
+    from hdqt.quantization.im2col import ConvGeometry
+
+    geo = ConvGeometry.of(x, kernel, stride, padding, dilation)
+    lib = native.load()
+    block = 1 if layout is None else layout.blocks[0]
+    amax = lib.hdqt_conv_cols_amax_f32(x.data_ptr(), *geo.native_args(), block, 2)
+    scale, qmin, qmax = q4.grid(amax, -amax)
+    results = []
+    for use_int8 in (1, 0):
+        dw = torch.empty(g.shape[0], geo.k)
+        samples = lib.hdqt_conv_dw_sr_f32(x.data_ptr(), g.data_ptr(), dw.data_ptr(), g.shape[0], *geo.native_args(),
+                                          block, scale, qmin, qmax, 1234, use_int8, 2)
+        # every sample's gradient rows are bytes: all multiplied as bytes, or none when not asked
+        kernel_rows = 4 * kernel[0] * kernel[1] // math.gcd(4, kernel[0] * kernel[1])
+        assert samples == (x.shape[0] if use_int8 and kernel_rows <= 128 else 0)
+        results.append(dw)
+    assert torch.equal(results[0], results[1])
+    # gradient rows that are not bytes: those samples take the float32 dot
+    g_half = g.clone()
+    g_half[:, 0] += 0.5
+    dw = torch.empty(g.shape[0], geo.k)
+    samples = lib.hdqt_conv_dw_sr_f32(x.data_ptr(), g_half.data_ptr(), dw.data_ptr(), g.shape[0],
+                                      *geo.native_args(), block, scale, qmin, qmax, 1234, 1, 2)
+    assert samples == x.shape[0] - 1
 
 
 @pytest.mark.parametrize("case", CONV_CASES[:3])

@@ -20,6 +20,40 @@
 
 #define HDQT_MAX_THREADS 64
 
+/* 8-bit integer dot products (AVX512-VNNI vpdpbusd): compiled for x86-64 with GCC
+ * or Clang, used where the CPU has them (hdqt_int8_dot_available). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(HDQT_NO_INT8)
+#include <immintrin.h>
+#define HDQT_INT8 1
+#define INT8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#endif
+
+#ifdef HDQT_INT8
+/* Whether a value is an integer in [lo, hi]; NaN is not. */
+static inline int fits(float v, float lo, float hi) {
+    return v >= lo && v <= hi && (float)(int32_t)v == v;
+}
+
+/* The same for 16 floats v (q = their truncation to int32), as a mask over lanes. */
+INT8_TARGET
+static inline __mmask16 fits16(__m512 v, __m512i q, float lo, float hi, __mmask16 lanes) {
+    __mmask16 in = _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(lo), _CMP_GE_OQ);
+    in = _mm512_mask_cmp_ps_mask(in, v, _mm512_set1_ps(hi), _CMP_LE_OQ);
+    return _mm512_mask_cmp_ps_mask(in, _mm512_cvtepi32_ps(q), v, _CMP_EQ_OQ);
+}
+#endif
+
+/* 1 when this build and CPU run the int8 kernels. */
+int hdqt_int8_dot_available(void) {
+#ifdef HDQT_INT8
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
 /* 16 floats: one AVX-512 register. Elementwise code on it compiles for any
  * instruction set, but where no register holds 64 bytes (AVX2, NEON) GCC keeps
  * such variables in memory: the register-blocked kernels (tiled product, conv dW)

@@ -18,6 +18,12 @@ typedef struct {
     float scale, qmin, qmax;
     uint64_t seed;
     float amax[HDQT_MAX_THREADS];
+    /* int8 dot products (see dw_sample_bytes): row length padded to 64, and per
+     * worker the sample's gradient rows + 128 as bytes, the column rows as bytes
+     * and their sums; bytes == NULL: float32 only */
+    int64_t padded_len;
+    uint8_t *bytes;
+    int64_t byte_samples[HDQT_MAX_THREADS]; /* samples multiplied as bytes, per worker */
 } dw_ctx;
 
 static int64_t is_pow2(int64_t v) {
@@ -137,6 +143,7 @@ static inline float lane_sum(vf16 v) {
 }
 
 #define DOT_ROWS 4 /* column rows per register block, and gradient rows */
+#define HDQT_MAX_DW_ROWS 128 /* column rows of a channel group, at most (int8 path) */
 
 /* part[n * K + k + i] += sum_l g[n][l] * r_i[l] for the N gradient rows g (stride
  * row_stride) and `count` <= 4 column rows r_i = r + i * L (k .. k + count - 1; the
@@ -172,6 +179,82 @@ static void dot_rows(const float *gb, int64_t row_stride, int64_t N, const float
     }
 }
 
+#ifdef HDQT_INT8
+/* The int8 path of pass 2. Both operands are integers on small grids: the rounded
+ * columns in [qmin, qmax] and the quantized gradient. With the gradient offset to
+ * unsigned bytes (g + 128), vpdpbusd multiplies 64 pairs per instruction, and
+ * sum_l (g + 128) c = sum_l g c + 128 sum_l c: the column rows' sums undo the
+ * offset. Every sum is an exact int32 (rows of at most 2^31 / (255 * 128)
+ * positions), so the result equals the float32 dot's wherever that is exact. */
+INT8_TARGET
+static int dw_gradient_bytes(const float *g, int64_t n, uint8_t *dst, int64_t padded) {
+    int bad = 0;
+    for (int64_t i = 0; i < padded; i += NV) {
+        int64_t lanes_n = n - i < NV ? (n - i > 0 ? n - i : 0) : NV;
+        __mmask16 lanes = (__mmask16)((1u << lanes_n) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(lanes, g + i);
+        __m512i q = _mm512_cvttps_epi32(v);
+        bad |= fits16(v, q, -128.0f, 127.0f, lanes) != lanes;
+        q = _mm512_maskz_add_epi32(lanes, q, _mm512_set1_epi32(128)); /* padding: 0 */
+        _mm_storeu_si128((__m128i *)(dst + i), _mm512_cvtepi32_epi8(q));
+    }
+    return bad;
+}
+
+/* A rounded column row as signed bytes (padding 0); returns its sum. */
+INT8_TARGET
+static int32_t dw_column_bytes(const float *r, int64_t n, int8_t *dst, int64_t padded) {
+    __m512i sums = _mm512_setzero_si512();
+    for (int64_t i = 0; i < padded; i += NV) {
+        int64_t lanes_n = n - i < NV ? (n - i > 0 ? n - i : 0) : NV;
+        __mmask16 lanes = (__mmask16)((1u << lanes_n) - 1);
+        __m512i q = _mm512_cvttps_epi32(_mm512_maskz_loadu_ps(lanes, r + i));
+        sums = _mm512_add_epi32(sums, q);
+        _mm_storeu_si128((__m128i *)(dst + i), _mm512_cvtepi32_epi8(q));
+    }
+    return _mm512_reduce_add_epi32(sums);
+}
+
+/* dot_rows on bytes: gb holds the N gradient rows (+ 128), r `count` <= 4 column rows
+ * (4 in the buffer, unused ones zero), sums their sums. */
+INT8_TARGET
+static void dot_rows_i8(const uint8_t *gb, int64_t N, const int8_t *r, const int32_t *sums, int64_t padded,
+                        int64_t K, int64_t k, int count, float *part) {
+    for (int64_t n0 = 0; n0 < N; n0 += DOT_ROWS) {
+        const int64_t rows = N - n0 < DOT_ROWS ? N - n0 : DOT_ROWS;
+        const uint8_t *g[DOT_ROWS];
+        for (int i = 0; i < DOT_ROWS; ++i) g[i] = gb + (n0 + (i < rows ? i : 0)) * padded;
+        __m512i acc[DOT_ROWS][DOT_ROWS];
+        for (int i = 0; i < DOT_ROWS; ++i)
+            for (int j = 0; j < DOT_ROWS; ++j) acc[i][j] = _mm512_setzero_si512();
+        for (int64_t l = 0; l < padded; l += 64) {
+            __m512i v[DOT_ROWS];
+            for (int j = 0; j < DOT_ROWS; ++j) v[j] = _mm512_loadu_si512(r + j * padded + l);
+            for (int i = 0; i < DOT_ROWS; ++i) {
+                __m512i gv = _mm512_loadu_si512(g[i] + l);
+                for (int j = 0; j < DOT_ROWS; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], gv, v[j]);
+            }
+        }
+        for (int i = 0; i < rows; ++i)
+            for (int j = 0; j < count; ++j)
+                part[(n0 + i) * K + k + j] += (float)(_mm512_reduce_add_epi32(acc[i][j]) - 128 * sums[j]);
+    }
+}
+#endif
+
+/* Whether pass 2 may multiply bytes: VNNI, columns rounded onto a byte grid, and
+ * int32 sums that cannot overflow. */
+static int dw_int8_possible(const dw_ctx *c) {
+#ifdef HDQT_INT8
+    const int64_t L = c->g.OH * c->g.OW;
+    return hdqt_int8_dot_available() && c->qmin >= -128.0f && c->qmax <= 127.0f &&
+           (double)L * 255.0 * 128.0 < 2147483647.0;
+#else
+    (void)c;
+    return 0;
+#endif
+}
+
 static void dw_range(void *arg, int64_t begin, int64_t end, int worker) {
     dw_ctx *c = (dw_ctx *)arg;
     const int64_t offsets = c->g.kh * c->g.kw, K = c->g.C * offsets, L = c->g.OH * c->g.OW, B = c->g.B;
@@ -180,13 +263,40 @@ static void dw_range(void *arg, int64_t begin, int64_t end, int worker) {
     float *part = c->partials + worker * c->N * K;
     round_ctx rc = {NULL, NULL, c->scale, c->qmin, c->qmax, (uint32_t)c->seed, (uint32_t)(c->seed >> 32)};
     memset(part, 0, (size_t)(c->N * K) * sizeof(float));
+#ifdef HDQT_INT8
+    const int64_t Lp = c->padded_len;
+    uint8_t *gbytes = c->bytes ? c->bytes + worker * (c->N + c->rows_per_worker) * Lp : NULL;
+    int8_t *cbytes = gbytes ? (int8_t *)(gbytes + c->N * Lp) : NULL;
+    int32_t sums[HDQT_MAX_DW_ROWS];
+#endif
     for (int64_t b = begin; b < end; ++b) {
+        int bytes = 0; /* this sample's gradient rows are bytes: multiply bytes */
+#ifdef HDQT_INT8
+        if (gbytes) {
+            int bad = 0;
+            for (int64_t n = 0; n < c->N; ++n) bad |= dw_gradient_bytes(c->gq + n * B * L + b * L, L, gbytes + n * Lp, Lp);
+            bytes = !bad;
+            c->byte_samples[worker] += bytes;
+        }
+#endif
         for (int64_t ch0 = 0; ch0 < c->g.C; ch0 += c->group) { /* a group's rows fill whole register blocks */
             int64_t channels = c->g.C - ch0 < c->group ? c->g.C - ch0 : c->group;
             int64_t k0 = ch0 * offsets, count = channels * offsets;
             for (int64_t i = 0; i < channels; ++i) build_channel_rows(c, b, ch0 + i, r + i * offsets * L, scratch);
             for (int64_t i = 0; i < count; ++i) sr_apply(r + i * L, r + i * L, ((k0 + i) * B + b) * L, L, &rc);
             int64_t padded = (count + DOT_ROWS - 1) / DOT_ROWS * DOT_ROWS;
+#ifdef HDQT_INT8
+            if (bytes) {
+                for (int64_t i = 0; i < padded; ++i) {
+                    if (i < count) sums[i] = dw_column_bytes(r + i * L, L, cbytes + i * Lp, Lp);
+                    else sums[i] = 0, memset(cbytes + i * Lp, 0, (size_t)Lp);
+                }
+                for (int64_t i = 0; i < count; i += DOT_ROWS)
+                    dot_rows_i8(gbytes, c->N, cbytes + i * Lp, sums + i, Lp, K, k0 + i,
+                                count - i < DOT_ROWS ? (int)(count - i) : DOT_ROWS, part);
+                continue;
+            }
+#endif
             memset(r + count * L, 0, (size_t)((padded - count) * L) * sizeof(float));
             for (int64_t i = 0; i < count; i += DOT_ROWS)
                 dot_rows(c->gq + b * L, B * L, c->N, r + i * L, L, K, k0 + i,
@@ -225,7 +335,16 @@ static int dw_setup(dw_ctx *c, int threads, const float *x, int64_t B, int64_t C
     return 0;
 }
 
+/* The byte buffers of pass 2's int8 path, where it applies (grid set before). */
+static void dw_setup_bytes(dw_ctx *c, int threads) {
+    c->padded_len = (c->g.OH * c->g.OW + 63) / 64 * 64;
+    if (!dw_int8_possible(c) || c->rows_per_worker > HDQT_MAX_DW_ROWS) return;
+    /* without memory for them, the float32 path runs */
+    c->bytes = (uint8_t *)malloc((size_t)(threads * (c->N + c->rows_per_worker) * c->padded_len));
+}
+
 static void dw_release(dw_ctx *c) {
+    free(c->bytes);
     free(c->rows);
     free(c->scratch);
     free(c->partials);
@@ -244,15 +363,18 @@ float hdqt_conv_cols_amax_f32(const float *x, int64_t B, int64_t C, int64_t H, i
 }
 
 /* dw (N, K) = gq (N, B, L) @ Q_sr(H cols (K, B, L))^T, the columns rounded onto
- * [qmin, qmax] with `scale`. Returns 0, or -1 if no buffer could be allocated. */
+ * [qmin, qmax] with `scale`. use_int8: multiply bytes where both operands are
+ * (the same result). Returns how many samples were multiplied as bytes, or -1 if
+ * no buffer could be allocated. */
 int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t N, int64_t B, int64_t C, int64_t H,
                         int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
                         int64_t dw, int64_t OH, int64_t OW, int64_t p, float scale, float qmin, float qmax,
-                        uint64_t seed, int threads) {
+                        uint64_t seed, int use_int8, int threads) {
     threads = clamp_threads(threads);
     dw_ctx c;
     if (dw_setup(&c, threads, x, B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, p, N) != 0) return -1;
     c.gq = gq, c.scale = scale, c.qmin = qmin, c.qmax = qmax, c.seed = seed;
+    if (use_int8) dw_setup_bytes(&c, threads);
     const int64_t NK = N * C * kh * kw;
     int used = parallel_for(B, threads, 1, dw_range, &c);
     for (int64_t i = 0; i < NK; ++i) {
@@ -260,6 +382,8 @@ int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t 
         for (int t = 0; t < used; ++t) sum += c.partials[t * NK + i];
         dw_out[i] = sum;
     }
+    int64_t byte_samples = 0;
+    for (int t = 0; t < used; ++t) byte_samples += c.byte_samples[t];
     dw_release(&c);
-    return 0;
+    return (int)byte_samples;
 }

@@ -17,23 +17,6 @@
  *   is offset by +128, and each tile's sum starts at -128 * (its part of A's row sum).
  * Operands that do not fit, or a CPU without VNNI, leave the product to the
  * float32 kernel (hdqt_tiled_matmul_i8 returns 1 or 2). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(HDQT_NO_INT8)
-#include <immintrin.h>
-#define HDQT_INT8 1
-#define INT8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#endif
-
-/* 1 when this build and CPU run the int8 product. */
-int hdqt_int8_dot_available(void) {
-#ifdef HDQT_INT8
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512vnni");
-#else
-    return 0;
-#endif
-}
-
 #ifdef HDQT_INT8
 
 #define I8_MR 8 /* rows of A per register block */
@@ -51,19 +34,6 @@ typedef struct {
     int32_t a_max[HDQT_MAX_THREADS]; /* max |A| */
     float lo[HDQT_MAX_THREADS], hi[HDQT_MAX_THREADS];
 } i8_ctx;
-
-/* Whether every value is an integer in [lo, hi]; NaN is not. */
-static inline int fits(float v, float lo, float hi) {
-    return v >= lo && v <= hi && (float)(int32_t)v == v;
-}
-
-/* Per 16 floats: whether each is an integer in [lo, hi] (NaN is not), as a mask. */
-INT8_TARGET
-static inline __mmask16 fits16(__m512 v, __m512i q, float lo, float hi, __mmask16 lanes) {
-    __mmask16 in = _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(lo), _CMP_GE_OQ);
-    in = _mm512_mask_cmp_ps_mask(in, v, _mm512_set1_ps(hi), _CMP_LE_OQ);
-    return _mm512_mask_cmp_ps_mask(in, _mm512_cvtepi32_ps(q), v, _CMP_EQ_OQ);
-}
 
 /* A's rows as signed bytes, and each tile's starting sum (the offset correction;
  * 0 without an offset). */
