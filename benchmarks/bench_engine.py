@@ -8,10 +8,15 @@ activation memory one forward keeps for the backward.
 Targets (issue 2): hdqt <= 2x fp32 for FCNet, <= 3x for the conv.
 
     python benchmarks/bench_engine.py [--rounds 15] [--steps 5] [--recipes fp32,hdqt,int] [--threads N]
+
+A recipe name with the suffix ``:noint8`` (say ``hdqt:noint8``) runs that recipe with
+the 8-bit integer kernels switched off (``HDQT_INT8=0`` during its steps), so the
+float32 kernels' time can be compared in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -34,13 +39,22 @@ def conv() -> nn.Module:
     return nn.Conv2d(16, 16, 3, padding=1, bias=False)
 
 
-def make_step(model: nn.Module, x: torch.Tensor, loss_fn):
+def make_step(model: nn.Module, x: torch.Tensor, loss_fn, int8: bool = True):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x)).backward()
-        opt.step()
+        before = os.environ.get("HDQT_INT8")
+        if not int8:
+            os.environ["HDQT_INT8"] = "0"  # read by the engine at each product
+        try:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x)).backward()
+            opt.step()
+        finally:
+            if before is None:
+                os.environ.pop("HDQT_INT8", None)
+            else:
+                os.environ["HDQT_INT8"] = before
 
     return step
 
@@ -100,13 +114,16 @@ def main() -> None:
     }
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {dev}, batch 128; "
           f"{args.rounds} rounds x {args.steps} steps, recipes interleaved")
-    print(f"{'case':<26}{'recipe':<8}{'ms/step':>9}{'x fp32':>8}{'ratio IQR':>14}{'target':>8}{'saved MB':>10}")
+    print(f"{'case':<26}{'recipe':<13}{'ms/step':>9}{'x fp32':>8}{'ratio IQR':>14}{'target':>8}{'saved MB':>10}")
     for case, (build, x, loss_fn, target) in cases.items():
         steps, memory = {}, {}
         for name in recipes:
             torch.manual_seed(0)
-            model = hdqt.quantize_model(build().to(dev), hdqt.recipe(name))
-            steps[name] = make_step(model, x, loss_fn)
+            recipe, _, variant = name.partition(":")
+            if variant not in ("", "noint8"):
+                parser.error(f"--recipes: unknown variant {variant!r} in {name!r} (known: noint8)")
+            model = hdqt.quantize_model(build().to(dev), hdqt.recipe(recipe))
+            steps[name] = make_step(model, x, loss_fn, int8=variant != "noint8")
             memory[name] = saved_mb(model, x, loss_fn)
         times = interleaved_ms(steps, args.rounds, args.steps)
         for name in recipes:
@@ -114,7 +131,7 @@ def main() -> None:
             ratios = sorted(t / b for t, b in zip(times[name], times["fp32"]))
             q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
             tgt = f"<={target:g}" if name == "hdqt" else ""
-            print(f"{case:<26}{name:<8}{statistics.median(times[name]):>9.2f}{statistics.median(ratios):>8.2f}"
+            print(f"{case:<26}{name:<13}{statistics.median(times[name]):>9.2f}{statistics.median(ratios):>8.2f}"
                   f"{f'{q1:.2f}-{q3:.2f}':>14}{tgt:>8}{memory[name]:>10.1f}")
 
 
