@@ -79,19 +79,23 @@ def _native_product(a: torch.Tensor, b: torch.Tensor, tile: int, limit: float, *
     lib = native.load()
     if lib is None or (int8_only and not native.int8_dot(lib)):
         return None
-    m, k = a.shape
-    b = b.contiguous()  # a is read through its strides: no copy
-    out = torch.empty(m, b.shape[1], dtype=a.dtype)
-    args = (a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), out.data_ptr(), m, k, b.shape[1], tile,
-            limit, native.threads())
-    status = lib.hdqt_tiled_matmul_i8(*args) if native.int8_dot(lib) else 2
-    if status < 0:
-        raise MemoryError("hdqt native int8 product: could not allocate its packed operands")
-    if status == 0:
-        return out
+    (m, k), j = a.shape, b.shape[1]
+    out = torch.empty(m, j, dtype=a.dtype)
+    shape = (m, k, j, tile, limit, native.threads())
+    if native.int8_dot(lib):
+        # a is read through its strides, b as (K, J) or transposed (J, K): no copy
+        transposed = not b.is_contiguous() and b.T.is_contiguous()
+        dense = b if transposed else b.contiguous()
+        status = lib.hdqt_tiled_matmul_i8(a.data_ptr(), a.stride(0), a.stride(1), dense.data_ptr(), int(transposed),
+                                          out.data_ptr(), *shape)
+        if status < 0:
+            raise MemoryError("hdqt native int8 product: could not allocate its packed operands")
+        if status == 0:
+            return out
     if int8_only:
         return None
-    lib.hdqt_tiled_matmul_f32(*args)  # operands that are not bytes, or no VNNI
+    b = b.contiguous()  # operands that are not bytes, or no VNNI: the float32 kernel
+    lib.hdqt_tiled_matmul_f32(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), out.data_ptr(), *shape)
     return out
 
 

@@ -70,7 +70,7 @@ def _compiled() -> ctypes.CDLL | None:
     lib.hdqt_im2col_fwht_f32.restype = f32
     lib.hdqt_tiled_matmul_f32.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, f32, i32]
     lib.hdqt_tiled_matmul_f32.restype = None
-    lib.hdqt_tiled_matmul_i8.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, f32, i32]
+    lib.hdqt_tiled_matmul_i8.argtypes = [ptr, i64, i64, ptr, i32, ptr, i64, i64, i64, i64, f32, i32]
     lib.hdqt_tiled_matmul_i8.restype = i32
     lib.hdqt_int8_dot_available.argtypes = []
     lib.hdqt_int8_dot_available.restype = i32

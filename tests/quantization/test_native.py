@@ -131,10 +131,18 @@ def _native_products(a, b, tile, acc_bits):
     lib = native.load()
     m, k = a.shape
     y_i8, y_f32 = torch.full((m, b.shape[1]), -1.0), torch.empty(m, b.shape[1])
-    args = (a.stride(0), a.stride(1), b.data_ptr())
+    b = b.contiguous()
     limit = float(2 ** (acc_bits - 1) - 1)
-    status = lib.hdqt_tiled_matmul_i8(a.data_ptr(), *args, y_i8.data_ptr(), m, k, b.shape[1], tile, limit, 2)
-    lib.hdqt_tiled_matmul_f32(a.data_ptr(), *args, y_f32.data_ptr(), m, k, b.shape[1], tile, limit, 2)
+    status = lib.hdqt_tiled_matmul_i8(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), 0, y_i8.data_ptr(),
+                                      m, k, b.shape[1], tile, limit, 2)
+    # B given transposed, (J, K) row-major: the same packing from the other layout
+    bt = b.T.contiguous()
+    y_t = torch.full_like(y_i8, -1.0)
+    status_t = lib.hdqt_tiled_matmul_i8(a.data_ptr(), a.stride(0), a.stride(1), bt.data_ptr(), 1, y_t.data_ptr(),
+                                        m, k, b.shape[1], tile, limit, 2)
+    assert status_t == status and torch.equal(y_t, y_i8)
+    lib.hdqt_tiled_matmul_f32(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), y_f32.data_ptr(),
+                              m, k, b.shape[1], tile, limit, 2)
     return status, y_i8, y_f32
 
 
@@ -189,7 +197,7 @@ def test_unlimited_integer_product_runs_on_int8_and_equals_float32(monkeypatch):
 def status_of(lib, a, b, tile, limit):
     y = torch.empty(a.shape[0], b.shape[1])
     b = b.contiguous()
-    return lib.hdqt_tiled_matmul_i8(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), y.data_ptr(),
+    return lib.hdqt_tiled_matmul_i8(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), 0, y.data_ptr(),
                                     a.shape[0], a.shape[1], b.shape[1], tile, limit, 1)
 
 

@@ -21,22 +21,6 @@ typedef struct {
     int32_t offset;
 } conv_i8_ctx;
 
-/* min and max of x and whether it is integer-valued in [-128, 255], per worker. */
-INT8_TARGET
-static void conv_i8_scan(void *arg, int64_t begin, int64_t end, int worker) {
-    i8_ctx *c = (i8_ctx *)arg; /* B = x, flat; J = 1 */
-    __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
-    int bad = 0;
-    for (int64_t i = begin; i < end; i += NV) {
-        int64_t n = end - i < NV ? end - i : NV;
-        __mmask16 lanes = (__mmask16)((1u << n) - 1);
-        __m512 v = _mm512_maskz_loadu_ps(lanes, c->B + i);
-        bad |= fits16(v, _mm512_cvttps_epi32(v), -128.0f, 255.0f, lanes) != lanes;
-        lo = _mm512_min_ps(lo, v), hi = _mm512_max_ps(hi, v);
-    }
-    c->bad[worker] = bad, c->lo[worker] = _mm512_reduce_min_ps(lo), c->hi[worker] = _mm512_reduce_max_ps(hi);
-}
-
 /* Four 16-byte rows a, b, c, d -> 16 lanes of 4 bytes (a[i], b[i], c[i], d[i]). */
 INT8_TARGET
 static inline __m512i interleave4(__m128i a, __m128i b, __m128i c, __m128i d) {
@@ -121,7 +105,7 @@ int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int
     memset(&p, 0, sizeof p);
     p.A = wt, p.sm = 1, p.sk = N, p.M = N, p.K = K, p.tile = tile, p.B = x;
     p.limit = limit >= 2147483647.0f ? 2147483647 : (int32_t)limit;
-    int used = parallel_for(B * C * H * W, threads, 1 << 16, conv_i8_scan, &p);
+    int used = parallel_for(B * C * H * W, threads, 1 << 16, i8_scan_b, &p); /* x as B, flat */
     if (any_bad(p.bad, used)) return 1;
     p.offset = i8_offset(p.lo, p.hi, used);
     if (p.offset < 0) return 1;

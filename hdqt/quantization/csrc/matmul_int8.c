@@ -30,6 +30,7 @@ typedef struct {
     int64_t *tile_group; /* (tiles + 1): first group of each tile */
     float *Y;
     int32_t limit, offset;
+    int b_transposed; /* B given as (J, K) row-major */
     int bad[HDQT_MAX_THREADS];
     int32_t a_max[HDQT_MAX_THREADS]; /* max |A| */
     float lo[HDQT_MAX_THREADS], hi[HDQT_MAX_THREADS];
@@ -82,20 +83,46 @@ static void i8_pack_a(void *arg, int64_t begin, int64_t end, int worker) {
     c->bad[worker] = bad, c->a_max[worker] = vector_top > top_scalar ? vector_top : top_scalar;
 }
 
-/* min and max of B, and whether all of it is integer-valued in [-128, 255] (NaN is not). */
+/* min and max of B's elements [begin, end) in memory order, and whether all of
+ * them are integers in [-128, 255] (NaN is not). */
 INT8_TARGET
 static void i8_scan_b(void *arg, int64_t begin, int64_t end, int worker) {
     i8_ctx *c = (i8_ctx *)arg;
     __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
     int bad = 0;
-    for (int64_t i = begin * c->J, stop = end * c->J; i < stop; i += NV) {
-        int64_t n = stop - i < NV ? stop - i : NV;
+    for (int64_t i = begin; i < end; i += NV) {
+        int64_t n = end - i < NV ? end - i : NV;
         __mmask16 lanes = (__mmask16)((1u << n) - 1);
         __m512 v = _mm512_maskz_loadu_ps(lanes, c->B + i);
         bad |= fits16(v, _mm512_cvttps_epi32(v), -128.0f, 255.0f, lanes) != lanes;
         lo = _mm512_min_ps(lo, v), hi = _mm512_max_ps(hi, v); /* padding lanes are 0: neutral */
     }
     c->bad[worker] = bad, c->lo[worker] = _mm512_reduce_min_ps(lo), c->hi[worker] = _mm512_reduce_max_ps(hi);
+}
+
+/* i8_pack_b for B given transposed, (J, K) row-major: each lane's column is a
+ * contiguous row, 16 of its values (4 groups) converted at a time. */
+INT8_TARGET
+static void i8_pack_b_transposed(i8_ctx *c, int64_t s) {
+    const __m512i offset = _mm512_set1_epi32(c->offset);
+    int64_t j = s * NV, lanes = c->J - j < NV ? c->J - j : NV;
+    uint8_t *dst = c->b + s * c->groups * 64;
+    if (lanes < NV) memset(dst, 0, (size_t)c->groups * 64); /* lanes past J: computed, not stored */
+    for (int64_t lane = 0; lane < lanes; ++lane) {
+        const float *row = c->B + (j + lane) * c->K;
+        for (int64_t t = 0; t < c->tiles; ++t) {
+            int64_t k0 = t * c->tile, k1 = k0 + c->tile < c->K ? k0 + c->tile : c->K;
+            for (int64_t k = k0; k < k1; k += NV) {
+                int64_t n = k1 - k < NV ? k1 - k : NV;
+                __mmask16 mask = (__mmask16)((1u << n) - 1);
+                __m512i q = _mm512_add_epi32(_mm512_cvttps_epi32(_mm512_maskz_loadu_ps(mask, row + k)), offset);
+                uint8_t bytes[NV]; /* past k1: bytes of a 0 input, against A's zero padding */
+                _mm_storeu_si128((__m128i *)bytes, _mm512_cvtepi32_epi8(q));
+                int64_t g = c->tile_group[t] + (k - k0) / 4;
+                for (int64_t w = 0; w < (n + 3) / 4; ++w) memcpy(dst + (g + w) * 64 + lane * 4, bytes + 4 * w, 4);
+            }
+        }
+    }
 }
 
 /* B's 16-column strips as (groups, 16 lanes, 4 bytes): lane j of a group holds
@@ -106,6 +133,10 @@ static void i8_pack_b(void *arg, int64_t begin, int64_t end, int worker) {
     i8_ctx *c = (i8_ctx *)arg;
     const __m512i bytes = _mm512_set1_epi32(0xff), offset = _mm512_set1_epi32(c->offset);
     for (int64_t s = begin; s < end; ++s) {
+        if (c->b_transposed) {
+            i8_pack_b_transposed(c, s);
+            continue;
+        }
         int64_t j = s * NV, lanes = c->J - j < NV ? c->J - j : NV;
         __mmask16 mask = (__mmask16)((1u << lanes) - 1);
         uint8_t *dst = c->b + s * c->groups * 64;
@@ -217,12 +248,13 @@ static int clamp_i8_threads(int threads) {
 
 #endif /* HDQT_INT8 */
 
-/* Y (M, J) as hdqt_tiled_matmul_f32, on int8 dot products. Returns 0; 1 when an
- * operand does not fit in bytes or a tile's sum could leave int32 (nothing
- * written: use the float32 kernel); 2 without VNNI; -1 if no buffer could be
- * allocated. tile >= K with limit >= 2^31 - 1 is the exact, unsaturated product. */
-int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B, float *Y, int64_t M, int64_t K,
-                         int64_t J, int64_t tile, float limit, int threads) {
+/* Y (M, J) as hdqt_tiled_matmul_f32, on int8 dot products; B is (K, J) row-major,
+ * or (J, K) with b_transposed. Returns 0; 1 when an operand does not fit in bytes
+ * or a tile's sum could leave int32 (nothing written: use the float32 kernel); 2
+ * without VNNI; -1 if no buffer could be allocated. tile >= K with limit >= 2^31 - 1
+ * is the exact, unsaturated product. */
+int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B, int b_transposed, float *Y,
+                         int64_t M, int64_t K, int64_t J, int64_t tile, float limit, int threads) {
 #ifdef HDQT_INT8
     if (!hdqt_int8_dot_available()) return 2;
     threads = clamp_i8_threads(threads);
@@ -230,8 +262,9 @@ int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B,
     i8_ctx c;
     memset(&c, 0, sizeof c);
     c.A = A, c.B = B, c.sm = sm, c.sk = sk, c.M = M, c.K = K, c.J = J, c.tile = tile, c.Y = Y;
+    c.b_transposed = b_transposed;
     c.limit = limit >= 2147483647.0f ? 2147483647 : (int32_t)limit;
-    int used = parallel_for(K, threads, (1 << 16) / J + 1, i8_scan_b, &c);
+    int used = parallel_for(K * J, threads, 1 << 16, i8_scan_b, &c);
     if (any_bad(c.bad, used)) return 1;
     c.offset = i8_offset(c.lo, c.hi, used);
     if (c.offset < 0) return 1; /* neither unsigned nor signed bytes */
@@ -249,7 +282,8 @@ int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B,
     i8_release(&c);
     return status;
 #else
-    (void)A, (void)sm, (void)sk, (void)B, (void)Y, (void)M, (void)K, (void)J, (void)tile, (void)limit, (void)threads;
+    (void)A, (void)sm, (void)sk, (void)B, (void)b_transposed, (void)Y, (void)M, (void)K, (void)J, (void)tile,
+        (void)limit, (void)threads;
     return 2;
 #endif
 }
