@@ -152,9 +152,9 @@ def fused_weight_grad(
     """``grad_q (N, B, L) @ Q_sr(H cols)^T`` without materialising the columns.
 
     Two native passes over the batch: the first finds max|H cols| (the scale), the
-    second rebuilds each row of the columns in an L1 buffer, rounds it
-    stochastically and multiplies it into dW at once, so the backward of a
-    convolution holds no (K, B*L) tensor at all. Returns (dW (N, K) in units of
+    second rebuilds the rows of a few channels in a small buffer, rounds them
+    stochastically and multiplies them into dW at once (on bytes with AVX512-VNNI,
+    the same result), so the backward of a convolution holds no (K, B*L) tensor. Returns (dW (N, K) in units of
     the columns' scale, that scale), or None where this path does not apply (no
     native kernels, a non-uniform layout, or a non-finite column: the general path
     then handles it and raises or propagates as the policy says).

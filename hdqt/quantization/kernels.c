@@ -9,7 +9,9 @@
  *   - the tiled product whose per-tile partial sums saturate (register-blocked),
  *     and the convolution built on it as an implicit GEMM,
  *   - the weight gradient of a convolution: columns gathered, transformed,
- *     rounded and multiplied in cache, never materialised.
+ *     rounded and multiplied in cache, never materialised,
+ *   - on AVX512-VNNI, the same products on 8-bit integer dot products where
+ *     the operands fit in bytes, with bit-identical results.
  * Everything else stays in torch.
  *
  * Threads: OpenMP, built against the libgomp.so.1 that torch has already loaded,
@@ -20,7 +22,8 @@
  *
  * Randomness: a counter-based generator, the MurmurHash3 32-bit finaliser over
  * the element index, keyed by the seed. One round: a second cost 40% more time
- * in rounding and changes nothing the tests measure (mean, spread, seeds). It
+ * in rounding (a standalone C loop: 0.53 against 0.32 ns a value) and changes
+ * nothing the tests measure (mean, spread, seeds). It
  * is stateless, so the result does not depend on how the elements are split
  * over threads, and it vectorises. The 64-bit seed is drawn by the caller from
  * its torch.Generator.
