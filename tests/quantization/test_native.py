@@ -237,6 +237,23 @@ def test_int8_conv_equals_float_kernel_bit_for_bit(case, x_range):
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
+def test_narrow_register_blocks_equal_wide_ones(case, monkeypatch):
+    # The float32 kernels' register blocks for CPUs whose registers hold fewer than 16
+    # floats (AVX2, NEON) compute the same sums in the same order; forced here, where
+    # the wide ones would run.
+    b, c, h, w, n, kernel, stride, padding, dilation, tile = case
+    x = torch.randint(0, 16, (b, c, h, w)).float()
+    weight = torch.randint(-7, 8, (n, c, *kernel)).float()
+    a, m = torch.randint(-7, 8, (n, 37)).float(), torch.randint(0, 16, (37, b * 9 + 1)).float()
+    monkeypatch.setenv("HDQT_INT8", "0")
+    results = {}
+    for width in ("wide", "narrow"):
+        monkeypatch.setenv("HDQT_VECTORS", width)
+        results[width] = (tiled_conv2d(x, weight, stride, padding, dilation, tile, 8), tiled_matmul_kj(a, m, tile, 8))
+    assert all(torch.equal(wide, narrow) for wide, narrow in zip(results["wide"], results["narrow"]))
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
 def test_native_tiled_conv_equals_im2col_reference(case):
     b, c, h, w, n, kernel, stride, padding, dilation, tile = case
     x = torch.randint(0, 16, (b, c, h, w)).float()

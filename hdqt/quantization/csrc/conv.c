@@ -14,6 +14,7 @@ typedef struct {
     float *y, *panels;
     int64_t B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile;
     float limit;
+    int narrow; /* narrow register blocks (narrow_vectors) */
 } conv_ctx;
 
 static void conv_pack_panel(const conv_ctx *c, int64_t b, int64_t l0, float *panel) {
@@ -69,7 +70,7 @@ static void conv_pack_panel(const conv_ctx *c, int64_t b, int64_t l0, float *pan
 static void conv_panel_product(const conv_ctx *c, const float *panel, int64_t b, int64_t l0) {
     const int64_t L = c->OH * c->OW, K = c->C * c->kh * c->kw;
     const int64_t lanes = L - l0 < NV ? L - l0 : NV;
-    tmm_ctx t = {c->wt, NULL, c->y + b * c->N * L, 1, c->N, c->N, K, L, c->tile, c->limit};
+    tmm_ctx t = {c->wt, NULL, c->y + b * c->N * L, 1, c->N, c->N, K, L, c->tile, c->limit, c->narrow};
     tmm_vector_block(&t, panel, NV, l0, lanes);
 }
 
@@ -137,7 +138,7 @@ static void conv_rows_range(void *arg, int64_t begin, int64_t end, int worker) {
                 else memcpy(dst + c->pw, img + ih * c->W, (size_t)c->W * sizeof(float));
             }
         }
-        tmm_ctx t = {c->wt, NULL, c->y + b * c->N * L, 1, c->N, c->N, K, L, c->tile, c->limit};
+        tmm_ctx t = {c->wt, NULL, c->y + b * c->N * L, 1, c->N, c->N, K, L, c->tile, c->limit, c->narrow};
         for (int64_t oh = oh0; oh < oh1; ++oh) {
             const float *base = rows + (oh - oh0) * c->sh * row_len;
             for (int64_t ow0 = 0; ow0 < c->OW; ow0 += NV) {
@@ -178,7 +179,8 @@ int hdqt_conv_tiled_f32(const float *x, const float *wt, float *y, int64_t B, in
     if (threads > HDQT_MAX_THREADS) threads = HDQT_MAX_THREADS;
     if (threads < 1) threads = 1;
     const int64_t L = OH * OW, runs = (L + NV - 1) / NV, K = C * kh * kw;
-    conv_ctx c = {x, wt, y, NULL, B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile, limit};
+    conv_ctx c = {x, wt, y, NULL, B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile, limit,
+                  narrow_vectors()};
     if (sw == 1) return conv_direct(&c, threads);
     float *panels = (float *)aligned_alloc(64, (size_t)threads * K * NV * sizeof(float));
     if (panels == NULL) return -1;

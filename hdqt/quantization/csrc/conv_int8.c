@@ -100,7 +100,7 @@ int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int
     if (sw != 1 || B < 1 || C < 1 || N < 1 || OH < 1 || OW < 1) return 1;
     threads = clamp_i8_threads(threads);
     const int64_t K = C * kh * kw;
-    conv_ctx c = {x, wt, y, NULL, B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile, limit};
+    conv_ctx c = {x, wt, y, NULL, B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile, limit, 0};
     i8_ctx p; /* the weights as A (N, K), read through the transposed wt (K, N) */
     memset(&p, 0, sizeof p);
     p.A = wt, p.sm = 1, p.sk = N, p.M = N, p.K = K, p.tile = tile, p.B = x;

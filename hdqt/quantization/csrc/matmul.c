@@ -15,6 +15,7 @@ typedef struct {
     float *Y;
     int64_t sm, sk, M, K, J, tile;
     float limit;
+    int narrow; /* use tmm_block_narrow (see narrow_vectors) */
 } tmm_ctx;
 
 /* Clamp a vector to [-lim, lim] in place. Written as a lane loop of min/max
@@ -64,14 +65,107 @@ static inline __attribute__((always_inline)) void tmm_block(const tmm_ctx *c, co
     }
 }
 
+/* Narrow vectors: where no register holds 16 floats, a 16-float variable lives in
+ * memory (see common.h). tmm_block_narrow computes the same sums, in the same
+ * order, on vectors a register does hold (8 floats on AVX2, 4 on NEON): each
+ * 16-lane strip as NP pieces, 4 rows of A per block, the totals in memory. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(HDQT_NO_CLONES)
+#define HDQT_NARROW_BYTES 32
+#define NARROW_TARGET __attribute__((target("arch=x86-64-v3")))
+#elif defined(__AVX2__) && !defined(__AVX512F__) /* a build for AVX2 itself */
+#define HDQT_NARROW_BYTES 32
+#define NARROW_TARGET
+#elif defined(__aarch64__)
+#define HDQT_NARROW_BYTES 16
+#define NARROW_TARGET
+#endif
+
+#ifdef HDQT_NARROW_BYTES
+typedef float vfn __attribute__((vector_size(HDQT_NARROW_BYTES)));
+#define NL (HDQT_NARROW_BYTES / 4) /* lanes of vfn */
+#define NP (NV / NL)               /* pieces of a 16-lane strip */
+#define MRN 4                      /* rows of A per block */
+
+NARROW_TARGET
+static void tmm_block_narrow(const tmm_ctx *c, const float *b_strip, const int64_t *koff, int64_t ldb, int64_t j,
+                             int64_t lanes) {
+    const float lim = c->limit;
+    for (int64_t m0 = 0; m0 < c->M; m0 += MRN) {
+        int64_t rows = c->M - m0 < MRN ? c->M - m0 : MRN;
+        const float *a[MRN]; /* rows past M repeat row m0: computed, not stored */
+        for (int r = 0; r < MRN; ++r) a[r] = c->A + (m0 + (r < rows ? r : 0)) * c->sm;
+        float total[MRN][NV];
+        memset(total, 0, sizeof total);
+        for (int64_t k0 = 0; k0 < c->K; k0 += c->tile) {
+            int64_t k1 = k0 + c->tile < c->K ? k0 + c->tile : c->K;
+            vfn acc[MRN][NP];
+            for (int r = 0; r < MRN; ++r)
+                for (int q = 0; q < NP; ++q) acc[r][q] = (vfn){0};
+            for (int64_t k = k0; k < k1; ++k) {
+                const float *bk = b_strip + (koff ? koff[k] : k * ldb);
+                vfn b[NP];
+                for (int q = 0; q < NP; ++q) memcpy(&b[q], bk + q * NL, sizeof b[q]);
+                for (int r = 0; r < MRN; ++r) {
+                    float av = a[r][k * c->sk];
+                    for (int q = 0; q < NP; ++q) acc[r][q] += av * b[q];
+                }
+            }
+            for (int r = 0; r < MRN; ++r) {
+                for (int q = 0; q < NP; ++q) {
+                    float t[NL];
+                    memcpy(t, &acc[r][q], sizeof t);
+                    for (int i = 0; i < NL; ++i) {
+                        float v = t[i] < lim ? t[i] : lim;
+                        total[r][q * NL + i] += v > -lim ? v : -lim;
+                    }
+                }
+            }
+        }
+        for (int r = 0; r < rows; ++r) memcpy(c->Y + (m0 + r) * c->J + j, total[r], (size_t)lanes * sizeof(float));
+    }
+}
+#endif
+
+/* Whether the register blocks should be narrow: on a CPU without AVX-512 but with
+ * AVX2 and FMA, and on aarch64. HDQT_VECTORS=narrow or wide overrides (tests,
+ * benchmarks); decided once per kernel call. */
+static int narrow_vectors(void) {
+    const char *force = getenv("HDQT_VECTORS");
+#ifdef HDQT_NARROW_BYTES
+    if (force != NULL && strcmp(force, "narrow") == 0) return 1;
+    if (force != NULL && strcmp(force, "wide") == 0) return 0;
+#if defined(__x86_64__) && !defined(HDQT_NO_CLONES)
+    __builtin_cpu_init();
+    return !__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 1; /* built for AVX2 or aarch64: narrow registers */
+#endif
+#else
+    (void)force;
+    return 0;
+#endif
+}
+
 HDQT_CLONES
 static void tmm_vector_block(const tmm_ctx *c, const float *b_strip, int64_t ldb, int64_t j, int64_t lanes) {
+#ifdef HDQT_NARROW_BYTES
+    if (c->narrow) {
+        tmm_block_narrow(c, b_strip, NULL, ldb, j, lanes);
+        return;
+    }
+#endif
     tmm_block(c, b_strip, NULL, ldb, j, lanes, MR);
 }
 
 HDQT_CLONES
 static void tmm_vector_block_offsets(const tmm_ctx *c, const float *b_strip, const int64_t *koff, int64_t j,
                                      int64_t lanes) {
+#ifdef HDQT_NARROW_BYTES
+    if (c->narrow) {
+        tmm_block_narrow(c, b_strip, koff, 0, j, lanes);
+        return;
+    }
+#endif
     tmm_block(c, b_strip, koff, 0, j, lanes, MR);
 }
 
@@ -109,7 +203,7 @@ static void tmm_range(void *arg, int64_t begin, int64_t end, int worker) {
 
 void hdqt_tiled_matmul_f32(const float *A, int64_t sm, int64_t sk, const float *B, float *Y, int64_t M, int64_t K,
                            int64_t J, int64_t tile, float limit, int threads) {
-    tmm_ctx c = {A, B, Y, sm, sk, M, K, J, tile, limit};
+    tmm_ctx c = {A, B, Y, sm, sk, M, K, J, tile, limit, narrow_vectors()};
     int64_t units = (J + NV - 1) / NV;
     int64_t work_per_unit = M * K * NV;
     int64_t grain = work_per_unit > 0 ? ((int64_t)1 << 20) / work_per_unit + 1 : units;
