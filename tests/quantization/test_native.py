@@ -245,11 +245,14 @@ def test_narrow_register_blocks_equal_wide_ones(case, monkeypatch):
     x = torch.randint(0, 16, (b, c, h, w)).float()
     weight = torch.randint(-7, 8, (n, c, *kernel)).float()
     a, m = torch.randint(-7, 8, (n, 37)).float(), torch.randint(0, 16, (37, b * 9 + 1)).float()
+    dw_args, _, _ = _fused_dw_case(case)
+    q4 = int_quantizer(4, rounding="stochastic")
     monkeypatch.setenv("HDQT_INT8", "0")
     results = {}
     for width in ("wide", "narrow"):
         monkeypatch.setenv("HDQT_VECTORS", width)
-        results[width] = (tiled_conv2d(x, weight, stride, padding, dilation, tile, 8), tiled_matmul_kj(a, m, tile, 8))
+        results[width] = (tiled_conv2d(x, weight, stride, padding, dilation, tile, 8), tiled_matmul_kj(a, m, tile, 8),
+                          fused_weight_grad(*dw_args, q4, torch.Generator().manual_seed(0))[0])
     assert all(torch.equal(wide, narrow) for wide, narrow in zip(results["wide"], results["narrow"]))
 
 

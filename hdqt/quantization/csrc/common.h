@@ -56,12 +56,54 @@ int hdqt_int8_dot_available(void) {
 
 /* 16 floats: one AVX-512 register. Elementwise code on it compiles for any
  * instruction set, but where no register holds 64 bytes (AVX2, NEON) GCC keeps
- * such variables in memory: the register-blocked kernels (tiled product, conv dW)
- * then run several times slower (a -march=x86-64-v3 build: 94 ms against 9 ms
- * for the benchmark's conv forward), though still ahead of the torch path. */
+ * such variables in memory: register-blocked kernels written on it ran several
+ * times slower there (a -march=x86-64-v3 build: 94 ms against 9 ms for the
+ * benchmark's conv forward). The tiled product and the conv dW's multiply have
+ * narrow variants (vfn below); the transforms do not yet. */
 typedef float vf16 __attribute__((vector_size(64)));
 #define NV 16 /* lanes of vf16 */
 #define MR 8  /* rows of a register block: each vector load feeds MR multiply-adds */
+
+/* Narrow vectors: where no register holds 16 floats, a vf16 variable lives in
+ * memory. The register-blocked float kernels then run on vfn, a vector that a
+ * register does hold (8 floats on AVX2, 4 on NEON), computing the same sums in
+ * the same order. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(HDQT_NO_CLONES)
+#define HDQT_NARROW_BYTES 32
+#define NARROW_TARGET __attribute__((target("arch=x86-64-v3")))
+#elif defined(__AVX2__) && !defined(__AVX512F__) /* a build for AVX2 itself */
+#define HDQT_NARROW_BYTES 32
+#define NARROW_TARGET
+#elif defined(__aarch64__)
+#define HDQT_NARROW_BYTES 16
+#define NARROW_TARGET
+#endif
+
+#ifdef HDQT_NARROW_BYTES
+typedef float vfn __attribute__((vector_size(HDQT_NARROW_BYTES)));
+#define NL (HDQT_NARROW_BYTES / 4) /* lanes of vfn */
+#define NP (NV / NL)               /* vfn pieces of a 16-lane strip */
+#endif
+
+/* Whether the register blocks should be narrow: on a CPU without AVX-512 but with
+ * AVX2 and FMA, and on aarch64. HDQT_VECTORS=narrow or wide overrides (tests,
+ * benchmarks); decided once per kernel call. */
+static int narrow_vectors(void) {
+    const char *force = getenv("HDQT_VECTORS");
+#ifdef HDQT_NARROW_BYTES
+    if (force != NULL && strcmp(force, "narrow") == 0) return 1;
+    if (force != NULL && strcmp(force, "wide") == 0) return 0;
+#if defined(__x86_64__) && !defined(HDQT_NO_CLONES)
+    __builtin_cpu_init();
+    return !__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 1; /* built for AVX2 or aarch64: narrow registers */
+#endif
+#else
+    (void)force;
+    return 0;
+#endif
+}
 
 /* ---------------------------------------------------------------- threads */
 

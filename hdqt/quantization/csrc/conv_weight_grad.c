@@ -23,6 +23,7 @@ typedef struct {
      * and their sums; bytes == NULL: float32 only */
     int64_t padded_len;
     uint8_t *bytes;
+    int narrow; /* dot_rows_narrow (narrow_vectors) */
     int64_t byte_samples[HDQT_MAX_THREADS]; /* samples multiplied as bytes, per worker */
 } dw_ctx;
 
@@ -179,6 +180,46 @@ static void dot_rows(const float *gb, int64_t row_stride, int64_t N, const float
     }
 }
 
+#ifdef HDQT_NARROW_BYTES
+/* dot_rows on narrow vectors (vfn): 4 gradient rows x 2 column rows per block, so
+ * that the 8 accumulators fit the registers of AVX2 and NEON. */
+NARROW_TARGET
+static void dot_rows_narrow(const float *gb, int64_t row_stride, int64_t N, const float *r, int64_t L, int64_t K,
+                            int64_t k, int count, float *part) {
+    const int64_t full = L / NL * NL;
+    for (int64_t n0 = 0; n0 < N; n0 += DOT_ROWS) {
+        const int64_t rows = N - n0 < DOT_ROWS ? N - n0 : DOT_ROWS;
+        const float *g[DOT_ROWS];
+        for (int i = 0; i < DOT_ROWS; ++i) g[i] = gb + (n0 + (i < rows ? i : 0)) * row_stride;
+        for (int j0 = 0; j0 < count; j0 += 2) { /* the buffer holds DOT_ROWS rows: row j0 + 1 exists */
+            vfn acc[DOT_ROWS][2];
+            for (int i = 0; i < DOT_ROWS; ++i) acc[i][0] = acc[i][1] = (vfn){0};
+            const float *r0 = r + j0 * L, *r1 = r0 + L;
+            for (int64_t l = 0; l < full; l += NL) {
+                vfn v0, v1, gv;
+                memcpy(&v0, r0 + l, sizeof v0);
+                memcpy(&v1, r1 + l, sizeof v1);
+                for (int i = 0; i < DOT_ROWS; ++i) {
+                    memcpy(&gv, g[i] + l, sizeof gv);
+                    acc[i][0] += gv * v0;
+                    acc[i][1] += gv * v1;
+                }
+            }
+            for (int i = 0; i < rows; ++i) {
+                for (int j = 0; j < 2 && j0 + j < count; ++j) {
+                    float lanes[NL], sum = 0.0f;
+                    memcpy(lanes, &acc[i][j], sizeof lanes);
+                    for (int q = 0; q < NL; ++q) sum += lanes[q];
+                    const float *rj = j ? r1 : r0;
+                    for (int64_t l = full; l < L; ++l) sum += g[i][l] * rj[l];
+                    part[(n0 + i) * K + k + j0 + j] += sum;
+                }
+            }
+        }
+    }
+}
+#endif
+
 #ifdef HDQT_INT8
 /* The int8 path of pass 2. Both operands are integers on small grids: the rounded
  * columns in [qmin, qmax] and the quantized gradient. With the gradient offset to
@@ -298,9 +339,16 @@ static void dw_range(void *arg, int64_t begin, int64_t end, int worker) {
             }
 #endif
             memset(r + count * L, 0, (size_t)((padded - count) * L) * sizeof(float));
-            for (int64_t i = 0; i < count; i += DOT_ROWS)
-                dot_rows(c->gq + b * L, B * L, c->N, r + i * L, L, K, k0 + i,
-                         count - i < DOT_ROWS ? (int)(count - i) : DOT_ROWS, part);
+            for (int64_t i = 0; i < count; i += DOT_ROWS) {
+                int rows_here = count - i < DOT_ROWS ? (int)(count - i) : DOT_ROWS;
+#ifdef HDQT_NARROW_BYTES
+                if (c->narrow) {
+                    dot_rows_narrow(c->gq + b * L, B * L, c->N, r + i * L, L, K, k0 + i, rows_here, part);
+                    continue;
+                }
+#endif
+                dot_rows(c->gq + b * L, B * L, c->N, r + i * L, L, K, k0 + i, rows_here, part);
+            }
         }
     }
 }
@@ -374,6 +422,7 @@ int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t 
     dw_ctx c;
     if (dw_setup(&c, threads, x, B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, p, N) != 0) return -1;
     c.gq = gq, c.scale = scale, c.qmin = qmin, c.qmax = qmax, c.seed = seed;
+    c.narrow = narrow_vectors();
     if (use_int8) dw_setup_bytes(&c, threads);
     const int64_t NK = N * C * kh * kw;
     int used = parallel_for(B, threads, 1, dw_range, &c);

@@ -65,26 +65,11 @@ static inline __attribute__((always_inline)) void tmm_block(const tmm_ctx *c, co
     }
 }
 
-/* Narrow vectors: where no register holds 16 floats, a 16-float variable lives in
- * memory (see common.h). tmm_block_narrow computes the same sums, in the same
- * order, on vectors a register does hold (8 floats on AVX2, 4 on NEON): each
- * 16-lane strip as NP pieces, 4 rows of A per block, the totals in memory. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(HDQT_NO_CLONES)
-#define HDQT_NARROW_BYTES 32
-#define NARROW_TARGET __attribute__((target("arch=x86-64-v3")))
-#elif defined(__AVX2__) && !defined(__AVX512F__) /* a build for AVX2 itself */
-#define HDQT_NARROW_BYTES 32
-#define NARROW_TARGET
-#elif defined(__aarch64__)
-#define HDQT_NARROW_BYTES 16
-#define NARROW_TARGET
-#endif
-
+/* tmm_block on narrow vectors (vfn, see common.h): each 16-lane strip as NP
+ * pieces, 4 rows of A per block, the totals in memory. The same sums in the same
+ * order as tmm_block. */
 #ifdef HDQT_NARROW_BYTES
-typedef float vfn __attribute__((vector_size(HDQT_NARROW_BYTES)));
-#define NL (HDQT_NARROW_BYTES / 4) /* lanes of vfn */
-#define NP (NV / NL)               /* pieces of a 16-lane strip */
-#define MRN 4                      /* rows of A per block */
+#define MRN 4 /* rows of A per block */
 
 NARROW_TARGET
 static void tmm_block_narrow(const tmm_ctx *c, const float *b_strip, const int64_t *koff, int64_t ldb, int64_t j,
@@ -125,26 +110,6 @@ static void tmm_block_narrow(const tmm_ctx *c, const float *b_strip, const int64
     }
 }
 #endif
-
-/* Whether the register blocks should be narrow: on a CPU without AVX-512 but with
- * AVX2 and FMA, and on aarch64. HDQT_VECTORS=narrow or wide overrides (tests,
- * benchmarks); decided once per kernel call. */
-static int narrow_vectors(void) {
-    const char *force = getenv("HDQT_VECTORS");
-#ifdef HDQT_NARROW_BYTES
-    if (force != NULL && strcmp(force, "narrow") == 0) return 1;
-    if (force != NULL && strcmp(force, "wide") == 0) return 0;
-#if defined(__x86_64__) && !defined(HDQT_NO_CLONES)
-    __builtin_cpu_init();
-    return !__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return 1; /* built for AVX2 or aarch64: narrow registers */
-#endif
-#else
-    (void)force;
-    return 0;
-#endif
-}
 
 HDQT_CLONES
 static void tmm_vector_block(const tmm_ctx *c, const float *b_strip, int64_t ldb, int64_t j, int64_t lanes) {
