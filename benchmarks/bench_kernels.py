@@ -5,6 +5,8 @@ within every round (median over rounds of each round's ratio), at the shapes of
 bench_engine.py (batch 128, FCNet 405 wide, a 16->16 3x3 conv on 32x32 maps):
 
   * the tiled conv forward on int8 dot products against the float32 kernel,
+  * the float32 kernels' wide register blocks (AVX-512) against the narrow ones that
+    CPUs without AVX-512 get (forced with HDQT_VECTORS=narrow),
   * the fused conv weight gradient with its multiply on bytes against floats,
   * a linear layer's exact dW product of 4-bit operands on int8 against MKL's float32 GEMM,
   * ReLU's backward on one layout against mixed strides (why dX takes its input's layout),
@@ -99,7 +101,17 @@ def main() -> None:
                 return fn()
         return run
 
+    def narrow(fn):  # the float32 kernels' register blocks for AVX2 and NEON, forced
+        def run():
+            with env("HDQT_INT8", "0"), env("HDQT_VECTORS", "narrow"):
+                return fn()
+        return run
+
     compare("conv forward: int8 / float32 kernel", conv_forward, without_int8(conv_forward), args.rounds)
+    compare("conv forward, float32: wide / narrow blocks", without_int8(conv_forward), narrow(conv_forward),
+            args.rounds)
+    compare("conv dW (fused), float32: wide / narrow blocks", without_int8(conv_weight_grad),
+            narrow(conv_weight_grad), args.rounds)
     compare("conv dW (fused): bytes / float32 multiply", conv_weight_grad, without_int8(conv_weight_grad),
             args.rounds)
     compare("linear dW product 405x128x405: int8 / MKL float32",
