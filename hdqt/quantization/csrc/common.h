@@ -91,13 +91,15 @@ typedef float vfn __attribute__((vector_size(HDQT_NARROW_BYTES)));
 static int narrow_vectors(void) {
     const char *force = getenv("HDQT_VECTORS");
 #ifdef HDQT_NARROW_BYTES
-    if (force != NULL && strcmp(force, "narrow") == 0) return 1;
-    if (force != NULL && strcmp(force, "wide") == 0) return 0;
+    int wide = force != NULL && strcmp(force, "wide") == 0, narrow = force != NULL && strcmp(force, "narrow") == 0;
 #if defined(__x86_64__) && !defined(HDQT_NO_CLONES)
     __builtin_cpu_init();
-    return !__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    /* the narrow variants are compiled for AVX2 + FMA: never forced onto a CPU without them */
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!avx2 || wide) return 0;
+    return narrow || !__builtin_cpu_supports("avx512f");
 #else
-    return 1; /* built for AVX2 or aarch64: narrow registers */
+    return !wide; /* built for AVX2 or aarch64: narrow registers */
 #endif
 #else
     (void)force;
