@@ -8,6 +8,7 @@ bench_engine.py (batch 128, FCNet 405 wide, a 16->16 3x3 conv on 32x32 maps):
   * the float32 kernels' wide register blocks (AVX-512) against the narrow ones that
     CPUs without AVX-512 get (forced with HDQT_VECTORS=narrow),
   * the fused conv weight gradient with its multiply on bytes against floats,
+  * a conv's input gradient (unlimited accumulators) on int8 against torch's float32,
   * a linear layer's exact dW product of 4-bit operands on int8 against MKL's float32 GEMM,
   * ReLU's backward on one layout against mixed strides (why dX takes its input's layout),
   * native stochastic rounding against the torch path.
@@ -27,7 +28,7 @@ import torch
 import hdqt
 from hdqt.quantization import native
 from hdqt.quantization.hadamard import block_layout
-from hdqt.quantization.im2col import fused_weight_grad, tiled_conv2d
+from hdqt.quantization.im2col import exact_input_grad, fused_weight_grad, tiled_conv2d
 from hdqt.quantization.matmul import tiled_matmul
 
 
@@ -112,6 +113,10 @@ def main() -> None:
             args.rounds)
     compare("conv dW (fused), float32: wide / narrow blocks", without_int8(conv_weight_grad),
             narrow(conv_weight_grad), args.rounds)
+    g_out = torch.randint(-7, 8, (128, 16, 32, 32), generator=gen).float()
+    compare("conv dX (unlimited acc.): int8 / torch float32",
+            lambda: exact_input_grad(g_out, w_conv, x_conv.shape, (1, 1), (1, 1), (1, 1)),
+            lambda: torch.nn.grad.conv2d_input(x_conv.shape, w_conv, g_out, stride=1, padding=1), args.rounds)
     compare("conv dW (fused): bytes / float32 multiply", conv_weight_grad, without_int8(conv_weight_grad),
             args.rounds)
     compare("linear dW product 405x128x405: int8 / MKL float32",

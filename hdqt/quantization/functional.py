@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hdqt.quantization.hadamard import BlockLayout, block_layout, hadamard_transform_amax
-from hdqt.quantization.im2col import fused_weight_grad, tiled_conv2d, unfold_channel_major
+from hdqt.quantization.im2col import exact_input_grad, fused_weight_grad, tiled_conv2d, unfold_channel_major
 from hdqt.quantization.matmul import exact_dtype, tiled_matmul, tiled_matmul_batched, tiled_matmul_kj
 from hdqt.quantization.quantizer import QTensor, Quantizer
 from hdqt.quantization.runtime import LayerRuntime
@@ -169,11 +169,14 @@ class QuantConv2dFunction(torch.autograd.Function):
             )
             scale = g.scale * w.scale * w_scale * extra
             if acc is None:
-                # Unlimited accumulators: the col2im of W^T G is exactly a transposed conv.
-                grad_x = torch.nn.grad.conv2d_input(
-                    x_values.shape, w.values.reshape(n, c, kh, kw), g.values.reshape(grad.shape),
-                    stride=stride, padding=padding, dilation=dilation,
-                )
+                # Unlimited accumulators: the col2im of W^T G is exactly a transposed conv,
+                # on int8 dot products where they apply, else on torch's float conv.
+                w4, g4 = w.values.reshape(n, c, kh, kw), g.values.reshape(grad.shape)
+                integers = policy.grad_output_dx is not None and policy.backward_weight is not None
+                grad_x = exact_input_grad(g4, w4, x_values.shape, stride, padding, dilation) if integers else None
+                if grad_x is None:
+                    grad_x = torch.nn.grad.conv2d_input(x_values.shape, w4, g4, stride=stride, padding=padding,
+                                                        dilation=dilation)
             else:
                 cols_dx = tiled_matmul_batched(w.values.T.contiguous(), g.values, policy.tile, acc)
                 grad_x = F.fold(cols_dx, x_values.shape[2:], (kh, kw), dilation=dilation, padding=padding,

@@ -138,6 +138,45 @@ def tiled_conv2d(
     return y.reshape(n, b, out_h, out_w).transpose(0, 1).contiguous()
 
 
+def exact_input_grad(
+    grad_q: torch.Tensor,
+    weight_q: torch.Tensor,
+    input_shape: torch.Size,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor | None:
+    """dX of a convolution with unlimited accumulators, ``conv2d_input(input_shape,
+    weight_q, grad_q)``, on 8-bit integer dot products: at stride 1 the transposed
+    convolution is a convolution of the gradient with the flipped, transposed
+    weight and padding d*(k-1)-p. Exact int32 sums, so the same result as the
+    float computation wherever that is exact (sums below 2^24).
+
+    Returns None where this does not apply (no VNNI, a stride above 1, padding
+    beyond d*(k-1), operands that are not bytes): the caller then takes the float path.
+    """
+    if not (native.usable(grad_q) and native.usable(weight_q)) or tuple(stride) != (1, 1):
+        return None
+    n, c, kh, kw = weight_q.shape
+    pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
+    if min(pad) < 0:
+        return None
+    lib = native.load()
+    if lib is None or not native.int8_dot(lib):
+        return None
+    flipped = weight_q.flip(2, 3).transpose(0, 1)  # (C, N, kh, kw): out and in channels swap
+    geo = ConvGeometry.of(grad_q, (kh, kw), (1, 1), pad, dilation)
+    if (geo.out_h, geo.out_w) != tuple(input_shape[2:]):
+        return None
+    src, wt = grad_q.contiguous(), flipped.reshape(c, -1).T.contiguous()
+    out = torch.empty(grad_q.shape[0], c, geo.out_h, geo.out_w, dtype=grad_q.dtype)
+    status = lib.hdqt_conv_tiled_i8(src.data_ptr(), wt.data_ptr(), out.data_ptr(), *geo.native_args(), c, geo.k,
+                                    float(2**31 - 1), native.threads())
+    if status < 0:
+        raise MemoryError("hdqt native convolution: could not allocate its buffers")
+    return out if status == 0 else None
+
+
 def fused_weight_grad(
     x: torch.Tensor,
     grad_q: torch.Tensor,

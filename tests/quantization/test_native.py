@@ -256,6 +256,26 @@ def test_narrow_register_blocks_equal_wide_ones(case, monkeypatch):
     assert all(torch.equal(wide, narrow) for wide, narrow in zip(results["wide"], results["narrow"]))
 
 
+@pytest.mark.skipif(not _int8_available(), reason="no AVX512-VNNI on this CPU")
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_int8_input_gradient_equals_transposed_convolution(case):
+    from hdqt.quantization.im2col import ConvGeometry, exact_input_grad
+
+    b, c, h, w, n, kernel, stride, padding, dilation, _ = case
+    x_shape = torch.Size((b, c, h, w))
+    geo = ConvGeometry.of(torch.empty(x_shape), kernel, stride, padding, dilation)
+    g = torch.randint(-7, 8, (b, n, geo.out_h, geo.out_w)).float()
+    weight = torch.randint(-7, 8, (n, c, *kernel)).float()
+    out = exact_input_grad(g, weight, x_shape, stride, padding, dilation)
+    reachable = all(d * (k - 1) >= p for d, k, p in zip(dilation, kernel, padding))
+    if tuple(stride) != (1, 1) or not reachable:
+        assert out is None  # the float transposed convolution takes these
+        return
+    ref = torch.nn.grad.conv2d_input(x_shape, weight, g, stride=stride, padding=padding, dilation=dilation)
+    assert out is not None and torch.equal(out, ref)
+    assert exact_input_grad(g + 0.5, weight, x_shape, stride, padding, dilation) is None  # not bytes
+
+
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_native_tiled_conv_equals_im2col_reference(case):
     b, c, h, w, n, kernel, stride, padding, dilation, tile = case
