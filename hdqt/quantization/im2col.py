@@ -120,19 +120,9 @@ def tiled_conv2d(
     n, _, kh, kw = weight.shape
     geo = ConvGeometry.of(x, (kh, kw), stride, padding, dilation)
     b, out_h, out_w = geo.batch, geo.out_h, geo.out_w
-    if native.usable(x) and native.usable(weight):
-        lib = native.load()
-        if lib is not None:
-            src, wt = x.contiguous(), weight.reshape(n, -1).T.contiguous()
-            out = torch.empty(b, n, out_h, out_w, dtype=x.dtype)
-            args = (src.data_ptr(), wt.data_ptr(), out.data_ptr(), *geo.native_args(), n, tile,
-                    float(accumulator_limit(acc_bits)), native.threads())
-            status = lib.hdqt_conv_tiled_i8(*args) if native.int8_dot(lib) else 2
-            if status > 0:  # not bytes, a width stride above 1, or no VNNI: the float32 kernel
-                status = lib.hdqt_conv_tiled_f32(*args)
-            if status != 0:
-                raise MemoryError("hdqt native convolution: could not allocate its buffers")
-            return out
+    out = _native_conv(x, weight, geo, tile, float(accumulator_limit(acc_bits)))
+    if out is not None:
+        return out
     cols, _ = unfold_channel_major(x, (kh, kw), stride, padding, dilation)
     y = tiled_matmul_kj(weight.reshape(n, -1), cols.reshape(cols.shape[0], -1), tile, acc_bits)
     return y.reshape(n, b, out_h, out_w).transpose(0, 1).contiguous()
@@ -157,21 +147,35 @@ def exact_input_grad(
     """
     if not (native.usable(grad_q) and native.usable(weight_q)) or tuple(stride) != (1, 1):
         return None
-    n, c, kh, kw = weight_q.shape
+    kh, kw = weight_q.shape[2:]
     pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
     if min(pad) < 0:
         return None
-    lib = native.load()
-    if lib is None or not native.int8_dot(lib):
-        return None
-    flipped = weight_q.flip(2, 3).transpose(0, 1)  # (C, N, kh, kw): out and in channels swap
     geo = ConvGeometry.of(grad_q, (kh, kw), (1, 1), pad, dilation)
     if (geo.out_h, geo.out_w) != tuple(input_shape[2:]):
         return None
-    src, wt = grad_q.contiguous(), flipped.reshape(c, -1).T.contiguous()
-    out = torch.empty(grad_q.shape[0], c, geo.out_h, geo.out_w, dtype=grad_q.dtype)
-    status = lib.hdqt_conv_tiled_i8(src.data_ptr(), wt.data_ptr(), out.data_ptr(), *geo.native_args(), c, geo.k,
-                                    float(2**31 - 1), native.threads())
+    flipped = weight_q.flip(2, 3).transpose(0, 1)  # (C, N, kh, kw): out and in channels swap
+    # one tile of the whole reduction and no clamp: the exact, unsaturated product
+    return _native_conv(grad_q, flipped, geo, geo.k, float(2**31 - 1), int8_only=True)
+
+
+def _native_conv(x: torch.Tensor, weight: torch.Tensor, geo: ConvGeometry, tile: int, limit: float, *,
+                 int8_only: bool = False) -> torch.Tensor | None:
+    """The tiled conv by a native kernel: int8 where it applies (width stride 1,
+    operands that fit in bytes, VNNI), else float32 (unless ``int8_only``); None
+    without the kernels or, with ``int8_only``, where int8 does not apply."""
+    if not (native.usable(x) and native.usable(weight)):
+        return None
+    lib = native.load()
+    if lib is None or (int8_only and not native.int8_dot(lib)):
+        return None
+    n = weight.shape[0]
+    src, wt = x.contiguous(), weight.reshape(n, -1).T.contiguous()
+    out = torch.empty(geo.batch, n, geo.out_h, geo.out_w, dtype=x.dtype)
+    args = (src.data_ptr(), wt.data_ptr(), out.data_ptr(), *geo.native_args(), n, tile, limit, native.threads())
+    status = lib.hdqt_conv_tiled_i8(*args) if native.int8_dot(lib) else 2
+    if status > 0 and not int8_only:  # not bytes, a width stride above 1, or no VNNI: the float32 kernel
+        status = lib.hdqt_conv_tiled_f32(*args)
     if status < 0:
         raise MemoryError("hdqt native convolution: could not allocate its buffers")
     return out if status == 0 else None
