@@ -120,7 +120,7 @@ def main() -> None:
     compare("conv dW (fused): bytes / float32 multiply", conv_weight_grad, without_int8(conv_weight_grad),
             args.rounds)
     compare("linear dW product 405x128x405: int8 / MKL float32",
-            lambda: tiled_matmul(g_fc, x_fc, 32, None, integers=True), lambda: g_fc @ x_fc.T, args.rounds)
+            lambda: tiled_matmul(g_fc, x_fc, 32, None, bounds=(7, 7)), lambda: g_fc @ x_fc.T, args.rounds)
 
     out = torch.randn(405, 128, generator=gen).T  # a layer's output: the transposed view of (N, B)
     grad_same, grad_mixed = torch.randn(405, 128, generator=gen).T, torch.randn(128, 405, generator=gen)

@@ -18,19 +18,25 @@ import torch.nn.functional as F
 
 from hdqt.quantization.hadamard import BlockLayout, block_layout, hadamard_transform_amax
 from hdqt.quantization.im2col import exact_input_grad, fused_weight_grad, tiled_conv2d, unfold_channel_major
-from hdqt.quantization.matmul import exact_dtype, tiled_matmul, tiled_matmul_batched, tiled_matmul_kj
+from hdqt.quantization.matmul import Bounds, exact_dtype, sum_bound, tiled_matmul, tiled_matmul_batched, tiled_matmul_kj
 from hdqt.quantization.quantizer import QTensor, Quantizer
 from hdqt.quantization.runtime import LayerRuntime
 
 
-def _max_int(quantizer: Quantizer | None) -> float:
-    return float("inf") if quantizer is None else quantizer.format.max_magnitude()
+def integer_bounds(qa: Quantizer | None, qb: Quantizer | None) -> Bounds | None:
+    """The largest magnitudes of a product's two operands when both are quantized
+    (integers), else None (a float operand: the product runs in its own dtype)."""
+    if qa is None or qb is None:
+        return None
+    return (qa.format.max_magnitude(), qb.format.max_magnitude())
 
 
 def _forward_dtype(policy, reduction: int, dtype: torch.dtype) -> torch.dtype:
-    """float32 when every partial sum of the forward product is exact in it, else float64."""
-    length = min(policy.tile, reduction) if policy.acc_bits is not None else reduction
-    return exact_dtype(length, _max_int(policy.forward_input), _max_int(policy.forward_weight), dtype)
+    """The operands' dtype when every partial sum of the forward product is exact in it, else float64."""
+    bounds = integer_bounds(policy.forward_input, policy.forward_weight)
+    if bounds is None:
+        return dtype
+    return exact_dtype(sum_bound(reduction, bounds, policy.tile, policy.acc_bits), dtype)
 
 
 def backward_layout(rt: LayerRuntime, size: int, qa: Quantizer | None, qb: Quantizer | None) -> BlockLayout | None:
@@ -104,14 +110,14 @@ class QuantLinearFunction(torch.autograd.Function):
                 rt, grad, 1, policy.grad_output_dx, "output gradient (dX)",
                 w_values.T, 1, policy.backward_weight, "backward weight",
             )
-            integers = policy.grad_output_dx is not None and policy.backward_weight is not None
+            bounds = integer_bounds(policy.grad_output_dx, policy.backward_weight)
             if ctx.input_transposed:
                 # The input was the transposed view of a (K, B) tensor (a previous layer's
                 # Y^T): dX^T = W G^T gives dX that layout too. Elementwise backwards such as
                 # ReLU's then see one layout, which runs ~5x faster than mixed strides.
-                grad_x = tiled_matmul(w.values, g.values, policy.tile, acc, integers=integers).T
+                grad_x = tiled_matmul(w.values, g.values, policy.tile, acc, bounds=bounds).T
             else:
-                grad_x = tiled_matmul(g.values, w.values, policy.tile, acc, integers=integers)
+                grad_x = tiled_matmul(g.values, w.values, policy.tile, acc, bounds=bounds)
             grad_x.mul_(g.scale * w.scale * w_scale * extra)
         if ctx.needs_input_grad[1]:
             # dW = G^T X, reduced over the batch: rows of G^T (N, B) and X^T (K, B).
@@ -119,8 +125,8 @@ class QuantLinearFunction(torch.autograd.Function):
                 rt, grad.T, 1, policy.grad_output_dw, "output gradient (dW)",
                 x_values.T, 1, policy.backward_input, "backward input",
             )
-            integers = policy.grad_output_dw is not None and policy.backward_input is not None
-            grad_w = tiled_matmul(g.values, x.values, policy.tile, acc, integers=integers)
+            bounds = integer_bounds(policy.grad_output_dw, policy.backward_input)
+            grad_w = tiled_matmul(g.values, x.values, policy.tile, acc, bounds=bounds)
             grad_w.mul_(g.scale * x.scale * x_scale * extra)
         return grad_x, grad_w, None
 
@@ -168,17 +174,19 @@ class QuantConv2dFunction(torch.autograd.Function):
                 w_values.reshape(n, -1), 0, policy.backward_weight, "backward weight",
             )
             scale = g.scale * w.scale * w_scale * extra
+            bounds = integer_bounds(policy.grad_output_dx, policy.backward_weight)
             if acc is None:
                 # Unlimited accumulators: the col2im of W^T G is exactly a transposed conv,
                 # on int8 dot products where they apply, else on torch's float conv.
                 w4, g4 = w.values.reshape(n, c, kh, kw), g.values.reshape(grad.shape)
-                integers = policy.grad_output_dx is not None and policy.backward_weight is not None
-                grad_x = exact_input_grad(g4, w4, x_values.shape, stride, padding, dilation) if integers else None
+                grad_x = exact_input_grad(g4, w4, x_values.shape, stride, padding, dilation) if bounds else None
                 if grad_x is None:
-                    grad_x = torch.nn.grad.conv2d_input(x_values.shape, w4, g4, stride=stride, padding=padding,
-                                                        dilation=dilation)
+                    # a position of dX sums at most N*kh*kw products
+                    wide = exact_dtype(sum_bound(n * kh * kw, bounds), g4.dtype) if bounds else g4.dtype
+                    grad_x = torch.nn.grad.conv2d_input(x_values.shape, w4.to(wide), g4.to(wide), stride=stride,
+                                                        padding=padding, dilation=dilation).to(g4.dtype)
             else:
-                cols_dx = tiled_matmul_batched(w.values.T.contiguous(), g.values, policy.tile, acc)
+                cols_dx = tiled_matmul_batched(w.values.T.contiguous(), g.values, policy.tile, acc, bounds=bounds)
                 grad_x = F.fold(cols_dx, x_values.shape[2:], (kh, kw), dilation=dilation, padding=padding,
                                 stride=stride)
             grad_x.mul_(scale)
@@ -211,5 +219,6 @@ def _conv_weight_grad(rt: LayerRuntime, grad_cols, x_values, kernel, conv, acc) 
     cols, amax_x = unfold_channel_major(x_values, kernel, *conv, layout, rt.hadamard_cache)  # (K, B, L)
     xq = rt.quantize(qx, cols, "backward input", amax_x)
     flat_g, flat_x = gq.values.reshape(n, -1), xq.values.reshape(cols.shape[0], -1)
-    grad_w = flat_g @ flat_x.T if acc is None else tiled_matmul(flat_g, flat_x, policy.tile, acc)
+    bounds = integer_bounds(policy.grad_output_dw, qx)
+    grad_w = tiled_matmul(flat_g, flat_x, policy.tile, acc, bounds=bounds)
     return grad_w.mul_(gq.scale * xq.scale * extra)

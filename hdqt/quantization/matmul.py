@@ -1,16 +1,23 @@
 """Integer matmuls with a tiled, saturating low-bit accumulator.
 
 Operands hold integers in a float dtype. A float32 sum of integers is exact while
-every partial sum stays below 2^24; when the worst case could exceed that, the
-product runs in float64 (exact to 2^53) so results always equal an int64 reference.
+every partial sum stays below 2^24. Callers that know the operands are integers
+pass ``bounds`` (the largest magnitude each operand can hold, from its format);
+where the worst case of any partial sum (a tile's, and the running sum across
+tiles) could reach 2^24, the product runs in float64 (exact to 2^53), so the
+result is the exact integer sum rounded once to the operands' dtype. Without
+``bounds`` the operands are taken as floats and multiplied in their own dtype.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from hdqt.quantization import native
 
 _FLOAT32_EXACT = 2**24
+Bounds = tuple[float, float]  # the largest |value| of each operand of a product
 
 
 def accumulator_limit(acc_bits: int) -> int:
@@ -18,44 +25,73 @@ def accumulator_limit(acc_bits: int) -> int:
     return 2 ** (acc_bits - 1) - 1
 
 
-def exact_dtype(length: int, max_a: float, max_b: float, dtype: torch.dtype) -> torch.dtype:
-    """float32 if a length-``length`` dot product of such integers is exact in it, else float64."""
-    if dtype == torch.float64 or length * max_a * max_b < _FLOAT32_EXACT:
+def sum_bound(k: int, bounds: Bounds, tile: int | None = None, acc_bits: int | None = None) -> float:
+    """The largest |partial sum| a length-``k`` product of integers within ``bounds`` can
+    reach: a tile's sum before it saturates, and the running sum of saturated tiles."""
+    product = bounds[0] * bounds[1]
+    if acc_bits is None or tile is None:
+        return k * product
+    length = min(tile, k)
+    per_tile = length * product
+    tiles = math.ceil(k / length)
+    return max(per_tile, min(k * product, tiles * min(per_tile, accumulator_limit(acc_bits))))
+
+
+def exact_dtype(bound: float, dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` if every partial sum up to ``bound`` is exact in it, else float64."""
+    if dtype == torch.float64 or bound < _FLOAT32_EXACT:
         return dtype
     return torch.float64
 
 
 def tiled_matmul(x: torch.Tensor, w: torch.Tensor, tile: int, acc_bits: int | None, *,
-                 integers: bool = False) -> torch.Tensor:
+                 bounds: Bounds | None = None) -> torch.Tensor:
     """``x @ w.T`` for x (M, K), w (N, K), with each length-``tile`` chunk of the
     reduction summed into an accumulator that saturates at ±(2^(acc_bits-1)-1).
 
     The tiles' partial sums are added in float (the accumulator of the next level).
     ``acc_bits=None`` means an unlimited accumulator: one plain matmul, which runs on
-    8-bit integer dot products when ``integers`` says both operands are quantized
+    8-bit integer dot products when ``bounds`` says both operands are integers
     (and they fit in bytes: see ``tiled_matmul_kj``).
     """
-    return tiled_matmul_kj(x, w.T, tile, acc_bits, integers=integers)
+    return tiled_matmul_kj(x, w.T, tile, acc_bits, bounds=bounds)
 
 
 def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int | None, *,
-                    integers: bool = False) -> torch.Tensor:
+                    bounds: Bounds | None = None) -> torch.Tensor:
     """``a @ b`` for a (M, K), b (K, J), tiled and saturated along K like ``tiled_matmul``.
 
-    On CPU float32 a native kernel keeps each tile's partial sums in registers; where
-    the operands are integers that fit in bytes and the CPU has AVX512-VNNI, it
-    multiplies 8-bit integers (4x the multiply-adds per instruction), with the same
-    result. The torch path materialises all tiles' partial sums, (K/tile) x the output.
+    With ``bounds`` (the operands are integers of at most these magnitudes) the sums
+    are exact: in float64 where float32 could round a partial sum (see ``sum_bound``),
+    and the result is rounded once to ``a``'s dtype. On CPU float32 a native kernel
+    keeps each tile's partial sums in registers; where the operands are integers that
+    fit in bytes and the CPU has AVX512-VNNI, it multiplies 8-bit integers (4x the
+    multiply-adds per instruction), with the same result. The torch path
+    materialises all tiles' partial sums, (K/tile) x the output.
     """
+    dtype = a.dtype
+    if bounds is not None:
+        wide = exact_dtype(sum_bound(a.shape[1], bounds, tile, acc_bits), dtype)
+        if wide != dtype:
+            if acc_bits is None:  # int32 sums of bytes are exact far beyond 2^24
+                exact = _native_product(a, b, a.shape[1], float(2**31 - 1), int8_only=True)
+                if exact is not None:
+                    return exact
+            return _torch_tiled(a.to(wide), b.to(wide), tile, acc_bits).to(dtype)
     if acc_bits is None:
         # The exact product of integer operands: int32 sums on VNNI equal float32's
-        # wherever float32 is exact (below 2^24), and stay exact beyond.
-        exact = _native_product(a, b, a.shape[1], float(2**31 - 1), int8_only=True) if integers else None
+        # wherever float32 is exact (below 2^24).
+        exact = _native_product(a, b, a.shape[1], float(2**31 - 1), int8_only=True) if bounds else None
         return a @ b if exact is None else exact
+    out = _native_product(a, b, tile, float(accumulator_limit(acc_bits)))
+    return out if out is not None else _torch_tiled(a, b, tile, acc_bits)
+
+
+def _torch_tiled(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int | None) -> torch.Tensor:
+    """``a @ b`` tiled and saturated along K with torch operations (any device and dtype)."""
+    if acc_bits is None:
+        return a @ b
     limit = accumulator_limit(acc_bits)
-    out = _native_product(a, b, tile, float(limit))
-    if out is not None:
-        return out
     m, k = a.shape
     full = k // tile
     out = None
@@ -99,12 +135,19 @@ def _native_product(a: torch.Tensor, b: torch.Tensor, tile: int, limit: float, *
     return out
 
 
-def tiled_matmul_batched(w: torch.Tensor, x: torch.Tensor, tile: int, acc_bits: int | None) -> torch.Tensor:
+def tiled_matmul_batched(w: torch.Tensor, x: torch.Tensor, tile: int, acc_bits: int | None, *,
+                         bounds: Bounds | None = None) -> torch.Tensor:
     """``w @ x`` for w (N, K) and a batch x (B, K, L) -> (B, N, L), tiled along K.
 
     This is the im2col product of a convolution: every output position is a
-    length-K reduction, tiled and saturated exactly like ``tiled_matmul``.
+    length-K reduction, tiled and saturated exactly like ``tiled_matmul`` (and exact,
+    in float64 where needed, when ``bounds`` is given).
     """
+    dtype = x.dtype
+    if bounds is not None:
+        wide = exact_dtype(sum_bound(x.shape[1], bounds, tile, acc_bits), dtype)
+        if wide != dtype:
+            return tiled_matmul_batched(w.to(wide), x.to(wide), tile, acc_bits).to(dtype)
     b, k, l = x.shape
     n = w.shape[0]
     if acc_bits is None:

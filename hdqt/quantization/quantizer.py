@@ -99,7 +99,6 @@ class Quantizer:
         if not math.isfinite(amax):
             return _nonfinite(tensor, nonfinite, role)
         scale, qmin, qmax = self.grid(amax, lo)
-        signed = qmin < 0
         if native.usable(tensor):
             lib = native.load()
             if lib is not None:
@@ -108,10 +107,11 @@ class Quantizer:
         if self.rounding == "nearest":
             values = round_nearest_(values).clamp_(qmin, qmax)
         else:
-            # Clamp first: floor(v + u) of a clamped v never leaves [qmin, qmax].
-            if self.scaling.clip_ratio < 1.0 or not signed:
-                values.clamp_(qmin, qmax)
-            values = round_stochastic_(values, generator)
+            # Clamped before (clipping is part of the scaling) and after: max|t| / scale
+            # can come out a rounding error above qmax in float32 (7.0000005 for 4 bits),
+            # and v + u can round up to the next integer, so floor(v + u) of an in-range v
+            # can still land one step outside the format.
+            values = round_stochastic_(values.clamp_(qmin, qmax), generator).clamp_(qmin, qmax)
         return QTensor(values, scale)
 
     def grid(self, amax: float, lo: float) -> tuple[float, int, int]:

@@ -94,3 +94,84 @@ def test_stochastic_rounding_is_unbiased_and_reproducible():
 def test_invalid_bits_raise(bad):
     with pytest.raises(ValueError, match="bits must be an integer in 2..16"):
         IntFormat(bad)
+
+
+@pytest.mark.parametrize("native_path", ["1", "0"])
+def test_stochastic_rounding_never_leaves_the_format(monkeypatch, native_path):
+    # max|t| / scale comes out as 7.0000005 in float32 for this magnitude: without a clamp
+    # after rounding, the torch path gave codes of +-8 for a signed 4-bit format.
+    monkeypatch.setenv("HDQT_NATIVE", native_path)
+    t = torch.full((20_000_000,), 4.656279)
+    t[::2] = -4.656279
+    q = int_quantizer(4, rounding="stochastic")
+    values = q.quantize(t, torch.Generator().manual_seed(0)).values
+    assert values.max().item() == 7 and values.min().item() == -7
+
+
+@pytest.mark.parametrize("native_path", ["1", "0"])
+def test_stochastic_rounding_is_unbiased_on_a_fractional_scale(monkeypatch, native_path):
+    # max|t| = 4.656279 makes the scale fractional (not 1), so every code is a rounded
+    # quotient; the mean of many draws must still equal t / scale.
+    monkeypatch.setenv("HDQT_NATIVE", native_path)
+    t = torch.tensor([4.656279, -2.3, 0.61, 3.5, -4.1, 0.05, -4.656279])
+    q = int_quantizer(4, rounding="stochastic")
+    draws = torch.stack([q.quantize(t, torch.Generator().manual_seed(s)).values for s in range(4000)])
+    scale = q.quantize(t, torch.Generator().manual_seed(0)).scale
+    assert scale == pytest.approx(4.656279 / 7)
+    # std of a Bernoulli mean over 4000 draws <= 0.5/sqrt(4000) ~ 0.008; allow 4 sigma
+    assert torch.allclose(draws.mean(0), t / scale, atol=0.032)
+    assert draws.abs().max().item() <= 7
+
+
+def _rounded_once(exact: torch.Tensor) -> torch.Tensor:
+    """An exact int64 result rounded once to float32, as the engine promises."""
+    return exact.double().float()
+
+
+@pytest.mark.parametrize("acc_bits", [None, 32])
+def test_products_of_wide_integers_are_exact_beyond_float32(acc_bits):
+    # 12-bit operands with K = 4096: partial sums reach ~2^34, far beyond float32's 2^24.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-2047, 2048, (6, 4096), generator=g)
+    w = torch.randint(-2047, 2048, (5, 4096), generator=g)
+    ref = _rounded_once(int64_reference(x, w, 32, acc_bits))
+    out = tiled_matmul(x.float(), w.float(), 32, acc_bits, bounds=(2047, 2047))
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    batched = tiled_matmul_batched(w.float(), x.float().T.unsqueeze(0), 32, acc_bits, bounds=(2047, 2047))
+    assert torch.equal(batched[0], ref.T)
+
+
+def test_sum_bound_covers_the_running_sum_of_saturated_tiles():
+    from hdqt.quantization.matmul import sum_bound
+
+    # 8-bit operands, tile 32: a tile is below 2^24 but 128 tiles of a 32-bit accumulator are not
+    assert sum_bound(4096, (127, 127), 32, 32) == 4096 * 127 * 127
+    # an 8-bit accumulator bounds every tile at 127, so the running sum is 128 * 127
+    assert sum_bound(4096, (127, 127), 32, 8) == 32 * 127 * 127
+    assert sum_bound(4096, (7, 7), None, None) == 4096 * 49
+
+
+def test_linear_backward_products_of_wide_integers_are_exact():
+    from hdqt.quantization import QuantLinear, QuantPolicy
+
+    near = int_quantizer(12)  # round to nearest everywhere: the reference can redo each step
+    policy = QuantPolicy(forward_input=near, forward_weight=near, backward_input=near, backward_weight=near,
+                         grad_output_dx=near, grad_output_dw=near, acc_bits=None)
+    gen = torch.Generator().manual_seed(0)
+    # dX reduces over the 4096 output features, dW over the batch of 2048
+    layer = QuantLinear(8, 4096, bias=False, policy=policy)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(4096, 8, generator=gen))
+    x = torch.randn(2048, 8, generator=gen, requires_grad=True)
+    grad_out = torch.randn(2048, 4096, generator=gen)
+    layer(x).backward(grad_out)
+
+    xq, wq = near.quantize(x.detach()), near.quantize(layer.weight.detach())
+    gq = near.quantize(grad_out)
+    # the backward operands are the quantized forward operands, quantized again
+    wb, xb = near.quantize(wq.values), near.quantize(xq.values)
+    ref_dx = (gq.values.long() @ wb.values.long()).double() * (gq.scale * wb.scale * wq.scale)
+    ref_dw = (gq.values.long().T @ xb.values.long()).double() * (gq.scale * xb.scale * xq.scale)
+    # one rounding of the exact sum to float32 and one of the scale product: within 3e-7 relative
+    for got, ref in ((x.grad, ref_dx), (layer.weight.grad, ref_dw)):
+        assert torch.all((got.double() - ref).abs() <= 3e-7 * ref.abs() + 1e-30)

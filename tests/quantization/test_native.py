@@ -187,11 +187,11 @@ def test_unlimited_integer_product_runs_on_int8_and_equals_float32(monkeypatch):
     calls = []
     lib = native.load()
     monkeypatch.setattr(native, "int8_dot", lambda l: calls.append(1) or True)
-    exact = tiled_matmul(x, w, 32, None, integers=True)
+    exact = tiled_matmul(x, w, 32, None, bounds=(7, 7))
     assert calls and torch.equal(exact, x @ w.T)  # every sum < 2^24: float32 is exact too
     assert status_of(lib, x[:1], w[:1].T, tile=405, limit=float(2**31 - 1)) == 0
     halves = x + 0.5  # not integers: the hint is wrong, the float product is used
-    assert torch.equal(tiled_matmul(halves, w, 32, None, integers=True), halves @ w.T)
+    assert torch.equal(tiled_matmul(halves, w, 32, None, bounds=(7.5, 7)), halves @ w.T)
 
 
 def status_of(lib, a, b, tile, limit):
