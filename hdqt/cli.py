@@ -10,30 +10,41 @@ import argparse
 import importlib
 import sys
 
-# sub-command name -> module providing add_parser(subparsers)
+# sub-command name -> (module providing add_parser(subparsers), one-line help).
+# The help is repeated here so that the top-level help and a mistyped sub-command
+# are answered without importing any sub-command (and so torch).
 _SUBCOMMANDS = {
-    "run": "hdqt.experiments.cli",
-    "data": "hdqt.data.cli",
+    "run": ("hdqt.experiments.cli", "run a class-incremental experiment (the default command)"),
+    "data": ("hdqt.data.cli",
+             "list the datasets, whether each was found, and where they were looked for"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The ``hdqt`` parser. ``commands`` names the sub-commands whose own parsers are
+    loaded (default: all); the others are listed with their help only. ``main`` loads
+    just the one it runs: importing a sub-command can be slow (``hdqt data`` loads
+    torch), and help or an argument error should answer at once."""
     parser = argparse.ArgumentParser(
         prog="hdqt",
         description="Fully quantized training for class-incremental learning. "
         "With no sub-command, runs `hdqt run` on the embedded default.",
     )
     subparsers = parser.add_subparsers(dest="command")
-    for module_name in _SUBCOMMANDS.values():
-        importlib.import_module(module_name).add_parser(subparsers)
+    load = set(_SUBCOMMANDS) if commands is None else set(commands)
+    for name, (module_name, help_text) in _SUBCOMMANDS.items():
+        if name in load:
+            importlib.import_module(module_name).add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
+    parser = build_parser([argv[0]] if argv[0] in _SUBCOMMANDS else [])
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

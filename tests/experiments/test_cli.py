@@ -81,3 +81,56 @@ def test_run_prints_one_line_per_task_and_a_summary(tmp_path, capsys):
     for task in range(1, 6):
         assert f"[fp32] task {task}/5 classes" in out
     assert "avg incremental accuracy" in out and "backward transfer" in out
+
+
+# Runs in a fresh interpreter: prints whether torch was imported after the parser ran.
+NO_TORCH = """
+import sys
+from hdqt.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as done:
+    print("exit", done.code)
+print("torch loaded:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["--bits", "four"],
+                                  ["--no-such-flag"], ["nosuch"]])
+def test_help_and_argument_errors_do_not_import_torch(argv):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True,
+                          text=True, timeout=120)
+    assert "torch loaded: False" in done.stdout, done.stdout + done.stderr
+    assert ("exit 0" if "--help" in argv else "exit 2") in done.stdout
+
+
+LAZY_PACKAGE = """
+import sys
+import hdqt
+assert "torch" not in sys.modules, "import hdqt loaded torch"
+assert set(hdqt.__all__) <= set(dir(hdqt)), sorted(set(hdqt.__all__) - set(dir(hdqt)))
+assert "recipe" in dir(hdqt) and "quantization" in dir(hdqt)
+from hdqt import QuantPolicy, quantize_model
+policy = hdqt.recipe("hdqt", bits=4)
+assert isinstance(policy, QuantPolicy) and hdqt.list_recipes() == ["fp32", "hdqt", "int"]
+assert hdqt.QuantLinear is hdqt.quantization.QuantLinear
+try:
+    hdqt.no_such_name
+except AttributeError as error:
+    assert "no_such_name" in str(error)
+else:
+    raise AssertionError("hdqt.no_such_name did not raise")
+print("ok")
+"""
+
+
+def test_import_hdqt_is_lazy_and_every_public_name_still_works():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LAZY_PACKAGE], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr
