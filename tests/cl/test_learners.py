@@ -236,3 +236,15 @@ def test_evaluation_batches_mix_the_classes_of_a_label_sorted_test_set(name):
     expected = np.empty(len(task.y_test), dtype=np.int64)
     expected[[position[r.numpy().tobytes()] for r in rows]] = logits.argmax(dim=1).numpy()
     np.testing.assert_array_equal(predictions["cnn"], expected)
+
+
+def test_learners_derive_seeds_with_the_engines_function():
+    from hdqt.cl.learners import base, bic, expandable
+    from hdqt.quantization import runtime
+
+    for module in (base, bic, expandable):
+        assert module.derive_seed is runtime.derive_seed, module.__name__
+    # Every seeded run (class order aside) depends on these values: pinned.
+    assert runtime.derive_seed(0) == 4246866556266386882
+    assert runtime.derive_seed(3, "batches", 2, "main") == 3416052717788662749
+    assert runtime.derive_seed(2**62, "memory", 0) == 615098516807856422

@@ -42,3 +42,12 @@ def test_selection_and_unknown_keys():
         TrainConfig(epochs=1, lr=0.1, selection="kcenter")
     with pytest.raises(ValueError, match="unknown TrainConfig keys \\['lrate'\\]"):
         TrainConfig.from_dict({"epochs": 1, "lr": 0.1, "lrate": 0.1})
+
+
+def test_every_option_the_docstring_names_exists():
+    import re
+    from dataclasses import fields
+
+    named = set(re.findall(r"``(\w+)``", TrainConfig.__doc__))
+    assert named, "the docstring names no option"
+    assert named <= {f.name for f in fields(TrainConfig)}, named - {f.name for f in fields(TrainConfig)}

@@ -18,7 +18,6 @@ with ``load_state_dict`` after task t continues exactly like the original.
 from __future__ import annotations
 
 import copy
-import hashlib
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -32,17 +31,13 @@ from hdqt.cl.learners.config import TrainConfig
 from hdqt.cl.learners.networks import IncrementalNet
 from hdqt.cl.memory import ExemplarMemory
 from hdqt.cl.scenario import Task
+# The engine's seed derivation, shared: one function for both layers.
+from hdqt.quantization.runtime import derive_seed
 
 __all__ = ["Learner", "TrainConfig", "derive_seed", "EpochCallback"]
 
 EpochCallback = Callable[[int, int, dict], None]
 STATE_VERSION = 1
-
-
-def derive_seed(seed: int, *keys: object) -> int:
-    """A stable 63-bit seed from a base seed and keys (independent of PYTHONHASHSEED)."""
-    text = ":".join(str(k) for k in (seed, *keys))
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
 class Learner:

@@ -33,8 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hdqt.cl.learners.base import Learner, derive_seed, distillation_loss
+from hdqt.cl.learners.base import Learner, distillation_loss
 from hdqt.cl.learners.networks import IncrementalNet
+from hdqt.quantization.runtime import derive_seed
 
 # Validation samples per class at least (where a class has more than this).
 MIN_VAL_PER_CLASS = 2

@@ -22,9 +22,10 @@ class TrainConfig:
     holds out for its bias-correction stage, ``bic_steps`` the full-batch steps of
     that stage (independent of ``epochs``), ``aux_loss_weight`` the weight of
     DER/MEMO's auxiliary classifier loss, ``balanced_finetune_epochs`` the epochs
-    of DER/MEMO's classifier-learning stage on class-balanced data (0 skips it),
-    ``weight_aligning`` whether DER/MEMO then shrink the new classes' head rows
-    to the old rows' mean norm (never enlarging them).
+    of DER/MEMO's classifier-learning stage on class-balanced data (0 skips it).
+    There is no weight-aligning option: PyCIL's weight aligning made DER/MEMO's
+    bias towards new classes worse and is not implemented (see
+    ``hdqt/cl/learners/expandable.py`` and docs/continual.md).
     """
 
     epochs: int

@@ -27,8 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hdqt.cl.learners.base import Learner, derive_seed
+from hdqt.cl.learners.base import Learner
 from hdqt.cl.learners.networks import backbone_out_dim, grow_linear
+from hdqt.quantization.runtime import derive_seed
 
 
 class ExpandingHeads(nn.Module):
