@@ -48,11 +48,17 @@ def valid_increments(num_classes: int, init_classes: int) -> list[int]:
     return [d for d in range(1, rest + 1) if rest % d == 0]
 
 
+def check_task_size(name: str, value) -> int:
+    """``init_classes`` or ``increment`` (``name``) must be a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_split(num_classes: int, init_classes: int, increment: int) -> int:
     """Validate a split and return its number of tasks; ValueError says what is valid."""
-    for name, value in (("init_classes", init_classes), ("increment", increment)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_task_size("init_classes", init_classes)
+    check_task_size("increment", increment)
     if init_classes > num_classes:
         raise ValueError(
             f"init_classes={init_classes} is more than the {num_classes} classes of the "

@@ -32,9 +32,20 @@ _FLAGS = [
     ("--backbone", "backbone", str, "network (default: the dataset's)"),
     ("--method", "method", str, "class-incremental learner (default: icarl)"),
     ("--recipe", "recipe", str, "quantization recipe for a single run, e.g. fp32, hdqt, int"),
-    ("--bits", "bits", int, "weight/activation/gradient bits (default: the recipe's)"),
-    ("--acc-bits", "acc_bits", int, "accumulator bits; 0 = unlimited (default: the recipe's)"),
-    ("--tile", "tile", int, "reduction length per accumulator (default: the recipe's)"),
+    ("--bits", "bits", int, "weight/activation/gradient bits, 2..16 (default: the recipe's, 4)"),
+    ("--acc-bits", "acc_bits", int,
+     "accumulator bits, 2..32, or 0 = unlimited (default: the recipe's, 8). It limits the "
+     "FORWARD product only, unless --saturate-backward: each tile of --tile products is "
+     "summed and saturated once, at the end of the tile, to +-(2^(acc_bits-1)-1); the sum "
+     "across tiles is not saturated"),
+    ("--tile", "tile", int,
+     "products summed into one accumulator before it saturates, >= 1 (default: the "
+     "recipe's, 32)"),
+    ("--hadamard-rule", "hadamard_rule", str,
+     "Hadamard blocks of the backward pass. paper: one block size, the largest "
+     "power of two dividing the width (an odd width is not transformed); binary: blocks of "
+     "the binary expansion of the width, e.g. 405 = 256+128+16+4+1 (default: the recipe's, "
+     "paper)"),
     ("--seed", "seed", int, "seed for class order, data split, init and rounding (default: 0)"),
     ("--epochs", "epochs", int, "epochs per task (default: the dataset's)"),
     ("--lr", "lr", float, "learning rate (default: the dataset's)"),
@@ -44,8 +55,11 @@ _FLAGS = [
     ("--init-classes", "init_classes", int, "classes in the first task"),
     ("--increment", "increment", int, "classes in each later task"),
     ("--data-root", "data_root", str, "directory with the datasets (default: HDQT_DATA)"),
-    ("--device", "device", str, "torch device, e.g. cpu or cuda (default: cpu)"),
+    ("--device", "device", str, "torch device, e.g. cpu, cuda or cuda:1; must exist on this "
+     "machine (default: cpu)"),
 ]
+
+_METAVARS = {"hadamard_rule": "{paper,binary}"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -54,7 +68,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="TOML file; flags override its values")
     for flag, key, kind, help_text in _FLAGS:
-        parser.add_argument(flag, dest=key, type=kind, default=None, help=help_text)
+        parser.add_argument(flag, dest=key, type=kind, default=None, help=help_text,
+                            metavar=_METAVARS.get(key))
+    parser.add_argument("--saturate-backward", dest="saturate_backward", default=None,
+                        action=argparse.BooleanOptionalAction,
+                        help="also tile and saturate the two backward products (dX, dW) like "
+                             "the forward one (default: the recipe's, off)")
     parser.add_argument("--compare", metavar="A,B,...", default=None,
                         help="run each recipe with the same seed and class order and print "
                              "them side by side (default when no --recipe: fp32,hdqt)")

@@ -3,7 +3,13 @@
 Values come from three layers, later layers winning: the defaults of the chosen
 dataset (``DATASET_DEFAULTS``), a TOML file (``--config``) and command-line flags.
 ``resolve_config`` merges the layers and validates the result; every error names
-the offending key (and file) and says what was expected.
+the offending flag (``--acc-bits``) or key and file (``acc_bits (from run.toml)``)
+and says what was expected.
+
+Each rule has one home, and this module only says where a value came from: the
+training options are checked by the learners' ``TrainConfig``, the quantization
+options by the engine (``hdqt.recipe``/``QuantPolicy``), the task sizes by the
+scenario; names (datasets, methods...) and devices against what is installed.
 """
 from __future__ import annotations
 
@@ -34,8 +40,10 @@ class RunConfig:
     increment: int
     seed: int = 0
     bits: int | None = None  # None: the recipe's own default
-    acc_bits: int | None = None
+    acc_bits: int | None = None  # 0: unlimited
     tile: int | None = None
+    saturate_backward: bool | None = None
+    hadamard_rule: str | None = None
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -81,7 +89,22 @@ _INT_KEYS = {"epochs", "memory", "init_classes", "increment", "seed", "bits",
              "acc_bits", "tile", "batch_size", "bic_steps", "balanced_finetune_epochs"}
 _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "temperature", "test_fraction",
                "bic_val_fraction", "aux_loss_weight"}
-_STR_KEYS = {"dataset", "method", "recipe", "backbone", "selection", "data_root", "device"}
+_STR_KEYS = {"dataset", "method", "recipe", "backbone", "selection", "data_root", "device",
+             "hadamard_rule"}
+_BOOL_KEYS = {"saturate_backward"}
+# Keys without a command-line flag; every other key X has the flag --X (with - for _).
+FILE_ONLY_KEYS = frozenset({"momentum", "weight_decay", "gamma", "selection", "temperature",
+                            "test_fraction", "bic_val_fraction", "bic_steps",
+                            "aux_loss_weight", "balanced_finetune_epochs"})
+# The quantization options: recipe overrides; None keeps the recipe's default.
+QUANT_KEYS = ("bits", "acc_bits", "tile", "saturate_backward", "hadamard_rule")
+# The options TrainConfig validates (and the learners use); the optional ones are
+# passed only when set, so that unset ones keep the learner's default.
+TRAIN_KEYS = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "milestones", "gamma",
+              "memory", "selection", "temperature", "device")
+OPTIONAL_TRAIN_KEYS = ("bic_val_fraction", "bic_steps", "aux_loss_weight",
+                       "balanced_finetune_epochs")
+COMMAND_LINE = "the command line"
 
 _HAR = dict(backbone="fcnet", epochs=100, lr=0.01, memory=200, init_classes=2,
             increment=2, batch_size=128, momentum=0.9)
@@ -180,6 +203,10 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
+    if key in _BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
     if key == "milestones":
         return parse_int_list(value, where)
     raise ConfigError(f"unknown configuration key {key!r}")  # programming error guard
@@ -205,7 +232,7 @@ def resolve_config(file_values: Mapping[str, Any] | None = None,
     ``choices`` lists the valid names; by default they are read from the installed
     engine, data, model and learner registries.
     """
-    layers = [(source, file_values or {}), ("the command line", flag_values or {})]
+    layers = [(source, file_values or {}), (COMMAND_LINE, flag_values or {})]
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for layer_name, layer in layers:
@@ -240,13 +267,15 @@ def resolve_config(file_values: Mapping[str, Any] | None = None,
 
 @dataclass(frozen=True)
 class Choices:
-    """Valid names for the fields that pick a registered component."""
+    """Valid names for the fields that pick a registered component, and the devices
+    of this machine (``"cpu"``, ``"cuda:0"``...)."""
 
     datasets: tuple[str, ...]
     methods: tuple[str, ...]
     recipes: tuple[str, ...]
     backbones: tuple[str, ...]
     selections: tuple[str, ...] = ("herding", "random")
+    devices: tuple[str, ...] = ("cpu",)
 
     @classmethod
     def installed(cls) -> "Choices":
@@ -259,7 +288,33 @@ class Choices:
         from hdqt.models import list_models
 
         return cls(tuple(list_datasets()), tuple(list_learners()),
-                   tuple(hdqt.list_recipes()), tuple(list_models()), tuple(SELECTIONS))
+                   tuple(hdqt.list_recipes()), tuple(list_models()), tuple(SELECTIONS),
+                   available_devices())
+
+
+def available_devices() -> tuple[str, ...]:
+    """The torch devices this process can use: cpu, then cuda:i, mps, xpu:i."""
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        devices += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return tuple(devices)
+
+
+def key_name(key: str, origin: Mapping[str, str] | None = None) -> str:
+    """How to name ``key`` in a message: the flag it was given with (``--acc-bits``),
+    the key and the file (``acc_bits (from run.toml)``), or the bare key (a default)."""
+    where = (origin or {}).get(key)
+    if where == COMMAND_LINE and key not in FILE_ONLY_KEYS:
+        return "--" + key.replace("_", "-")
+    return f"{key} (from {where})" if where else key
 
 
 def _check_choice(key: str, value: str, valid: tuple[str, ...], origin: Mapping[str, str]) -> None:
@@ -268,29 +323,94 @@ def _check_choice(key: str, value: str, valid: tuple[str, ...], origin: Mapping[
         raise ConfigError(f"unknown {key} {value!r}{where}; valid choices: {', '.join(valid)}")
 
 
+def _under_name(key: str, origin: Mapping[str, str] | None, check, *args) -> None:
+    """Run another layer's ``check(*args)``; its ValueError, whose message starts with
+    ``key``, becomes a ConfigError naming the flag or TOML key instead."""
+    try:
+        check(*args)
+    except ValueError as error:
+        message = str(error)
+        if message.startswith(key + " "):
+            message = message[len(key) + 1:]
+        raise ConfigError(f"{key_name(key, origin)} {message}") from None
+
+
+def _check_acc_bits(value: int) -> None:
+    # 0 is this layer's spelling of "unlimited" (the engine's None); the engine's
+    # QuantPolicy holds the range.
+    from hdqt.quantization import QuantPolicy
+
+    if value != 0:
+        try:
+            QuantPolicy(acc_bits=value)
+        except ValueError as error:
+            raise ValueError(str(error).replace("None (unlimited)", "0 (unlimited)")) from None
+
+
+def _check_policy_field(key: str, value: Any) -> None:
+    from hdqt.quantization import QuantPolicy
+
+    QuantPolicy(**{key: value})
+
+
+def check_quantization(config: RunConfig, origin: Mapping[str, str] | None = None) -> None:
+    """The quantization options by the engine's rules, whatever the recipe: fp32
+    ignores them, but a typo should not wait for the run of another recipe."""
+    from hdqt.quantization.formats import check_bits
+
+    if config.bits is not None:
+        _under_name("bits", origin, check_bits, config.bits)
+    if config.acc_bits is not None:
+        _under_name("acc_bits", origin, _check_acc_bits, config.acc_bits)
+    for key in ("tile", "saturate_backward", "hadamard_rule"):
+        if getattr(config, key) is not None:
+            _under_name(key, origin, _check_policy_field, key, getattr(config, key))
+
+
+def train_config(config: RunConfig, origin: Mapping[str, str] | None = None):
+    """The learners' TrainConfig for ``config``; its errors name the flag or key."""
+    from hdqt.cl.learners.config import TrainConfig, TrainConfigError
+
+    values = {key: getattr(config, key) for key in TRAIN_KEYS}
+    values["milestones"] = tuple(config.milestones)
+    values.update({key: getattr(config, key) for key in OPTIONAL_TRAIN_KEYS
+                   if getattr(config, key) is not None})
+    try:
+        return TrainConfig(**values)
+    except TrainConfigError as error:
+        raise ConfigError(f"{key_name(error.key, origin)} {error.detail}") from None
+
+
+def check_device(device: str, devices: tuple[str, ...],
+                 origin: Mapping[str, str] | None = None) -> None:
+    """``device`` must be one of ``devices``, or a bare type of one ("cuda")."""
+    kind = device.partition(":")[0]
+    if device in devices or (kind == device and any(d.partition(":")[0] == kind
+                                                    for d in devices)):
+        return
+    note = ""
+    if kind == "cuda" and not any(d.startswith("cuda") for d in devices):
+        note = " (torch sees no CUDA device here: a CPU-only torch build, or no GPU)"
+    raise ConfigError(f"{key_name('device', origin)} {device!r} is not a device of this "
+                      f"machine{note}; devices here: {', '.join(devices)}")
+
+
 def validate(config: RunConfig, choices: Choices, origin: Mapping[str, str] | None = None) -> None:
-    """Check ranges and names; the split is checked once the data says how many classes."""
+    """Check names, devices and ranges; the split is checked once the data says how
+    many classes there are."""
+    from hdqt.cl.scenario import check_task_size
+
     origin = origin or {}
     _check_choice("dataset", config.dataset, choices.datasets, origin)
     _check_choice("method", config.method, choices.methods, origin)
     _check_choice("recipe", config.recipe, choices.recipes, origin)
     _check_choice("backbone", config.backbone, choices.backbones, origin)
     _check_choice("selection", config.selection, choices.selections, origin)
-    positive = {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size,
-                "init_classes": config.init_classes, "increment": config.increment,
-                "temperature": config.temperature}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    for key in ("memory", "weight_decay", "momentum", "gamma"):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {getattr(config, key)}")
+    for key in ("init_classes", "increment"):
+        _under_name(key, origin, check_task_size, key, getattr(config, key))
     if not 0.0 < config.test_fraction < 1.0:
-        raise ConfigError(f"test_fraction must be in (0, 1), got {config.test_fraction}")
-    ms = config.milestones
-    if list(ms) != sorted(set(ms)) or any(m <= 0 or m >= config.epochs for m in ms):
-        raise ConfigError(
-            f"milestones must be increasing epochs in 1..{config.epochs - 1} (epochs is "
-            f"{config.epochs}), got {list(ms)}: a milestone at or after the last epoch "
-            f"would never decay the learning rate")
-
+        raise ConfigError(f"{key_name('test_fraction', origin)} must be in (0, 1), "
+                          f"got {config.test_fraction}")
+    check_quantization(config, origin)
+    train_config(config, origin)
+    check_device(config.device, choices.devices, origin)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hdqt.experiments import outputs
-from hdqt.experiments.config import ConfigError, RunConfig
+from hdqt.experiments.config import QUANT_KEYS, ConfigError, RunConfig, train_config
 from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint, same_code
 from hdqt.experiments.progress import Progress, SilentProgress
 from hdqt.experiments.summary import summarize
@@ -57,13 +57,17 @@ class RunResult:
 
 
 def build_policy(config: RunConfig):
-    """The engine's QuantPolicy for the configured recipe; unset widths keep its defaults."""
+    """The engine's QuantPolicy for the configured recipe; unset options (None) keep the
+    recipe's defaults. fp32 quantizes nothing and ignores them (they are validated all
+    the same, see ``config.check_quantization``), so its policy is always plain fp32."""
     import hdqt
 
-    overrides = {key: getattr(config, key) for key in ("bits", "acc_bits", "tile")
+    overrides = {key: getattr(config, key) for key in QUANT_KEYS
                  if getattr(config, key) is not None}
     if overrides.get("acc_bits") == 0:
         overrides["acc_bits"] = None  # 0 on the command line: an unlimited accumulator
+    if config.recipe == "fp32":
+        overrides = {key: value for key, value in overrides.items() if key == "bits"}
     try:
         return hdqt.recipe(config.recipe, **overrides)
     except (TypeError, ValueError) as error:
@@ -71,20 +75,8 @@ def build_policy(config: RunConfig):
 
 
 def build_train_config(config: RunConfig):
-    from hdqt.cl.learners.base import TrainConfig
-
-    optional = {key: getattr(config, key) for key in (
-        "bic_val_fraction", "bic_steps", "aux_loss_weight", "balanced_finetune_epochs")
-        if getattr(config, key) is not None}
-    try:
-        return TrainConfig(
-            epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
-            momentum=config.momentum, weight_decay=config.weight_decay,
-            milestones=tuple(config.milestones), gamma=config.gamma, memory=config.memory,
-            selection=config.selection, temperature=config.temperature, device=config.device,
-            **optional)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    """The learners' TrainConfig (its rules are the ones that apply, see config.train_config)."""
+    return train_config(config)
 
 
 def seed_everything(seed: int) -> None:

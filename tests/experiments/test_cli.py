@@ -56,7 +56,17 @@ def test_default_out_dir_is_stable_per_configuration():
     (["--backbone", "vgg"], "unknown backbone 'vgg'.*valid choices: .*fcnet"),
     (["--recipe", "hdqt", "--compare", "fp32,hdqt"], "either recipe or compare"),
     (["--recipe", "hdqt", "--bits", "1"], "bits must be an integer in 2..16"),
-    (["--epochs", "5", "--milestones", "5"], "milestones must be increasing epochs in 1..4"),
+    (["--epochs", "5", "--milestones", "5"], r"--milestones must be increasing integers in 1\.\.4"),
+    # the default comparison (fp32, hdqt): the flag and its range, not "recipe 'fp32'"
+    (["--bits", "0"], r"error: --bits must be an integer in 2\.\.16, got 0$"),
+    (["--acc-bits", "1"], r"error: --acc-bits must be 0 \(unlimited\) or an integer in 2\.\.32, "
+                          r"got 1$"),
+    (["--tile", "0"], r"error: --tile must be an integer >= 1, got 0$"),
+    (["--hadamard-rule", "odd"], r"--hadamard-rule must be one of \('paper', 'binary'\)"),
+    (["--device", "nosuch"], r"error: --device 'nosuch' is not a device of this machine.*; "
+                             r"devices here: cpu"),
+    (["--device", "cuda:99"], r"error: --device 'cuda:99' is not a device of this machine.*; "
+                              r"devices here: cpu"),
     (["--recipe", "fp32", "--epochs", "1", "--init-classes", "3"],
      r"impossible split for digits \(10 classes\).*valid increments"),
 ])
@@ -64,7 +74,49 @@ def test_bad_options_exit_2_with_the_valid_choices(argv, expected, capsys, tmp_p
     assert run_cli(*argv, "--out", str(tmp_path / "out")) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("hdqt run: error: ")
-    assert re.search(expected, captured.err), captured.err
+    assert re.search(expected, captured.err.strip()), captured.err
+    assert "Traceback" not in captured.err and "recipe 'fp32'" not in captured.err
+
+
+def test_device_is_checked_up_front_also_from_the_config_file(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "gpu.toml"
+    path.write_text('device = "cuda"\n')
+    if torch.cuda.is_available():
+        path.write_text('device = "cuda:99"\n')
+    assert run_cli("--config", str(path), "--out", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^hdqt run: error: device \(from .*gpu\.toml\) 'cuda(:99)?' is not a device "
+                     r"of this machine.*; devices here: cpu", err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_key_with_a_flag_has_one_and_the_help_says_how_accumulators_saturate():
+    from hdqt.experiments.config import CONFIG_KEYS, FILE_ONLY_KEYS
+
+    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]
+    flags = {action.dest: action.option_strings for action in run_parser._actions}
+    for key in CONFIG_KEYS:
+        if key not in FILE_ONLY_KEYS:
+            assert "--" + key.replace("_", "-") in flags.get(key, ()), key
+    assert flags["saturate_backward"] == ["--saturate-backward", "--no-saturate-backward"]
+    text = " ".join(run_parser.format_help().split())
+    assert ("It limits the FORWARD product only, unless --saturate-backward: each tile of --tile "
+            "products is summed and saturated once, at the end of the tile, to "
+            "+-(2^(acc_bits-1)-1); the sum across tiles is not saturated") in text
+
+
+def test_saturate_backward_and_hadamard_rule_flags_override_the_file(tmp_path):
+    path = tmp_path / "q.toml"
+    path.write_text('recipe = "hdqt"\nsaturate_backward = true\nhadamard_rule = "binary"\n')
+    (run,), _ = plan("--config", str(path))
+    assert (run.config.saturate_backward, run.config.hadamard_rule) == (True, "binary")
+    (run,), _ = plan("--config", str(path), "--no-saturate-backward", "--hadamard-rule", "paper")
+    assert (run.config.saturate_backward, run.config.hadamard_rule) == (False, "paper")
+    plain, _ = plan("--recipe", "hdqt")
+    other, _ = plan("--recipe", "hdqt", "--saturate-backward")
+    assert plain[0].out_dir != other[0].out_dir  # part of the run's identity
 
 
 def test_unknown_key_in_config_file_names_key_and_file(tmp_path, capsys):

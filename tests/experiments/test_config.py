@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from hdqt.experiments.config import (
-    Choices, ConfigError, RunConfig, load_toml, resolve_config, scaled_milestones,
+    FILE_ONLY_KEYS, Choices, ConfigError, RunConfig, load_toml, resolve_config, scaled_milestones,
 )
 
 # Fixed choices keep these tests independent of which components are registered.
@@ -74,12 +74,106 @@ def test_unknown_names_list_valid_choices(key, value, listed):
 
 
 def test_ranges_are_checked():
-    with pytest.raises(ConfigError, match="epochs must be positive"):
+    with pytest.raises(ConfigError, match="--epochs must be a positive integer, got 0"):
         resolve(flags={"epochs": 0})
-    with pytest.raises(ConfigError, match="memory must be >= 0"):
+    with pytest.raises(ConfigError, match="--memory must be a non-negative integer"):
         resolve(flags={"memory": -1})
-    with pytest.raises(ConfigError, match="milestones must be increasing epochs in 1..9"):
+    with pytest.raises(ConfigError, match=r"--milestones must be increasing integers in 1\.\.9"):
         resolve(flags={"epochs": 10, "milestones": "5,12"})
+
+
+# Values the learners' TrainConfig rejects; `hdqt run` used to check its own, looser
+# rules (momentum >= 0, gamma >= 0) and let some of these through to the learner.
+@pytest.mark.parametrize("key, value", [
+    ("epochs", 0), ("lr", 0.0), ("batch_size", 0), ("momentum", 1.0), ("momentum", -0.1),
+    ("gamma", 0.0), ("gamma", 1.5), ("weight_decay", -1e-4), ("memory", -1),
+    ("temperature", 0.0), ("bic_val_fraction", 1.0), ("bic_steps", 0),
+    ("aux_loss_weight", -1.0), ("balanced_finetune_epochs", -1),
+])
+def test_training_options_follow_the_learners_rules_under_the_name_given(key, value, tmp_path):
+    from hdqt.cl.learners import TrainConfig
+
+    with pytest.raises(ValueError) as rule:
+        TrainConfig(**{"epochs": 10, "lr": 0.1, key: value})
+    detail = str(rule.value)[len(key):]  # the learner's wording, after the field name
+    path = write(tmp_path, f"{key} = {value!r}\n".replace("True", "true"))
+    with pytest.raises(ConfigError) as from_file:
+        resolve(load_toml(path), source=str(path))
+    assert str(from_file.value) == f"{key} (from {path}){detail}"
+    if key not in FILE_ONLY_KEYS:
+        with pytest.raises(ConfigError) as from_flag:
+            resolve(flags={key: value})
+        assert str(from_flag.value) == f"--{key.replace('_', '-')}{detail}"
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "hdqt"])
+@pytest.mark.parametrize("key, value, message", [
+    ("bits", 0, "bits must be an integer in 2..16, got 0"),
+    ("bits", 17, "bits must be an integer in 2..16, got 17"),
+    ("acc_bits", 1, "acc-bits must be 0 (unlimited) or an integer in 2..32, got 1"),
+    ("acc_bits", -8, "acc-bits must be 0 (unlimited) or an integer in 2..32, got -8"),
+    ("tile", 0, "tile must be an integer >= 1, got 0"),
+    ("hadamard_rule", "odd", "hadamard-rule must be one of ('paper', 'binary'), got 'odd'"),
+])
+def test_quantization_options_name_the_flag_and_the_valid_range(recipe, key, value, message):
+    # fp32 ignores them, but checks them too: a typo must not wait for another recipe.
+    with pytest.raises(ConfigError) as error:
+        resolve(flags={"recipe": recipe, key: value})
+    assert str(error.value) == "--" + message
+    assert "recipe" not in str(error.value)
+
+
+def test_quantization_options_from_a_file_name_key_and_file(tmp_path):
+    path = write(tmp_path, 'bits = 1\n')
+    with pytest.raises(ConfigError, match=r"^bits \(from .*run\.toml\) must be an integer in "
+                                          r"2\.\.16, got 1$"):
+        resolve(load_toml(path), source=str(path))
+    path = write(tmp_path, 'saturate_backward = "yes"\n')
+    with pytest.raises(ConfigError, match=r"saturate_backward \(from .*\) must be true or false"):
+        resolve(load_toml(path), source=str(path))
+    path = write(tmp_path, 'saturate_backward = true\nhadamard_rule = "binary"\nacc_bits = 0\n')
+    config = resolve(load_toml(path), source=str(path))
+    assert (config.saturate_backward, config.hadamard_rule, config.acc_bits) == (True, "binary", 0)
+
+
+def test_saturate_backward_and_hadamard_rule_reach_the_policy_and_the_identity():
+    from hdqt.experiments.runner import build_policy
+
+    default = resolve(flags={"recipe": "hdqt"})
+    assert (default.saturate_backward, default.hadamard_rule) == (None, None)
+    policy = build_policy(default)
+    assert (policy.saturate_backward, policy.hadamard_rule) == (False, "paper")  # the recipe's
+    custom = resolve(flags={"recipe": "hdqt", "saturate_backward": True,
+                            "hadamard_rule": "binary", "acc_bits": 6, "tile": 16})
+    policy = build_policy(custom)
+    assert (policy.saturate_backward, policy.hadamard_rule) == (True, "binary")
+    assert (policy.acc_bits, policy.tile, policy.name) == (6, 16, "hdqt")
+    assert build_policy(resolve(flags={"recipe": "hdqt", "acc_bits": 0})).acc_bits is None
+    # A changed option is another run (another directory, a refused resume).
+    for key, value in (("saturate_backward", True), ("saturate_backward", False),
+                       ("hadamard_rule", "binary")):
+        assert resolve(flags={"recipe": "hdqt", key: value}).identity()[key] == value
+        assert resolve(flags={"recipe": "hdqt", key: value}).identity() != default.identity()
+    # fp32 quantizes nothing and ignores them, as it ignores bits.
+    fp32 = build_policy(resolve(flags={"recipe": "fp32", "saturate_backward": True,
+                                       "hadamard_rule": "binary", "bits": 8}))
+    assert fp32 == build_policy(resolve(flags={"recipe": "fp32"})) and fp32.is_float
+
+
+def test_device_must_exist_here(tmp_path):
+    here = Choices(**{**CHOICES.__dict__, "devices": ("cpu", "cuda:0", "cuda:1")})
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert resolve_config(None, {"device": device}, choices=here).device == device
+    with pytest.raises(ConfigError, match=r"^--device 'cuda:2' is not a device of this machine; "
+                                          r"devices here: cpu, cuda:0, cuda:1$"):
+        resolve_config(None, {"device": "cuda:2"}, choices=here)
+    with pytest.raises(ConfigError, match=r"--device 'cuda' is not a device of this machine "
+                                          r"\(torch sees no CUDA device.*; devices here: cpu$"):
+        resolve(flags={"device": "cuda"})
+    path = write(tmp_path, 'device = "nosuch"\n')
+    with pytest.raises(ConfigError, match=r"^device \(from .*run\.toml\) 'nosuch' is not a "
+                                          r"device of this machine; devices here: cpu$"):
+        resolve(load_toml(path), source=str(path))
 
 
 def test_shorter_schedule_scales_default_milestones_so_lr_still_decays():
@@ -91,8 +185,9 @@ def test_shorter_schedule_scales_default_milestones_so_lr_still_decays():
 
 
 def test_identity_ignores_where_the_run_happens():
+    with_gpu = Choices(**{**CHOICES.__dict__, "devices": ("cpu", "cuda:0")})
     a = resolve(flags={"device": "cpu", "data_root": "/a"})
-    b = resolve(flags={"device": "cuda", "data_root": "/b"})
+    b = resolve_config(None, {"device": "cuda", "data_root": "/b"}, choices=with_gpu)
     assert a.identity() == b.identity()
     assert a.identity() != resolve(flags={"seed": 1}).identity()
     assert RunConfig.from_dict(a.to_dict()) == a

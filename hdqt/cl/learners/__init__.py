@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from hdqt.cl.learners.base import Learner, TrainConfig
 from hdqt.cl.learners.bic import BiC
+from hdqt.cl.learners.config import TrainConfigError
 from hdqt.cl.learners.der import DER
 from hdqt.cl.learners.finetune import Finetune
 from hdqt.cl.learners.icarl import ICaRL
@@ -21,7 +22,7 @@ _LEARNERS: dict[str, type[Learner]] = {
 }
 
 __all__ = ["BiC", "DER", "Finetune", "ICaRL", "Joint", "Learner", "LwF", "MEMO", "TrainConfig",
-           "create_learner", "list_learners"]
+           "TrainConfigError", "create_learner", "list_learners"]
 
 
 def list_learners() -> list[str]:

@@ -1,10 +1,26 @@
-"""TrainConfig: the optimisation settings every learner honours."""
+"""TrainConfig: the optimisation settings every learner honours.
+
+Its validation is the one rule for these settings: ``hdqt run`` builds a
+TrainConfig from its configuration and reports a ``TrainConfigError`` under the
+flag or TOML key the value came from.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from hdqt.cl.memory import SELECTIONS
+
+
+class TrainConfigError(ValueError):
+    """An invalid TrainConfig value. ``key`` is the field; the message is
+    ``f"{key} {detail}"``, so a caller that knows where the value came from (a flag,
+    a TOML key) can name that instead and keep the rule's wording."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(f"{key} {detail}")
+        self.key = key
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -58,16 +74,17 @@ class TrainConfig:
         _number("aux_loss_weight", self.aux_loss_weight, low=0.0)
         if isinstance(self.balanced_finetune_epochs, bool) or not isinstance(
                 self.balanced_finetune_epochs, int) or self.balanced_finetune_epochs < 0:
-            raise ValueError(f"balanced_finetune_epochs must be a non-negative integer, "
-                             f"got {self.balanced_finetune_epochs!r}")
+            raise TrainConfigError("balanced_finetune_epochs", f"must be a non-negative "
+                                   f"integer, got {self.balanced_finetune_epochs!r}")
         if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 0:
-            raise ValueError(f"memory must be a non-negative integer (total exemplars), "
-                             f"got {self.memory!r}")
+            raise TrainConfigError("memory", f"must be a non-negative integer (total "
+                                   f"exemplars), got {self.memory!r}")
         if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+            raise TrainConfigError("selection", f"must be one of {SELECTIONS}, "
+                                   f"got {self.selection!r}")
         if not isinstance(self.device, str) or not self.device:
-            raise ValueError(f"device must be a torch device string such as 'cpu' or 'cuda', "
-                             f"got {self.device!r}")
+            raise TrainConfigError("device", f"must be a torch device string such as 'cpu' "
+                                   f"or 'cuda', got {self.device!r}")
         object.__setattr__(self, "milestones", _check_milestones(self.milestones, self.epochs))
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,23 +105,25 @@ def _check_milestones(milestones, epochs: int) -> tuple[int, ...]:
     try:
         values = tuple(milestones)
     except TypeError:
-        raise ValueError(f"milestones must be a sequence of integers, got {milestones!r}") from None
+        raise TrainConfigError("milestones", f"must be a sequence of integers, "
+                               f"got {milestones!r}") from None
     valid = f"increasing integers in 1..{epochs - 1} (epochs={epochs})"
     for m in values:
         if isinstance(m, bool) or not isinstance(m, int):
-            raise ValueError(f"milestones must be {valid}, got {list(values)}: "
-                             f"{m!r} is not an integer")
+            raise TrainConfigError("milestones", f"must be {valid}, got {list(values)}: "
+                                   f"{m!r} is not an integer")
     if any(not 1 <= m <= epochs - 1 for m in values):
-        raise ValueError(f"milestones must be {valid}, got {list(values)}: a milestone at or "
-                         f"after the last epoch would never decay the learning rate")
+        raise TrainConfigError("milestones", f"must be {valid}, got {list(values)}: a "
+                               f"milestone at or after the last epoch would never decay the "
+                               f"learning rate")
     if list(values) != sorted(set(values)):
-        raise ValueError(f"milestones must be {valid}, got {list(values)}")
+        raise TrainConfigError("milestones", f"must be {valid}, got {list(values)}")
     return values
 
 
 def _positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise TrainConfigError(name, f"must be a positive integer, got {value!r}")
 
 
 def _number(name: str, value, *, low: float | None = None, high: float | None = None,
@@ -118,4 +137,4 @@ def _number(name: str, value, *, low: float | None = None, high: float | None = 
         lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
         hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
         rule = " and ".join(r for r in (lo, hi) if r)
-        raise ValueError(f"{name} must be a number {rule}, got {value!r}")
+        raise TrainConfigError(name, f"must be a number {rule}, got {value!r}")
