@@ -96,34 +96,53 @@ def _restore_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
 
 
-def prepare_out_dir(config: RunConfig, out_dir: Path, overwrite: bool,
-                    code: dict[str, Any] | None = None, force: bool = False) -> None:
-    """Claim ``out_dir`` for ``config`` made by ``code``: a new run, a resume of the same
-    one, or --overwrite."""
-    code = code or loaded_code_fingerprint()
+def check_out_dir(config: RunConfig, out_dir: Path, overwrite: bool, code: dict[str, Any],
+                  force: bool = False) -> list:
+    """May ``config``, run by ``code``, go on in ``out_dir``? Reads, never writes.
+
+    A folder without results (no checkpoint, no metrics: a run stopped before its
+    first task finished, or one whose data failed to load) is free: there is nothing
+    to resume or protect. Otherwise it must hold the same configuration, made by the
+    same code (or ``force``). Returns the earlier code versions to keep on record.
+    """
+    config_path = out_dir / outputs.CONFIG_JSON
+    has_results = any((out_dir / name).exists()
+                      for name in (outputs.CHECKPOINT, outputs.METRICS_JSON))
+    if overwrite or not has_results or not config_path.exists():
+        return []
+    _check_same_config(config, config_path)
+    stored = outputs.read_json(config_path)
+    previous = list(stored.get("previous_code", []))
+    if not same_code(stored.get("code"), code):
+        _stale(f"{out_dir} holds a run made by {describe(stored.get('code'))}; this is "
+               f"{describe(code)}", force)
+        previous.append(stored.get("code"))
+    return previous
+
+
+def claim_out_dir(config: RunConfig, out_dir: Path, overwrite: bool, code: dict[str, Any],
+                  previous: list) -> None:
+    """Write ``config``'s files into ``out_dir`` (after ``check_out_dir`` allowed it);
+    ``overwrite`` first removes the files of the run that was there."""
     if overwrite:
         for name in outputs.RUN_FILES:
             (out_dir / name).unlink(missing_ok=True)
-    config_path = out_dir / outputs.CONFIG_JSON
-    previous: list = []
-    if config_path.exists():
-        _check_same_config(config, config_path)
-        stored = outputs.read_json(config_path)
-        previous = list(stored.get("previous_code", []))
-        # Only results can mix versions: a run killed before its first task has none.
-        has_results = any((out_dir / name).exists()
-                          for name in (outputs.CHECKPOINT, outputs.METRICS_JSON))
-        if has_results and not same_code(stored.get("code"), code):
-            _stale(f"{out_dir} holds a run made by {describe(stored.get('code'))}; this is "
-                   f"{describe(code)}", force)
-            previous.append(stored.get("code"))
     payload = {"config": config.to_dict(), "policy": _policy_dict(config), "code": code}
     if previous:
         payload["previous_code"] = previous
-    outputs.write_json(config_path, payload)
+    outputs.write_json(out_dir / outputs.CONFIG_JSON, payload)
     outputs.write_text(out_dir / outputs.CONFIG_TOML, outputs.to_toml(
         config.to_dict(), header="Resolved configuration of this run; "
         "reuse it with `hdqt run --config config.toml`."))
+
+
+def prepare_out_dir(config: RunConfig, out_dir: Path, overwrite: bool,
+                    code: dict[str, Any] | None = None, force: bool = False) -> None:
+    """Claim ``out_dir`` for ``config`` made by ``code``: a new run, a resume of the same
+    one, or --overwrite (``check_out_dir``, then ``claim_out_dir``)."""
+    code = code or loaded_code_fingerprint()
+    claim_out_dir(config, out_dir, overwrite, code,
+                  check_out_dir(config, out_dir, overwrite, code, force))
 
 
 def _stale(message: str, force: bool) -> None:
@@ -164,7 +183,9 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
     out_dir = Path(out_dir)
     progress = progress or SilentProgress()
     code = loaded_code_fingerprint()
-    prepare_out_dir(config, out_dir, overwrite, code, force)
+    # Nothing is written before the data has loaded and the learner is built: a run
+    # that fails there leaves --out as it found it.
+    previous = check_out_dir(config, out_dir, overwrite, code, force)
 
     data = prepare(config.dataset, root=config.data_root, seed=config.seed,
                    test_fraction=config.test_fraction)
@@ -185,6 +206,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
             config=build_train_config(config), seed=config.seed, augment=data.augment)
     except ValueError as error:  # e.g. a memory too small for the classes
         raise ConfigError(f"method {config.method!r}: {error}") from None
+    claim_out_dir(config, out_dir, overwrite, code, previous)
 
     history: list[dict[str, Any]] = []
     checkpoint_path = out_dir / outputs.CHECKPOINT

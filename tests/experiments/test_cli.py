@@ -76,6 +76,7 @@ def test_bad_options_exit_2_with_the_valid_choices(argv, expected, capsys, tmp_p
     assert captured.err.startswith("hdqt run: error: ")
     assert re.search(expected, captured.err.strip()), captured.err
     assert "Traceback" not in captured.err and "recipe 'fp32'" not in captured.err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_device_is_checked_up_front_also_from_the_config_file(tmp_path, capsys):

@@ -142,6 +142,40 @@ def test_other_config_in_out_dir_is_refused_unless_overwrite(tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["epochs"] == 2
 
 
+def test_a_run_whose_data_fails_to_load_leaves_out_dir_free(tmp_path, capsys, monkeypatch):
+    import hdqt.data
+    from hdqt.data import DatasetNotFoundError
+
+    def missing(name, **kwargs):
+        raise DatasetNotFoundError(name, "digits.npz", [tmp_path / "nowhere"], "https://example")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(hdqt.data, "prepare", missing)
+    assert run_cli(*TINY, "--recipe", "fp32", "--epochs", "1", "--out", str(out)) == 2
+    assert "dataset 'digits' was not found" in capsys.readouterr().err
+    assert not out.exists() or not list(out.iterdir())  # nothing written
+    monkeypatch.undo()
+    # another configuration may use the folder: it holds no result
+    assert run_cli(*TINY, "--recipe", "fp32", "--epochs", "2", "--out", str(out)) == 0
+    assert read_metrics(out)["complete"]
+
+
+def test_a_folder_without_a_finished_task_is_free(tmp_path, capsys):
+    from hdqt.experiments.config import resolve_config
+    from hdqt.experiments.runner import prepare_out_dir
+
+    out = tmp_path / "run"
+    # what a run stopped in its first task leaves: config files, no checkpoint, no metrics
+    prepare_out_dir(resolve_config(None, {"dataset": "digits", "epochs": 3}), out, False)
+    assert (out / "config.json").exists()
+    assert run_cli(*TINY, "--recipe", "fp32", "--epochs", "1", "--out", str(out)) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["epochs"] == 1
+    # once a task has finished, the folder holds a result and is protected
+    capsys.readouterr()
+    assert run_cli(*TINY, "--recipe", "fp32", "--epochs", "2", "--out", str(out)) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
 def test_compare_prints_both_recipes_and_their_difference(reference_run, tmp_path, capsys):
     out = tmp_path / "cmp"
     # The hdqt half was already run with this exact config: it is reused, not retrained.
