@@ -1,6 +1,9 @@
 """The quantization engine: formats, quantizers, Hadamard transforms, tiled
 integer matmuls, quantized layers, policies and recipes."""
-from hdqt.quantization.convert import policy_from_state_dict, quant_layers, quantize_model, reseed_quantizers
+from hdqt.quantization.convert import (
+    QuantizationPlan, UnsupportedLayerError, plan_quantization, policy_from_state_dict, quant_layers, quantize_model,
+    reseed_quantizers,
+)
 from hdqt.quantization.formats import IntFormat
 from hdqt.quantization.hadamard import HADAMARD_RULES, block_layout, hadamard_transform
 from hdqt.quantization.layers import QuantConv2d, QuantLinear
@@ -9,8 +12,8 @@ from hdqt.quantization.quantizer import DynamicScaling, NonFiniteError, QTensor,
 from hdqt.quantization.recipes import list_recipes, recipe
 
 __all__ = [
-    "DynamicScaling", "HADAMARD_RULES", "IntFormat", "NonFiniteError", "OPERANDS", "QTensor",
-    "QuantConv2d", "QuantLinear", "QuantPolicy", "Quantizer", "block_layout", "hadamard_transform",
-    "int_quantizer", "list_recipes", "policy_from_state_dict", "quant_layers", "quantize_model",
-    "recipe", "reseed_quantizers",
+    "DynamicScaling", "HADAMARD_RULES", "IntFormat", "NonFiniteError", "OPERANDS", "QTensor", "QuantConv2d",
+    "QuantLinear", "QuantPolicy", "QuantizationPlan", "Quantizer", "UnsupportedLayerError", "block_layout",
+    "hadamard_transform", "int_quantizer", "list_recipes", "plan_quantization", "policy_from_state_dict",
+    "quant_layers", "quantize_model", "recipe", "reseed_quantizers",
 ]

@@ -1,7 +1,15 @@
-"""quantize_model: swap nn.Linear / nn.Conv2d for their quantized versions in place."""
+"""quantize_model: swap nn.Linear / nn.Conv2d for their quantized versions in place.
+
+What is converted, kept or refused is decided first, as a ``QuantizationPlan`` the
+user can print (``plan_quantization``), then applied. A module whose matrix
+multiplications hdqt cannot run is refused with a named error rather than left
+silently in float: a quantized model either trains every product under its policy
+or says which layers it does not.
+"""
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 import torch.nn as nn
 
@@ -11,14 +19,156 @@ from hdqt.quantization.runtime import derive_seed
 
 QUANT_LAYERS = (QuantLinear, QuantConv2d)
 
+# Layers with matrix products that hdqt has no quantized version of. Each would
+# otherwise stay float without a word.
+_UNSUPPORTED = (
+    (nn.MultiheadAttention, "computes its projections with F.multi_head_attention_forward, which reads "
+                            "in_proj_weight and out_proj.weight directly and never calls out_proj's forward"),
+    (nn.Bilinear, "a bilinear product (no quantized version)"),
+    (nn.RNNBase, "recurrent cells multiply their weights inside a fused kernel (no quantized version)"),
+    (nn.modules.conv._ConvTransposeNd, "a transposed convolution (no quantized version)"),
+    (nn.Conv1d, "a 1-d convolution (no quantized version; only nn.Conv2d is supported)"),
+    (nn.Conv3d, "a 3-d convolution (no quantized version; only nn.Conv2d is supported)"),
+)
+
+
+class UnsupportedLayerError(ValueError):
+    """quantize_model met layers it cannot quantize; the message lists each with why."""
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What quantize_model does with one module."""
+
+    name: str  # module path in the model ("" for the model itself)
+    kind: str  # the module's class name
+    action: str  # "convert", "keep" (already quantized), "exclude" (asked) or "refuse"
+    policy: str | None = None  # the name of the policy it gets (convert, keep)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class QuantizationPlan:
+    """The decisions of quantize_model for every module that holds a matrix product."""
+
+    decisions: tuple[LayerDecision, ...]
+
+    def by_action(self, action: str) -> list[LayerDecision]:
+        return [d for d in self.decisions if d.action == action]
+
+    @property
+    def refused(self) -> list[LayerDecision]:
+        return self.by_action("refuse")
+
+    def __str__(self) -> str:
+        if not self.decisions:
+            return "quantize_model: no nn.Linear or nn.Conv2d layer found"
+        rows = [("layer", "type", "action", "policy / reason")]
+        rows += [(d.name or "(model)", d.kind, d.action, d.reason or d.policy or "") for d in self.decisions]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+        counts = ", ".join(f"{len(self.by_action(a))} {a}" for a in ("convert", "keep", "exclude", "refuse")
+                           if self.by_action(a))
+        return "\n".join([*lines, f"({counts})"])
+
 
 def _policy_for(name: str, policy: QuantPolicy, layer_policies: Mapping[str, QuantPolicy]) -> QuantPolicy:
     # The longest matching module-name prefix wins, so "head" can override "".
     best, best_len = policy, -1
     for prefix, p in layer_policies.items():
-        if (name == prefix or name.startswith(prefix + ".") or prefix == "") and len(prefix) > best_len:
+        if _under(name, prefix) and len(prefix) > best_len:
             best, best_len = p, len(prefix)
     return best
+
+
+def _under(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def _check_arguments(policy, layer_policies, exclude) -> tuple[dict, tuple[str, ...]]:
+    if not isinstance(policy, QuantPolicy):
+        raise ValueError(f"policy must be a QuantPolicy (see hdqt.recipe), got {type(policy).__name__}")
+    layer_policies = dict(layer_policies or {})
+    for prefix, p in layer_policies.items():
+        if not isinstance(p, QuantPolicy):
+            raise ValueError(f"layer_policies[{prefix!r}] must be a QuantPolicy, got {type(p).__name__}")
+    if isinstance(exclude, str):
+        raise ValueError(f"exclude must be a list of module names, got the string {exclude!r}")
+    exclude = tuple(exclude)
+    for prefix in exclude:
+        if not isinstance(prefix, str):
+            raise ValueError(f"exclude must hold module names (str), got {prefix!r}")
+    return layer_policies, exclude
+
+
+def _decide(module: nn.Module, name: str, policy: QuantPolicy, layer_policies, exclude) -> LayerDecision | None:
+    """The decision for one module, or None when it holds no product of its own."""
+    kind = type(module).__name__
+    if isinstance(module, QUANT_LAYERS):
+        return LayerDecision(name, kind, "keep", module.policy.name)
+    unsupported = next((why for base, why in _UNSUPPORTED if isinstance(module, base)), None)
+    linear_or_conv = isinstance(module, (nn.Linear, nn.Conv2d))
+    if unsupported is None and not linear_or_conv:
+        return None
+    if any(_under(name, prefix) for prefix in exclude):
+        return LayerDecision(name, kind, "exclude", reason="excluded: stays float")
+    if unsupported is not None:
+        return LayerDecision(name, kind, "refuse", reason=unsupported)
+    why = _unsafe_subclass(module)
+    if why is None and isinstance(module, nn.Conv2d):
+        why = QuantConv2d.unsupported_reason(module)
+    if why is not None:
+        return LayerDecision(name, kind, "refuse", reason=why)
+    chosen = _policy_for(name, policy, layer_policies)
+    note = "" if type(module) in (nn.Linear, nn.Conv2d) else f"{chosen.name} (a {kind} without its own forward)"
+    return LayerDecision(name, kind, "convert", chosen.name, note)
+
+
+def _unsafe_subclass(module: nn.Module) -> str | None:
+    """Why a subclass of nn.Linear / nn.Conv2d cannot be swapped for a quantized layer, or None.
+
+    A subclass that keeps the float layer's forward and holds nothing beyond its weight
+    and bias computes what the float layer does (attention's out_proj is one), so the
+    quantized layer computes it too. One that overrides forward may compute anything.
+    """
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    if type(module) is base:
+        return None
+    overridden = [m for m in ("forward", "_conv_forward") if getattr(type(module), m, None) is not getattr(base, m, None)]
+    if overridden:
+        return f"a subclass of nn.{base.__name__} that overrides {overridden[0]}(): hdqt cannot know what it computes"
+    extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
+    extra += [n for n, _ in module.named_buffers(recurse=False)] + [n for n, _ in module.named_children()]
+    if extra:
+        return f"a subclass of nn.{base.__name__} with parameters, buffers or modules of its own ({', '.join(extra)})"
+    return None
+
+
+def plan_quantization(
+    model: nn.Module,
+    policy: QuantPolicy,
+    *,
+    layer_policies: Mapping[str, QuantPolicy] | None = None,
+    exclude: Iterable[str] = (),
+) -> QuantizationPlan:
+    """What ``quantize_model`` would do with each module of ``model``, without changing it.
+
+    ``print(plan_quantization(model, policy))`` shows one row per layer: converted
+    (and under which policy), kept (already quantized), excluded, or refused and why.
+    """
+    layer_policies, exclude = _check_arguments(policy, layer_policies, exclude)
+    decisions = []
+
+    def visit(module: nn.Module, name: str) -> None:
+        decision = _decide(module, name, policy, layer_policies, exclude)
+        if decision is not None:  # decided as a whole: its children are its own business
+            decisions.append(decision)
+            return
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(model, "")
+    return QuantizationPlan(tuple(decisions))
 
 
 def quantize_model(
@@ -26,42 +176,48 @@ def quantize_model(
     policy: QuantPolicy,
     *,
     layer_policies: Mapping[str, QuantPolicy] | None = None,
+    exclude: Iterable[str] = (),
+    verbose: bool = False,
 ) -> nn.Module:
-    """Convert every float nn.Linear and nn.Conv2d in ``model`` (in place) and return it.
+    """Convert every nn.Linear and nn.Conv2d in ``model`` (in place) and return it.
+
+    Subclasses that keep the float layer's forward (attention's ``out_proj``, say) are
+    converted too. Modules whose products hdqt cannot run (``nn.MultiheadAttention``,
+    recurrent layers, transposed, 1-d and 3-d or grouped convolutions, subclasses that
+    override ``forward``) raise ``UnsupportedLayerError``, naming each; list them in
+    ``exclude`` (module-name prefixes) to keep them float on purpose.
 
     Idempotent: layers that are already quantized keep their policy and state, so a
     learner can call it again after growing a head or adding a branch. A bare
     nn.Linear / nn.Conv2d passed as ``model`` is returned converted.
     ``layer_policies`` maps module-name prefixes to policies that override ``policy``
-    for those layers (for example a higher-precision classifier).
+    for those layers (for example a higher-precision classifier). ``verbose=True``
+    prints the plan (see ``plan_quantization``).
     """
-    if not isinstance(policy, QuantPolicy):
-        raise ValueError(f"policy must be a QuantPolicy (see hdqt.recipe), got {type(policy).__name__}")
+    plan = plan_quantization(model, policy, layer_policies=layer_policies, exclude=exclude)
+    if plan.refused:
+        rows = "\n".join(f"  {d.name or '(model)'} ({d.kind}): {d.reason}" for d in plan.refused)
+        raise UnsupportedLayerError(
+            f"quantize_model cannot quantize {len(plan.refused)} layer(s):\n{rows}\n"
+            f"Pass exclude={[d.name for d in plan.refused]!r} to keep them float on purpose."
+        )
+    if verbose:
+        print(plan)
     layer_policies = dict(layer_policies or {})
-    for prefix, p in layer_policies.items():
-        if not isinstance(p, QuantPolicy):
-            raise ValueError(f"layer_policies[{prefix!r}] must be a QuantPolicy, got {type(p).__name__}")
-    root = _convert(model, "", policy, layer_policies)
-    if root is not None:
-        return root
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            converted = _convert(child, full, policy, layer_policies)
-            if converted is not None:
-                setattr(module, child_name, converted)
+    for decision in plan.by_action("convert"):
+        chosen = _policy_for(decision.name, policy, layer_policies)
+        if decision.name == "":
+            return _converted(model, chosen, "")
+        parent_name, _, child_name = decision.name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, _converted(getattr(parent, child_name), chosen, decision.name))
     return model
 
 
-def _convert(module: nn.Module, name: str, policy: QuantPolicy, layer_policies) -> nn.Module | None:
-    if isinstance(module, QUANT_LAYERS):
-        return None
-    chosen = _policy_for(name, policy, layer_policies)
-    if type(module) is nn.Linear:
-        return QuantLinear.from_float(module, chosen, name)
-    if type(module) is nn.Conv2d:
-        return QuantConv2d.from_float(module, chosen, name)
-    return None
+def _converted(module: nn.Module, policy: QuantPolicy, name: str) -> nn.Module:
+    if isinstance(module, nn.Linear):
+        return QuantLinear.from_float(module, policy, name)
+    return QuantConv2d.from_float(module, policy, name)
 
 
 def quant_layers(model: nn.Module):

@@ -94,14 +94,10 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
-    if conv.padding_mode != "zeros":
-        raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
     if conv.padding == "valid":
         return (0, 0)
     if conv.padding == "same":
         total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        if any(t % 2 for t in total):
-            raise ValueError("QuantConv2d: padding='same' needs an even total padding; pass explicit padding")
         return (total[0] // 2, total[1] // 2)
     return tuple(conv.padding)
 
@@ -115,9 +111,21 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         self._check_supported()
         self._init_quant(policy, name)
 
+    @staticmethod
+    def unsupported_reason(conv: nn.Conv2d) -> str | None:
+        """Why ``conv`` has no quantized version, or None when QuantConv2d computes it."""
+        if conv.groups != 1:
+            return f"a grouped convolution (groups={conv.groups}); QuantConv2d supports groups=1 only"
+        if conv.padding_mode != "zeros":
+            return f"padding_mode={conv.padding_mode!r}; QuantConv2d supports padding_mode='zeros' only"
+        if conv.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
+            return "padding='same' with an odd total padding; QuantConv2d needs explicit padding here"
+        return None
+
     def _check_supported(self) -> None:
-        if self.groups != 1:
-            raise ValueError(f"QuantConv2d supports groups=1 only, got groups={self.groups}")
+        why = self.unsupported_reason(self)
+        if why is not None:
+            raise ValueError(f"QuantConv2d: {why}")
         self._explicit_pad = _explicit_padding(self)
 
     @classmethod
