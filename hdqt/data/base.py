@@ -70,9 +70,10 @@ class Located:
 class DatasetSource:
     """How to find one dataset on disk.
 
-    ``probe(folder)`` returns a ``Located`` if the folder holds a usable copy,
-    a string explaining what is wrong if it holds an incomplete or malformed one, and
-    None if it holds nothing of this dataset.
+    ``probe(folder)`` returns a ``Located`` if the folder holds a usable copy, a string
+    explaining what is missing if it holds an incomplete one, and None if it holds nothing of
+    this dataset; it raises ``DatasetFormatError`` for a malformed copy. Probes run on every
+    load, so they check cheaply (names, headers, shapes, first rows), never parse everything.
     """
 
     name: str
@@ -90,28 +91,32 @@ class DatasetSource:
         return [(f, self.safe_probe(f) if f.is_dir() else None) for f in self.folders(root)]
 
     def safe_probe(self, folder: Path) -> "Located | str | None":
-        """``probe(folder)``, with a file that cannot be read or parsed while probing (e.g. a
-        malformed HAPT labels.txt) reported as a string: one bad copy must not stop a search."""
+        """``probe(folder)``, with a copy the probe finds malformed (a file that cannot be read
+        or fails the probe's checks) reported as the string ``"malformed: <why>"``: one bad
+        copy must not stop a search."""
+        return self._probe(folder)[0]
+
+    def _probe(self, folder: Path) -> "tuple[Located | str | None, DatasetFormatError | None]":
         try:
-            return self.probe(folder)
+            return self.probe(folder), None
         except DatasetFormatError as exc:
-            return f"malformed: {exc}"
-        except OSError as exc:
-            return f"malformed: cannot read ({exc})"
+            return f"malformed: {exc}", exc
+        except OSError as exc:  # e.g. a file without read permission
+            error = DatasetFormatError(exc.filename or folder, f"cannot read it ({exc.strerror or exc})")
+            return f"malformed: {error}", error
 
     def locate(self, root: str | os.PathLike | None = None) -> Located:
-        """The first complete copy in search order, else the first partial one. Without
-        either: the first malformed file's ``DatasetFormatError`` (it names the file and line
-        to fix), else ``DatasetNotFoundError``."""
+        """The first complete copy in search order, else the first partial one. A malformed
+        copy is skipped. Without a usable copy: the first malformed copy's
+        ``DatasetFormatError`` (it names the file, and line, to fix), else
+        ``DatasetNotFoundError``."""
         searched, notes, partial, malformed = [], [], None, None
         for folder in self.folders(root):
             searched.append(folder)
             if not folder.is_dir():
                 continue
-            try:
-                found = self.probe(folder)
-            except DatasetFormatError as exc:  # a later root may still hold a good copy
-                malformed, found = malformed or exc, f"malformed: {exc}"
+            found, error = self._probe(folder)
+            malformed = malformed or error
             if isinstance(found, Located) and not found.partial:
                 return found
             if isinstance(found, Located):

@@ -3,8 +3,10 @@
 Looks in ``<root>/cifar-100-python/`` then ``<root>/cifar100/`` and
 ``<root>/cifar100/cifar-100-python/`` for the three files ``train``, ``test`` and ``meta``,
 then for the original archive ``cifar-100-python.tar.gz`` in ``<root>/`` or ``<root>/cifar100/``
-(read in place). Keys used: ``b'data'`` (N, 3072) uint8 (1024 red, 1024 green, 1024 blue
-values per image, row-major), ``b'fine_labels'`` and, in meta, ``b'fine_label_names'``.
+(read in place). The probe checks that ``train`` and ``test`` begin like a pickled dict and
+end with the pickle STOP opcode (a cut file does not), and reads ``meta`` whole, so a malformed
+copy is skipped; ``train`` and ``test`` are unpickled only when loaded. Keys used:
+``b'data'`` (N, 3072) uint8 (1024 red, 1024 green, 1024 blue values per image, row-major), ``b'fine_labels'`` and, in meta, ``b'fine_label_names'``.
 Checked: data integers 0..255, labels whole numbers 0..99, meta exactly 100 names.
 """
 from __future__ import annotations
@@ -32,6 +34,10 @@ def _probe(folder: Path) -> Located | str | None:
     for base in (folder, folder / "cifar-100-python"):
         present = [p for p in PARTS if (base / p).is_file()]
         if len(present) == len(PARTS):
+            for part in ("train", "test"):
+                _check_pickle_ends(base / part)
+            meta = base / "meta"  # small: read whole, with the restricted unpickler
+            _fine_names(_unpickle(str(meta), meta.read_bytes()), str(meta))
             return Located(base, tuple(base / p for p in PARTS), "pickles")
         if present:
             missing = [p for p in PARTS if p not in present]
@@ -43,9 +49,41 @@ def _probe(folder: Path) -> Located | str | None:
 
 
 def _archive_coverage(archive: Path) -> str | None:
-    names = {Path(name).name for name, _ in iter_members(archive)}
+    names, meta = set(), None
+    for name, data in iter_members(archive, lambda name: Path(name).name == "meta"):
+        names.add(Path(name).name)
+        if data is not None:
+            meta = meta or (f"{archive}:{name}", data)
     missing = [p for p in PARTS if p not in names]
-    return f"{archive} lacks {', '.join(missing)}" if missing else None
+    if missing:
+        return f"{archive} lacks {', '.join(missing)}"
+    _fine_names(_unpickle(*meta), meta[0])  # a malformed meta: the verdict "malformed: ..."
+    return None
+
+
+def _check_pickle_ends(path: Path) -> None:
+    """Cheap checks of a large pickle, without unpickling it: it must begin like a pickled dict
+    (protocol header, then an empty dict) and end with the STOP opcode (a cut file does not)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+        f.seek(max(size - 1, 0))
+        last = f.read(1)
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:  # protocol 2+ header
+        body = head[2:]
+        if body[:1] == b"\x95":  # protocol 4+: a FRAME opcode with an 8-byte length
+            body = body[9:]
+        dict_start = body[:1] == b"}"  # EMPTY_DICT
+    else:  # protocol 1 (EMPTY_DICT) or 0 (MARK, DICT)
+        dict_start = head[:1] == b"}" or head[:2] == b"(d"
+    if not dict_start:
+        raise DatasetFormatError(
+            path, f"truncated or corrupted pickle (it does not begin like a pickled dict: {head[:8]!r})"
+        )
+    if last != b".":
+        raise DatasetFormatError(
+            path, "truncated or corrupted pickle (it does not end with the pickle STOP opcode '.': cut short?)"
+        )
 
 
 SOURCE = DatasetSource(

@@ -43,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
         for folder, result in results:
             if isinstance(result, Located):
                 note = f"found ({result.layout})" + (f", partial: {result.partial}" if result.partial else "")
-            elif isinstance(result, str):  # probes say "malformed: ..." for files they cannot parse
-                note = result if result.startswith("malformed:") else f"incomplete: {result}"
+            elif isinstance(result, str):  # "malformed: ..." for a copy that fails the probe's checks
+                why = result.removeprefix("malformed: ")
+                note = f"{'malformed' if why != result else 'incomplete'}, skipped: {why}"
             else:
                 note = "no files" if folder.is_dir() else "no such folder"
             print(f"  {folder}: {note}", file=out)

@@ -3,7 +3,8 @@
 Accepted layouts in ``<root>/dsads/``, first match wins:
 
 1. ``dsads.npz`` with arrays ``x`` (9120, 125, 45) float16, ``y`` 0..18, ``subject`` 1..8,
-   ``segment`` 1..60 (the layout of the project's shared copy);
+   ``segment`` 1..60 (the layout of the project's shared copy); checked from the .npy headers
+   and the id arrays, without reading the signal; fewer segments: a partial copy;
 2. the UCI text tree ``data/aNN/pN/sNN.txt`` (or ``aNN/pN/sNN.txt`` directly);
 3. an archive of that tree: ``*.tar``, ``*.tar.gz``, ``*.tar.xz`` or ``*.zip``, read in place;
    its member list must name all 9120 files (an excerpt is reported, not loaded).
@@ -17,7 +18,10 @@ give the same arrays (float16 signal, as the shared copy).
 from __future__ import annotations
 
 import re
+import zipfile
+import zlib
 from pathlib import Path
+from types import MappingProxyType
 from typing import Iterator
 
 import numpy as np
@@ -27,7 +31,7 @@ from hdqt.data.base import Dataset, DatasetSource, Located
 from hdqt.data.errors import DatasetFormatError, DatasetNotFoundError
 from hdqt.data.features import channel_statistics
 from hdqt.data.paths import cached_arrays, fingerprint
-from hdqt.data.text import parse_table
+from hdqt.data.text import check_head, parse_table
 
 URL = "https://archive.ics.uci.edu/dataset/256/daily+and+sports+activities"
 N_ACTIVITIES, N_SUBJECTS, N_SEGMENTS = 19, 8, 60
@@ -61,11 +65,12 @@ _EXPECTED_FILES = N_ACTIVITIES * N_SUBJECTS * N_SEGMENTS
 def _probe(folder: Path) -> Located | str | None:
     npz = folder / "dsads.npz"
     if npz.is_file():
-        return Located(folder, (npz,), "npz")
+        return _probe_npz(npz)  # raises DatasetFormatError for a malformed file
     notes = []
     for tree in (folder / "data", folder):
         files = sorted(tree.glob("a[0-9][0-9]/p[0-9]/s[0-9][0-9].txt"))
         if files:
+            _check_tree(files)
             problem = _coverage_problem([str(f) for f in files], str(tree))
             if problem is None:
                 return Located(folder, tuple(files), "text")
@@ -77,6 +82,99 @@ def _probe(folder: Path) -> Located | str | None:
             return Located(folder, (archive,), "archive")
         notes.append(problem)
     return "; ".join(notes) or None
+
+
+_NPZ_ARRAYS = ("x", "y", "subject", "segment")
+_ID_RANGES = MappingProxyType({"y": (0, N_ACTIVITIES - 1), "subject": (1, N_SUBJECTS), "segment": (1, N_SEGMENTS)})
+
+
+def _probe_npz(path: Path) -> Located:
+    """Check dsads.npz without reading the signal: the names, shapes and dtypes of the four
+    arrays (from their .npy headers), and the values of the three small id arrays (ranges, no
+    segment twice). A copy lacking segments loads, reported as partial."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {name.removesuffix(".npy"): name for name in zf.namelist() if name.endswith(".npy")}
+            missing = [a for a in _NPZ_ARRAYS if a not in members]
+            if missing:
+                raise DatasetFormatError(path, _missing_arrays(missing, members))
+            headers = {}
+            for a in _NPZ_ARRAYS:
+                with zf.open(members[a]) as f:
+                    headers[a] = _npy_header(f)
+            n = _check_npz_headers(path, headers)
+            ids = {}
+            for a in _ID_RANGES:
+                with zf.open(members[a]) as f:
+                    ids[a] = np.lib.format.read_array(f, allow_pickle=False)
+    except DatasetFormatError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DatasetFormatError(path, f"not a readable npz archive ({exc})") from None
+    for a, (low, high) in _ID_RANGES.items():
+        outside = (ids[a] < low) | (ids[a] > high)
+        if outside.any():
+            raise DatasetFormatError(path, f"array {a!r} holds {ids[a][outside][0]}, outside {low}..{high}")
+    key = (ids["y"].astype(np.int64) * N_SUBJECTS + ids["subject"] - 1) * N_SEGMENTS + ids["segment"] - 1
+    order = np.argsort(key, kind="stable")
+    twice = np.flatnonzero(np.diff(key[order]) == 0)
+    if len(twice):
+        first, second = sorted(order[twice[0]: twice[0] + 2].tolist())
+        name = "a{:02d}/p{}/s{:02d}".format(ids["y"][first] + 1, ids["subject"][first], ids["segment"][first])
+        raise DatasetFormatError(path, f"segment {name} appears in rows {first} and {second}")
+    partial = (
+        f"{n} of the {_EXPECTED_FILES} segments (a01..a19 x p1..p8 x s01..s60)" if n < _EXPECTED_FILES else ""
+    )
+    return Located(path.parent, (path,), "npz", partial)
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of a .npy stream, without reading its data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+    return shape, dtype
+
+
+def _check_npz_headers(path: Path, headers: dict[str, tuple]) -> int:
+    """The number of rows, after checking the shapes and dtypes of the four arrays."""
+    shape, dtype = headers["x"]
+    if len(shape) != 3 or shape[1:] != (SAMPLES, CHANNELS):
+        raise DatasetFormatError(path, f"array 'x' has shape {shape}, expected (N, {SAMPLES}, {CHANNELS})")
+    if dtype.kind != "f":
+        raise DatasetFormatError(path, f"array 'x' has dtype {dtype}, expected floating point")
+    n = shape[0]
+    if n == 0:
+        raise DatasetFormatError(path, "array 'x' holds no rows")
+    for a in _ID_RANGES:
+        shape, dtype = headers[a]
+        if shape != (n,):
+            raise DatasetFormatError(path, f"array {a!r} has shape {shape}, expected ({n},) (one value per row of x)")
+        if dtype.kind not in "iu":
+            raise DatasetFormatError(path, f"array {a!r} has dtype {dtype}, expected integers")
+    return n
+
+
+def _missing_arrays(missing: list[str], present) -> str:
+    found = ", ".join([a for a in _NPZ_ARRAYS if a in present] + sorted(set(present) - set(_NPZ_ARRAYS)))
+    return (
+        f"missing array{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+        f"expected arrays {', '.join(_NPZ_ARRAYS)} (found {found or 'none'})"
+    )
+
+
+def _check_tree(files: list[Path]) -> None:
+    """Cheap checks of a UCI text tree: valid ids in every file name, no empty file, and a first
+    row of 45 comma-separated numbers in the first file (all rows are checked when loaded)."""
+    for path in files:
+        _ids(str(path))
+        if path.stat().st_size == 0:
+            raise DatasetFormatError(path, "the file holds no data rows", line=1)
+    check_head(files[0], str(files[0]), CHANNELS, ",")
 
 
 def _archive_coverage(archive: Path) -> str | None:
@@ -133,24 +231,30 @@ def load(root=None, features: bool = True, **kwargs) -> Dataset:
         x=arrays["x"].astype(np.float32),
         y=arrays["y"].astype(np.int64),
         class_names=list(ACTIVITIES),
-        description=DESCRIPTION,
+        description=f"{DESCRIPTION} Partial copy: {found.partial}." if found.partial else DESCRIPTION,
         subject=arrays["subject"].astype(np.int64),
         extra={"segment": arrays["segment"].astype(np.int64)},
     )
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The four arrays of a dsads.npz that ``_probe_npz`` accepted; the signal must be finite."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            raw = {k: npz[k] for k in ("x", "y", "subject", "segment")}
-    except KeyError as exc:
-        raise DatasetFormatError(path, f"missing array {exc}; expected x, y, subject, segment") from None
-    except (OSError, ValueError, EOFError) as exc:
+            missing = [a for a in _NPZ_ARRAYS if a not in npz.files]
+            if missing:
+                raise DatasetFormatError(path, _missing_arrays(missing, npz.files))
+            raw = {k: npz[k] for k in _NPZ_ARRAYS}
+    except DatasetFormatError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
         raise DatasetFormatError(path, f"not a readable npz archive ({exc})") from None
-    n = len(raw["x"])
-    if raw["x"].shape[1:] != (SAMPLES, CHANNELS) or any(len(v) != n for v in raw.values()):
+    bad = ~np.isfinite(raw["x"])
+    if bad.any():
+        row, sample, channel = np.argwhere(bad)[0]
         raise DatasetFormatError(
-            path, f"x must be (N, {SAMPLES}, {CHANNELS}) with y, subject, segment of length N"
+            path, f"array 'x' holds {raw['x'][row, sample, channel]} at row {row}, sample {sample}, "
+                  f"channel {channel}: the signal must be finite"
         )
     return raw
 

@@ -8,7 +8,9 @@ Accepted layouts in ``<root>/hapt/``, first match wins:
    folder anywhere inside, read in place (e.g. the project's ``hapt-uci-rawdata.tar.xz``);
    an archive lacking labels.txt or a signal file it names is reported, not loaded.
 
-labels.txt holds whole numbers; signal files finite numbers. Errors name file and line.
+labels.txt holds whole numbers (activity 1..12, 1 <= start <= end); signal files finite
+numbers. The probe checks labels.txt whole and the first row of every signal file, so a
+malformed copy is skipped; the other rows are checked when loaded. Errors name file and line.
 
 Windows: 128 samples (2.56 s at 50 Hz), 50% overlap, cut only inside each labelled
 segment of ``labels.txt`` (start and end are 1-based, inclusive sample numbers, i.e.
@@ -29,7 +31,7 @@ from hdqt.data.base import Dataset, DatasetSource, Located
 from hdqt.data.errors import DatasetFormatError, DatasetNotFoundError
 from hdqt.data.hapt_features import derived_signals, window_features
 from hdqt.data.paths import cached_arrays, fingerprint
-from hdqt.data.text import parse_table, row_lines
+from hdqt.data.text import check_head, parse_table, row_lines
 
 URL = "https://archive.ics.uci.edu/dataset/341/smartphone+based+recognition+of+human+activities+and+postural+transitions"
 WINDOW, STEP = 128, 64
@@ -54,9 +56,11 @@ def _probe(folder: Path) -> Located | str | None:
         if not labels.is_file():
             continue
         files = sorted(raw.glob("*_exp[0-9][0-9]_user[0-9][0-9].txt"))
-        # a malformed labels.txt raises here; DatasetSource reports it as a malformed copy
+        # a malformed labels.txt or signal file raises here; DatasetSource reports the copy as malformed
         missing = _missing_signal_files(labels.read_bytes(), {f.name for f in files}, str(labels))
         if not missing:
+            for path in files:  # cheap: the first row of each (all rows are checked when loaded)
+                check_head(path, str(path), n_cols=3)
             return Located(raw, (labels, *files), "folder")
         notes.append(f"{raw} lacks {len(missing)} signal files named in labels.txt, e.g. {missing[0]}")
     for archive in archives_in(folder):
@@ -70,10 +74,14 @@ def _probe(folder: Path) -> Located | str | None:
 def _archive_coverage(archive: Path) -> str | None:
     """None if the archive holds RawData/labels.txt and every signal file it names."""
     labels, present = None, set()
-    for name, data in iter_members(archive, _LABELS_FILE.search):
-        if data is not None:
+    wanted = lambda name: bool(_LABELS_FILE.search(name) or _SIGNAL_FILE.search(name))  # noqa: E731
+    for name, data in iter_members(archive, wanted):
+        if data is None:
+            continue
+        if _LABELS_FILE.search(name):
             labels = labels or (f"{archive}:{name}", data)
-        elif _SIGNAL_FILE.search(name):
+        else:  # decompressed anyway while listing the tar: check its first row
+            check_head(data, f"{archive}:{name}", n_cols=3)
             present.add(Path(name).name)
     if labels is None:
         return f"{archive} holds no RawData/labels.txt"
@@ -187,7 +195,15 @@ def _parse_labels(data: bytes, label: str) -> tuple[np.ndarray, np.ndarray]:
     if len(fractional):
         raise DatasetFormatError(label, "experiment, user, activity, start and end must be whole numbers",
                                  line=int(lines[fractional[0]]))
-    return table.astype(np.int64), lines
+    table = table.astype(np.int64)
+    act, begin, end = table[:, 2], table[:, 3], table[:, 4]
+    bad = np.flatnonzero((act < 1) | (act > len(ACTIVITIES)) | (begin < 1) | (end < begin))
+    if len(bad):  # the end is checked against the recording's length when it is loaded
+        row = bad[0]
+        raise DatasetFormatError(
+            label, f"activity {act[row]} must be 1..{len(ACTIVITIES)} and 1 <= start <= end, "
+                   f"got start {begin[row]}, end {end[row]}", line=int(lines[row]))
+    return table, lines
 
 
 def _missing_signal_files(labels: bytes, present: set[str], label: str) -> list[str]:

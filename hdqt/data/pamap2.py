@@ -4,7 +4,8 @@ Looks in ``<root>/pamap2/`` for ``Protocol/subjectNNN.dat`` (also inside
 ``PAMAP2_Dataset/``, as the UCI zip extracts). Each file: whitespace-separated, 54
 columns at 100 Hz: timestamp, activity id, heart rate, then 3 IMUs (hand, chest,
 ankle) of 17 columns each (temperature, acc +-16 g xyz, acc +-6 g xyz, gyro xyz,
-magnetometer xyz, 4 invalid orientation values). Fewer files than the 9 protocol subjects
+magnetometer xyz, 4 invalid orientation values); the probe checks the first row of each
+file, so a malformed copy is skipped. Fewer files than the 9 protocol subjects
 (101..109) still load; ``hdqt data`` and the dataset's ``description`` call the copy partial.
 
 - Channels: the 27 IMU channels acc +-16 g, gyro and magnetometer (x, y, z) of each IMU
@@ -31,7 +32,7 @@ from hdqt.data.base import Dataset, DatasetSource, Located
 from hdqt.data.errors import DatasetFormatError
 from hdqt.data.features import channel_statistics
 from hdqt.data.paths import cached_arrays, fingerprint
-from hdqt.data.text import parse_table, row_lines
+from hdqt.data.text import check_head, parse_table, row_lines
 
 URL = "https://archive.ics.uci.edu/dataset/231/pamap2+physical+activity+monitoring"
 N_COLUMNS = 54
@@ -62,9 +63,13 @@ _SUBJECT_FILE = re.compile(r"^subject(\d+)\.dat$")
 
 
 def _probe(folder: Path) -> Located | None:
+    """The first Protocol/ folder with subject files; raises DatasetFormatError if one of them
+    is empty or its first row is not 54 numbers."""
     for protocol in (folder / "Protocol", folder / "PAMAP2_Dataset" / "Protocol"):
         files = sorted(p for p in protocol.glob("subject*.dat") if _SUBJECT_FILE.match(p.name))
         if files:
+            for path in files:  # cheap: the first row of each (all rows are checked when loaded)
+                check_head(path, str(path), n_cols=N_COLUMNS)
             present = {int(_SUBJECT_FILE.match(p.name).group(1)) for p in files}
             missing = [s for s in PROTOCOL_SUBJECTS if s not in present]
             # what is there still loads (e.g. a quick look at one subject), flagged as partial

@@ -23,7 +23,7 @@ import numpy as np
 DATA_ENV = "HDQT_DATA"
 CACHE_ENV = "HDQT_CACHE"
 # Bump when a parser or feature recipe changes, so stale caches are not reused.
-CACHE_VERSION = "2"  # 2: DSADS/HAPT reject non-finite values and bad file ids
+CACHE_VERSION = "3"  # 2: DSADS/HAPT reject non-finite values and bad file ids; 3: archive checks read first rows
 
 
 def cache_dir() -> Path:

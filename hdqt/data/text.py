@@ -9,6 +9,7 @@ its line with ``row_lines``.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 
@@ -57,6 +58,33 @@ def parse_table(
             label, f"{table[row, col]} in column {col + 1} is not a finite number", line=int(row_lines(data)[row])
         )
     return table
+
+
+HEAD_BYTES = 1 << 16  # how much of a file ``check_head`` reads
+
+
+def check_head(source: Path | bytes, label: str, n_cols: int, delimiter: str | None = None) -> None:
+    """A cheap look at a text table, for probes: raise ``DatasetFormatError`` unless the file
+    holds a first data row of ``n_cols`` numbers (an empty file, a comment line, or a first row
+    of the wrong width or with a non-number is named with its line). Reads at most
+    ``HEAD_BYTES`` of a file (a ``Path``); the rows after the first are checked by
+    ``parse_table`` when the file is loaded."""
+    if isinstance(source, bytes):
+        head, whole = source[:HEAD_BYTES], len(source) <= HEAD_BYTES
+    else:
+        with open(source, "rb") as f:
+            head = f.read(HEAD_BYTES + 1)
+        whole, head = len(head) <= HEAD_BYTES, head[:HEAD_BYTES]
+    lines = head.splitlines()
+    if not whole and not head.endswith((b"\n", b"\r")):
+        lines = lines[:-1]  # cut off inside a line
+    first = next((n for n, line in enumerate(lines) if line.strip()), None)
+    if first is None:
+        if whole:
+            raise DatasetFormatError(label, "the file holds no data rows", line=1)
+        raise DatasetFormatError(label, f"no complete data row in the first {HEAD_BYTES} bytes: not a "
+                                        f"table of {n_cols} numbers", line=len(lines) + 1)
+    _raise_first_bad_line(b"\n".join(lines[: first + 1]), label, n_cols, delimiter)
 
 
 def row_lines(data: bytes) -> np.ndarray:

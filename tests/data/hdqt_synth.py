@@ -101,3 +101,21 @@ def write_dsads_tree(data_dir: Path, seed: int = 0) -> dict:
             np.savetxt(path, x, delimiter=",", fmt="%.5f")
             values[(a, s)] = x
     return values
+
+
+def write_dsads_npz(path: Path, seed: int = 0, **replace) -> dict:
+    """A dsads.npz with the 4 segments of ``write_dsads_tree`` (a01, a19 x p8 x s01, s60): a set
+    that tests accept as complete by patching ``dsads._EXPECTED_FILES`` to 4. ``replace``
+    overrides arrays (None drops one), to write malformed copies."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "x": rng.normal(scale=30, size=(4, 125, 45)).astype(np.float16),
+        "y": np.array([0, 0, 18, 18], dtype=np.int16),
+        "subject": np.full(4, 8, dtype=np.int16),
+        "segment": np.array([1, 60, 1, 60], dtype=np.int16),
+    }
+    arrays.update(replace)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # np.savez(path) would append .npz to a name without it
+        np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
+    return arrays

@@ -26,7 +26,7 @@ def test_hdqt_data_reports_a_malformed_copy_and_goes_on(tmp_path, capsys):
     (raw / "labels.txt").write_text("1 1 1 1 150\n1 1 x 1 150\n")
     out = _hdqt_data(capsys, tmp_path)
     assert "hapt: FOUND BUT MALFORMED" in out
-    assert f"{tmp_path / 'hapt'}: malformed: {raw / 'labels.txt'}, line 2: 'x' is not a number" in out
+    assert f"{tmp_path / 'hapt'}: malformed, skipped: {raw / 'labels.txt'}, line 2: 'x' is not a number" in out
     for name in data.list_datasets():  # the listing did not stop at hapt
         assert f"\n{name}:" in out
     with pytest.raises(DatasetFormatError, match=r"labels\.txt, line 2"):
