@@ -293,3 +293,37 @@ def test_a_copy_that_cannot_be_read_is_skipped_as_malformed(tmp_path, monkeypatc
     assert f"{unreadable.parent}: malformed, skipped: {unreadable}: cannot read it (Permission denied)" in out
     with pytest.raises(DatasetFormatError, match=r"train-images-idx3-ubyte\.gz: cannot read it"):
         data.load("fashion_mnist", root=tmp_path / "bad")
+
+
+def _tar(source, archive):
+    import tarfile
+
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(source, arcname=source.name)
+
+
+@pytest.mark.parametrize("name", ["hapt", "cifar100"])
+def test_an_archive_with_a_malformed_member_is_skipped_and_reported(name, tmp_path, monkeypatch, capsys):
+    src = tmp_path / "src"
+    if name == "hapt":
+        _rewrite(_hapt_bad(src) / "gyro_exp01_user01.txt", lambda lines: lines.__setitem__(0, "1 2 3 4"))
+        bad_archive = tmp_path / "bad" / "hapt" / "hapt.tar.gz"
+        _tar(src / "hapt" / "RawData", bad_archive)
+        reason = r"hapt\.tar\.gz:RawData/gyro_exp01_user01\.txt, line 1: expected 3 whitespace-separated"
+        rows = _hapt_good(tmp_path / "good")
+    else:
+        _cifar_good(src, 3)
+        _repickle(src / "cifar-100-python" / "meta", lambda meta: meta.pop(b"fine_label_names"))
+        bad_archive = tmp_path / "bad" / "cifar-100-python.tar.gz"
+        _tar(src / "cifar-100-python", bad_archive)
+        reason = r"cifar-100-python\.tar\.gz:cifar-100-python/meta: missing key b'fine_label_names'"
+        rows = _cifar_good(tmp_path / "good")
+    # an archive that cannot be used is reported as such, and the search goes on (docs/data.md)
+    with pytest.raises(data.DatasetNotFoundError, match=reason):
+        data.load(name, root=tmp_path / "bad")
+    monkeypatch.setenv("HDQT_DATA", f"{tmp_path / 'bad'}:{tmp_path / 'good'}")
+    assert len(data.load(name, features=False)) == rows
+    section = _hdqt_data(capsys).split(f"\n{name}: ", 1)[1].split("\n\n")[0]
+    assert section.startswith(f"found in {tmp_path / 'good'}"), section
+    assert re.search(rf"\n  {re.escape(str(bad_archive.parent))}: malformed, skipped: .*{reason}", section), section
