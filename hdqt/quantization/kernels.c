@@ -36,6 +36,7 @@
  * and baseline clones of the hot loops and picks one at load time
  * (target_clones), so the cached library runs on any x86-64 machine.
  */
+#include "csrc/api.h" /* the exported functions, declared once (native.py reads it too) */
 #include "csrc/common.h"
 #include "csrc/rounding.c"
 #include "csrc/hadamard.c"

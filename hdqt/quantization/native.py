@@ -11,14 +11,17 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 _SOURCE = Path(__file__).with_name("kernels.c")
+_API = Path(__file__).with_name("csrc") / "api.h"
 
 
 def _cache_dir() -> Path:
@@ -34,6 +37,9 @@ def enabled() -> bool:
 def _compiled() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None or not _SOURCE.exists():
+        _say("no C compiler found (CC, cc or gcc): the engine runs on its pure-torch path, which computes "
+             "the same quantities several times slower on CPU. Install gcc to get the native kernels, or set "
+             "HDQT_NATIVE=0 to choose the torch path without this message.")
         return None
     flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-pthread"]
     # Preferred build first: OpenMP (whose libgomp.so.1 resolves to the copy torch has
@@ -46,43 +52,97 @@ def _compiled() -> ctypes.CDLL | None:
     target = _cache_dir() / f"hdqt_kernels_{digest}.so"
     try:
         if not target.exists():
+            _say(f"compiling the native CPU kernels with {compiler} (once per version of the kernels; "
+                 f"about 20 s) into {target.parent}")
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 tmp_out = Path(tmp) / target.name
                 cmd = [compiler, *flags, str(_SOURCE), "-o", str(tmp_out), "-lm"]
-                if not any(subprocess.run(cmd + extra, capture_output=True).returncode == 0 for extra in variants):
+                errors = ""
+                for extra in variants:
+                    done = subprocess.run(cmd + extra, capture_output=True, text=True)
+                    if done.returncode == 0:
+                        break
+                    errors = done.stderr
+                else:
+                    tail = "\n".join(errors.strip().splitlines()[-8:])
+                    _say(f"the native kernels did not compile; the engine runs on its pure-torch path "
+                         f"(slower on CPU). The compiler said:\n{tail}")
                     return None
                 os.replace(tmp_out, target)  # atomic: concurrent first uses never see half a file
-        lib = ctypes.CDLL(str(target))  # ctypes releases the GIL during each call
-    except OSError:  # an unwritable cache folder or a library that does not load: use the torch path
+            lib = _declare(ctypes.CDLL(str(target)))  # ctypes releases the GIL during each call
+            _say(f"native kernels ready: {describe_variant(lib.hdqt_kernel_variant())}")
+            return lib
+        return _declare(ctypes.CDLL(str(target)))
+    except OSError as error:  # an unwritable cache folder or a library that does not load: use the torch path
+        _say(f"the native kernels could not be built or loaded ({error}); the engine runs on its pure-torch path")
         return None
-    ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.hdqt_sr_quantize_f32.argtypes = [ptr, ptr, i64, f32, f32, f32, ctypes.c_uint64, i32]
-    lib.hdqt_sr_quantize_f32.restype = None
-    lib.hdqt_rtn_quantize_f32.argtypes = [ptr, ptr, i64, f32, f32, f32, i32]
-    lib.hdqt_rtn_quantize_f32.restype = None
-    lib.hdqt_quantize_f32.argtypes = [ptr, ptr, i64, i32, i32, ctypes.c_double, ctypes.c_double, ctypes.c_double,
-                                      ctypes.c_uint64, ctypes.POINTER(ctypes.c_double), i32]
-    lib.hdqt_quantize_f32.restype = i32
-    lib.hdqt_fwht_rows_f32.argtypes = [ptr, i64, i64, i64, i32]
-    lib.hdqt_fwht_rows_f32.restype = f32
-    lib.hdqt_im2col_fwht_f32.argtypes = [ptr, ptr] + [i64] * 16 + [i32]
-    lib.hdqt_im2col_fwht_f32.restype = f32
-    lib.hdqt_tiled_matmul_f32.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, f32, i32]
-    lib.hdqt_tiled_matmul_f32.restype = None
-    lib.hdqt_tiled_matmul_i8.argtypes = [ptr, i64, i64, ptr, i32, ptr, i64, i64, i64, i64, f32, i32]
-    lib.hdqt_tiled_matmul_i8.restype = i32
-    lib.hdqt_int8_dot_available.argtypes = []
-    lib.hdqt_int8_dot_available.restype = i32
-    lib.hdqt_conv_tiled_f32.argtypes = [ptr, ptr, ptr] + [i64] * 16 + [f32, i32]
-    lib.hdqt_conv_tiled_f32.restype = i32
-    lib.hdqt_conv_tiled_i8.argtypes = [ptr, ptr, ptr] + [i64] * 16 + [f32, i32]
-    lib.hdqt_conv_tiled_i8.restype = i32
-    lib.hdqt_conv_cols_amax_f32.argtypes = [ptr] + [i64] * 15 + [i32]
-    lib.hdqt_conv_cols_amax_f32.restype = f32
-    lib.hdqt_conv_dw_sr_f32.argtypes = [ptr, ptr, ptr] + [i64] * 16 + [f32, f32, f32, ctypes.c_uint64, i32, i32]
-    lib.hdqt_conv_dw_sr_f32.restype = i32
+
+
+def _say(message: str) -> None:
+    print(f"hdqt: {message}", file=sys.stderr, flush=True)
+
+
+# C type in api.h -> ctypes type. Pointers to data travel as addresses (tensor.data_ptr()).
+_C_TYPES = {
+    "void": None, "int": ctypes.c_int, "int64_t": ctypes.c_int64, "uint64_t": ctypes.c_uint64,
+    "float": ctypes.c_float, "double": ctypes.c_double, "float*": ctypes.c_void_p,
+    "double*": ctypes.POINTER(ctypes.c_double),
+}
+_DECLARATION = re.compile(r"^([a-z0-9_]+\s*\*?)\s*(hdqt_[a-z0-9_]+)\s*\(([^)]*)\)\s*;", re.M)
+
+
+def api_declarations(header: Path = _API) -> dict[str, tuple[object, list[object]]]:
+    """name -> (ctypes result type, ctypes argument types), read from csrc/api.h, the
+    declarations that kernels.c also compiles against (so the two cannot disagree)."""
+    text = re.sub(r"/\*.*?\*/", " ", header.read_text(), flags=re.S)
+    declarations = {}
+    for result, name, params in _DECLARATION.findall(text):
+        types = [] if params.strip() == "void" else [_c_type(p, name) for p in params.split(",")]
+        declarations[name] = (_c_type(result, name, named=False), types)
+    return declarations
+
+
+def _c_type(declaration: str, function: str, named: bool = True) -> object:
+    words = declaration.replace("*", " * ").split()
+    if named:
+        words = words[:-1]  # the parameter's name
+    words = [w for w in words if w != "const"]
+    key = words[0] + ("*" if "*" in words else "")
+    if key not in _C_TYPES or len([w for w in words if w != "*"]) != 1:
+        raise ValueError(f"{_API.name}: {function}: cannot map the C type {declaration.strip()!r} to ctypes")
+    return _C_TYPES[key]
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    for name, (result, arguments) in api_declarations().items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = arguments, result
     return lib
+
+
+_VARIANT_BITS = ((1, "x86-64-v4 (AVX-512)"), (2, "x86-64-v3 (AVX2, FMA)"), (32, "aarch64 (NEON)"),
+                 (4, "int8 dot products (AVX512-VNNI)"), (8, "narrow register blocks"), (16, "OpenMP threads"))
+
+
+def describe_variant(bits: int) -> str:
+    """The kernel variant bits of ``hdqt_kernel_variant`` in words."""
+    names = [name for bit, name in _VARIANT_BITS if bits & bit]
+    if not bits & (1 | 2 | 32):
+        names.insert(0, "baseline (no vector clones)")
+    if not bits & 4:
+        names.append("float32 products (no int8 dot products)")
+    return ", ".join(names)
+
+
+def kernel_variant() -> str:
+    """Which kernels this process runs, in words: the native variant, or why the torch path."""
+    if not enabled():
+        return "pure-torch path (HDQT_NATIVE=0)"
+    lib = load()
+    if lib is None:
+        return "pure-torch path (the native kernels are not available: see the message above)"
+    return "native: " + describe_variant(lib.hdqt_kernel_variant())
 
 
 def load() -> ctypes.CDLL | None:

@@ -107,6 +107,31 @@ static int narrow_vectors(void) {
 #endif
 }
 
+/* What this build runs on this CPU, as bits (native.kernel_variant() spells them
+ * out): 1 the x86-64-v4 clones (AVX-512), 2 the x86-64-v3 clones (AVX2 + FMA),
+ * 4 int8 dot products (AVX512-VNNI), 8 narrow register blocks, 16 OpenMP threads,
+ * 32 an aarch64 build. Neither 1 nor 2 on x86-64: the baseline code. */
+int hdqt_kernel_variant(void) {
+    int v = 0;
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && !defined(HDQT_NO_CLONES)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512cd") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+        v |= 1;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        v |= 2;
+#endif
+    if (hdqt_int8_dot_available()) v |= 4;
+    if (narrow_vectors()) v |= 8;
+#ifdef _OPENMP
+    v |= 16;
+#endif
+#ifdef __aarch64__
+    v |= 32;
+#endif
+    return v;
+}
+
 /* ---------------------------------------------------------------- threads */
 
 typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end, int worker);

@@ -1,0 +1,55 @@
+/* The functions that native.py calls through ctypes: the one declaration of each.
+ *
+ * kernels.c includes this file before the definitions, so the compiler rejects a
+ * definition whose types differ from its line here; native.py reads the same lines
+ * to declare each function's ctypes argument and result types. Keep one
+ * declaration per statement, in the plain form below (types from: void, int,
+ * int64_t, uint64_t, float, double, and pointers to float or double).
+ */
+#ifndef HDQT_API_H
+#define HDQT_API_H
+
+#include <stdint.h>
+
+/* rounding.c */
+void hdqt_sr_quantize_f32(const float *x, float *out, int64_t n, float scale, float qmin, float qmax,
+                          uint64_t seed, int threads);
+void hdqt_rtn_quantize_f32(const float *x, float *out, int64_t n, float scale, float qmin, float qmax,
+                           int threads);
+int hdqt_quantize_f32(const float *x, float *out, int64_t n, int stochastic, int sign_mode, double clip_ratio,
+                      double signed_max, double unsigned_max, uint64_t seed, double *scale_out, int threads);
+
+/* hadamard.c, im2col.c */
+float hdqt_fwht_rows_f32(float *x, int64_t rows, int64_t row_len, int64_t p, int threads);
+float hdqt_im2col_fwht_f32(const float *x, float *out, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh,
+                           int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                           int64_t OH, int64_t OW, int64_t p, int64_t channel_major, int threads);
+
+/* matmul.c, matmul_int8.c */
+void hdqt_tiled_matmul_f32(const float *A, int64_t sm, int64_t sk, const float *B, float *Y, int64_t M, int64_t K,
+                           int64_t J, int64_t tile, float limit, int threads);
+int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B, int b_transposed, float *Y,
+                         int64_t M, int64_t K, int64_t J, int64_t tile, float limit, int threads);
+
+/* conv.c, conv_int8.c */
+int hdqt_conv_tiled_f32(const float *x, const float *wt, float *y, int64_t B, int64_t C, int64_t H, int64_t W,
+                        int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                        int64_t dw, int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, int threads);
+int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int64_t C, int64_t H, int64_t W,
+                       int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                       int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, int threads);
+
+/* conv_weight_grad.c */
+float hdqt_conv_cols_amax_f32(const float *x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                              int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t OH,
+                              int64_t OW, int64_t p, int threads);
+int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t N, int64_t B, int64_t C, int64_t H,
+                        int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                        int64_t dw, int64_t OH, int64_t OW, int64_t p, float scale, float qmin, float qmax,
+                        uint64_t seed, int use_int8, int threads);
+
+/* common.h: what this build and CPU run */
+int hdqt_int8_dot_available(void);
+int hdqt_kernel_variant(void);
+
+#endif
