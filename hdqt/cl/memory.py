@@ -158,9 +158,12 @@ class ExemplarMemory:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        """Tensors and plain data only (a checkpoint is read with
+        ``torch.load(..., weights_only=True)``): the arrays are stored as tensors of
+        the same dtype and become arrays again in ``load_state_dict``."""
         return {"budget": self.budget, "selection": self.selection,
-                "exemplars": {c: v.copy() for c, v in self._x.items()},
-                "means": {c: v.copy() for c, v in self._means.items()}}
+                "exemplars": {c: array_to_tensor(v) for c, v in self._x.items()},
+                "means": {c: array_to_tensor(v) for c, v in self._means.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if state["budget"] != self.budget or state["selection"] != self.selection:
@@ -168,5 +171,21 @@ class ExemplarMemory:
                 f"memory state was saved with budget={state['budget']}, "
                 f"selection={state['selection']!r}; this memory has budget={self.budget}, "
                 f"selection={self.selection!r}")
-        self._x = {int(c): np.asarray(v) for c, v in state["exemplars"].items()}
-        self._means = {int(c): np.asarray(v) for c, v in state["means"].items()}
+        self._x = {int(c): tensor_to_array(v) for c, v in state["exemplars"].items()}
+        self._means = {int(c): tensor_to_array(v) for c, v in state["means"].items()}
+
+
+def array_to_tensor(array: np.ndarray):
+    """A tensor copy of ``array`` with the same dtype and values (for a state_dict)."""
+    import torch
+
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def tensor_to_array(value) -> np.ndarray:
+    """Back from ``array_to_tensor``; arrays (states saved before) pass through."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)

@@ -11,10 +11,13 @@ import io
 import json
 import math
 import os
+import pickle
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 
 CONFIG_JSON = "config.json"
@@ -66,15 +69,55 @@ def _finite(value: Any) -> Any:
     return value
 
 
+class CheckpointError(ValueError):
+    """A checkpoint this version cannot read (or would not read safely)."""
+
+
+def to_plain(value: Any, where: str = "checkpoint") -> Any:
+    """``value`` as tensors and plain data only (dict, list, tuple, str, int, float,
+    bool, None), which ``torch.load(..., weights_only=True)`` reads without running
+    any code: numpy arrays become tensors, numpy scalars Python numbers. Anything
+    else is a TypeError that says where it sits (``where``), so a learner that
+    stores something new is caught when it saves, not when a resume fails."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value, copy=True))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        out = type(value)() if isinstance(value, OrderedDict) else {}
+        for key, item in value.items():
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                raise TypeError(f"{where}: key {key!r} is not a str or an int")
+            out[key] = to_plain(item, f"{where}[{key!r}]")
+        if hasattr(value, "_metadata"):  # a module state_dict's version information
+            out._metadata = to_plain(value._metadata, f"{where}._metadata")
+        return out
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(item, f"{where}[{i}]") for i, item in enumerate(value))
+    raise TypeError(f"{where}: {type(value).__name__} objects cannot be stored in a checkpoint "
+                    f"(only tensors, numpy arrays and plain data)")
+
+
 def write_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    _atomic_write(path, lambda handle: torch.save(dict(state), handle))
+    state = to_plain(dict(state))  # before the file is opened: a bad state writes nothing
+    _atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only=False: the checkpoint holds RNG states and learner extras
-    # (numpy arrays, tuples) that the restricted unpickler rejects. It is a file
-    # this program wrote into the user's own output directory.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Load a checkpoint written by ``write_checkpoint`` with ``weights_only=True``: a
+    checkpoint from someone else cannot run code. Checkpoints of versions before
+    that were full pickles and are refused with an error that says what to do."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} was written by an older version of hdqt (a pickled checkpoint, which "
+            f"is not loaded because it could run code) or is not a checkpoint; rerun with "
+            f"--overwrite to start this run afresh ({str(error).splitlines()[0]})") from None
 
 
 def write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None:

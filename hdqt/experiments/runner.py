@@ -31,7 +31,8 @@ from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint, same
 from hdqt.experiments.progress import Progress, SilentProgress
 from hdqt.experiments.summary import summarize
 
-CHECKPOINT_VERSION = 1
+# 2: tensors and plain data only, read with torch.load(weights_only=True).
+CHECKPOINT_VERSION = 2
 _REDO = "use --overwrite to rerun it from scratch, or --force to go on with it anyway"
 
 
@@ -86,13 +87,20 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_states() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """The global RNG states as tensors and plain data (see outputs.to_plain)."""
+    version, python_state, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": version, "state": list(python_state), "gauss": gauss},
+            "numpy": {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
             "torch": torch.get_rng_state()}
 
 
 def _restore_rng_states(states: Mapping[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    python, numpy_state = states["python"], states["numpy"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    np.random.set_state((numpy_state["kind"], numpy_state["key"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"]))
     torch.set_rng_state(states["torch"])
 
 
@@ -211,7 +219,10 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
     history: list[dict[str, Any]] = []
     checkpoint_path = out_dir / outputs.CHECKPOINT
     if checkpoint_path.exists():
-        state = outputs.read_checkpoint(checkpoint_path)
+        try:
+            state = outputs.read_checkpoint(checkpoint_path)
+        except outputs.CheckpointError as error:
+            raise ConfigError(str(error)) from None
         _check_checkpoint(state, config, scenario, checkpoint_path)
         if not same_code(state.get("code"), code):
             _stale(f"{checkpoint_path} was written by {describe(state.get('code'))}; this is "

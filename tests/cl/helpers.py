@@ -57,7 +57,7 @@ def through_torch_save(state):
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
+    return torch.load(buffer, weights_only=True)
 
 
 def accuracy(pred, y) -> float:

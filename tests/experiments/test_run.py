@@ -47,7 +47,8 @@ def test_run_writes_config_metrics_csv_and_checkpoint(reference_run):
     assert [int(row["num_seen_classes"]) for row in rows] == [2, 4, 6, 8, 10]
     assert float(rows[-1]["nme_accuracy"]) == pytest.approx(metrics["nme"]["last_accuracy"], abs=1e-3)
 
-    checkpoint = torch.load(reference_run / "checkpoint.pt", weights_only=False)
+    # tensors and plain data only: read without unpickling arbitrary objects
+    checkpoint = torch.load(reference_run / "checkpoint.pt", weights_only=True)
     assert len(checkpoint["history"]) == 5 and "learner" in checkpoint
     assert not list(reference_run.glob(".*.tmp")), "a temporary file was left behind"
 
@@ -127,6 +128,21 @@ def test_bic_killed_in_its_bias_stage_resumes_to_the_uninterrupted_result(tmp_pa
 
     assert run_cli(*cli_args, "--out", str(out)) == 0
     assert read_metrics(out) == read_metrics(tmp_path / "reference")
+
+
+def test_a_pickled_checkpoint_of_an_older_version_is_refused_with_what_to_do(
+        reference_run, tmp_path, capsys):
+    out = tmp_path / "old"
+    shutil.copytree(reference_run, out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["rng"]["numpy"] = np.random.get_state()  # as versions before 2 stored it: a pickle
+    torch.save(state, out / "checkpoint.pt")
+    assert run_cli(*TINY, "--recipe", "hdqt", "--out", str(out)) == 2
+    error = capsys.readouterr().err
+    assert "checkpoint.pt was written by an older version of hdqt" in error
+    assert "rerun with --overwrite" in error and "Traceback" not in error
+    assert run_cli(*TINY, "--recipe", "hdqt", "--out", str(out), "--overwrite") == 0
+    assert read_metrics(out) == read_metrics(reference_run)
 
 
 def test_other_config_in_out_dir_is_refused_unless_overwrite(tmp_path, capsys):
@@ -247,7 +263,7 @@ def _pretend_other_code(path):
         payload["code"] = {"source_sha256": "0" * 64, "git_commit": "f" * 40}
         path.write_text(json.dumps(payload))
     else:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)
         state["code"] = {"source_sha256": "0" * 64, "git_commit": None}
         torch.save(state, path)
 
@@ -260,7 +276,7 @@ def test_run_from_other_code_is_refused_unless_force_or_overwrite(tmp_path, caps
     assert run_cli(*args) == 0
     code = code_fingerprint()
     assert json.loads((out / "config.json").read_text())["code"] == code
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["code"] == code
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["code"] == code
     finished = read_metrics(out)
 
     _pretend_other_code(out / "config.json")

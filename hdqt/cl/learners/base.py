@@ -385,6 +385,9 @@ def _as_float_tensor(x) -> torch.Tensor:
 
 
 def _to_cpu(obj):
+    """A copy on the CPU of tensors and plain data; numpy arrays become tensors, so
+    that ``torch.load(..., weights_only=True)`` reads a saved state (subclasses'
+    ``_load_extra_state`` turns them back, see ``hdqt.cl.memory.tensor_to_array``)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().clone()
     if isinstance(obj, dict):
@@ -392,7 +395,9 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     if isinstance(obj, np.ndarray):
-        return obj.copy()
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
     return obj
 
 

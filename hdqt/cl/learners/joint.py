@@ -11,6 +11,7 @@ import numpy as np
 import torch.nn.functional as F
 
 from hdqt.cl.learners.base import Learner
+from hdqt.cl.memory import array_to_tensor, tensor_to_array
 
 
 class Joint(Learner):
@@ -35,8 +36,10 @@ class Joint(Learner):
         self._seen_y.append(np.array(task.y_train, copy=True))
 
     def _extra_state(self):
-        return {"x": list(self._seen_x), "y": list(self._seen_y)}
+        # tensors, not arrays: a checkpoint holds tensors and plain data only
+        return {"x": [array_to_tensor(x) for x in self._seen_x],
+                "y": [array_to_tensor(y) for y in self._seen_y]}
 
     def _load_extra_state(self, state) -> None:
-        self._seen_x = [np.asarray(x) for x in state["x"]]
-        self._seen_y = [np.asarray(y) for y in state["y"]]
+        self._seen_x = [tensor_to_array(x) for x in state["x"]]
+        self._seen_y = [tensor_to_array(y) for y in state["y"]]
