@@ -36,13 +36,20 @@ def cache_dir() -> Path:
     return base / "hdqt"
 
 
+def configured_roots(value: str | None = None) -> list[Path]:
+    """The folders named in ``HDQT_DATA`` (or in ``value``, a string in its format), in order."""
+    value = os.environ.get(DATA_ENV, "") if value is None else value
+    return [Path(p).expanduser() for p in value.split(os.pathsep) if p]
+
+
 def data_roots(root: str | os.PathLike | None = None) -> list[Path]:
-    """The roots to search, in order: ``root`` alone if given, else ``HDQT_DATA`` then the cache."""
+    """The roots to search, in order: ``root`` alone if given, else ``HDQT_DATA`` then the cache.
+
+    The one rule for where datasets are: the loaders, ``hdqt data`` and the real-data tests
+    (tests/data/conftest.py) all use it."""
     if root is not None:
         return [Path(root).expanduser()]
-    roots = [Path(p).expanduser() for p in os.environ.get(DATA_ENV, "").split(os.pathsep) if p]
-    roots.append(cache_dir())
-    return roots
+    return [*configured_roots(), cache_dir()]
 
 
 def candidate_folders(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from hdqt.data.paths import configured_roots
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,28 +21,35 @@ def session_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, session_cache):
+    # Each test sees only the folders it names: the real-data tests pass their root explicitly.
     monkeypatch.setenv("HDQT_CACHE", str(session_cache))
     monkeypatch.delenv("HDQT_DATA", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
 
 
-def _real_root() -> Path:
-    configured = os.environ.get("HDQT_DATA")
-    return Path(configured) if configured else REPO_ROOT.parent / "shared" / "data"
+@pytest.fixture(scope="session")
+def real_data_roots(data_env) -> tuple[Path, ...]:
+    """The roots the real-data tests search: those of ``HDQT_DATA`` as the session set it
+    (tests/conftest.py defaults it to ../shared/data), by the library's own rule. The per-user
+    cache, the library's last root, is replaced by a temporary one during tests."""
+    return tuple(configured_roots(data_env.in_session or ""))
 
 
 @pytest.fixture(scope="session")
-def real_root():
-    """Return a function ``need(path) -> root`` that skips (or fails under CI=true)
-    when ``<root>/<path>`` (a dataset folder, or one file in it) is absent."""
-    root = _real_root()
+def real_root(real_data_roots):
+    """Return a function ``need(path) -> root``: the first real-data root holding ``path`` (a
+    dataset folder, or one file in it); where none does, the test skips with the roots searched
+    (or fails under CI=true). ``roots=`` replaces the session's roots (for testing ``need``)."""
 
-    def need(path: str) -> Path:
-        if not (root / path).exists():
-            reason = f"real dataset file or folder {root / path} not found (set HDQT_DATA)"
-            if os.environ.get("CI", "").lower() == "true":
-                pytest.fail(f"CI=true but {reason}")
-            pytest.skip(reason)
-        return root
+    def need(path: str, roots: tuple[Path, ...] | None = None) -> Path:
+        roots = real_data_roots if roots is None else roots
+        for root in roots:
+            if (root / path).exists():
+                return root
+        searched = ", ".join(str(r) for r in roots) or "none: HDQT_DATA is unset and ../shared/data is absent"
+        reason = f"real dataset file or folder {path} not found in the data roots ({searched}); set HDQT_DATA"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
 
     return need

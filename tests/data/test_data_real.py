@@ -1,5 +1,5 @@
-"""Checks on the real datasets (HDQT_DATA, else ../shared/data): skipped where absent,
-failed where CI=true and absent."""
+"""Checks on the real datasets, in the roots of HDQT_DATA (which tests/conftest.py defaults to
+../shared/data): skipped where absent, failed where CI=true and absent. Layout: docs/data.md."""
 from __future__ import annotations
 
 import io
@@ -42,11 +42,11 @@ def test_dsads_counts(dsads_root):
     np.testing.assert_allclose(ds.x[:5, 0], raw.x[:5, :, 0].mean(axis=1), rtol=1e-4)
 
 
-def test_dsads_uci_text_matches_npz_rows(dsads_root, excerpt):
+def test_dsads_uci_text_matches_npz_rows(real_root, excerpt):
     found = Located(excerpt.parent, (excerpt,), "archive")
     rows = list(dsads_module.iter_segments(found))
     assert len(rows) == 19 * 8 * 3
-    with np.load(dsads_root / "dsads" / "dsads.npz") as npz:
+    with np.load(real_root("dsads/dsads.npz") / "dsads" / "dsads.npz") as npz:
         x, y, subject, segment = (npz[k] for k in ("x", "y", "subject", "segment"))
     # npz rows are ordered by activity, then subject, then segment
     for activity, subj, seg, text_values in rows:
