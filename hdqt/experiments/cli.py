@@ -147,7 +147,7 @@ def run_command(args: argparse.Namespace) -> int:
     from hdqt.data import DatasetFormatError, DatasetNotFoundError
     from hdqt.experiments.progress import ConsoleProgress
     from hdqt.experiments.runner import build_policy, build_train_config, run_experiment
-    from hdqt.experiments.tables import compare_table, run_table
+    from hdqt.experiments.tables import compare_table, outputs_note, run_table
 
     try:
         runs, comparison = plan_runs(args)
@@ -180,6 +180,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"Comparison (same seed {runs[0].config.seed}, same class order; "
               f"differences to {runs[0].label}):")
         print(compare_table([r.label for r in runs], [r.metrics for r in results]), flush=True)
+        print(flush=True)
+    print(outputs_note([run.out_dir for run in runs]), flush=True)
     return 0
 
 

@@ -128,7 +128,8 @@ def write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None:
     write_text(path, buffer.getvalue())
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML value (bool, number, string or a list of them)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -136,12 +137,12 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a valid TOML basic string
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
 def to_toml(values: Mapping[str, Any], header: str = "") -> str:
     """Flat key = value TOML; None values are left out (TOML has no null)."""
     lines = [f"# {line}" for line in header.splitlines()]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+    lines += [f"{key} = {toml_value(value)}" for key, value in values.items() if value is not None]
     return "\n".join(lines) + "\n"

@@ -135,13 +135,38 @@ def claim_out_dir(config: RunConfig, out_dir: Path, overwrite: bool, code: dict[
     if overwrite:
         for name in outputs.RUN_FILES:
             (out_dir / name).unlink(missing_ok=True)
-    payload = {"config": config.to_dict(), "policy": _policy_dict(config), "code": code}
+    policy = build_policy(config)
+    quantization = resolved_quantization(config, policy)
+    payload = {"config": config.to_dict(), "quantization": quantization,
+               "policy": policy.to_dict(), "code": code}
     if previous:
         payload["previous_code"] = previous
     outputs.write_json(out_dir / outputs.CONFIG_JSON, payload)
-    outputs.write_text(out_dir / outputs.CONFIG_TOML, outputs.to_toml(
-        config.to_dict(), header="Resolved configuration of this run; "
-        "reuse it with `hdqt run --config config.toml`."))
+    header = ["Resolved configuration of this run; reuse it with "
+              "`hdqt run --config config.toml`."]
+    if quantization.get("from_recipe"):
+        shown = ", ".join(f"{key} = {outputs.toml_value(quantization[key])}"
+                          for key in quantization["from_recipe"])
+        header.append(f"Not set, so the {config.recipe} recipe's defaults apply: {shown}.")
+    elif "note" in quantization:
+        header.append(quantization["note"])
+    outputs.write_text(out_dir / outputs.CONFIG_TOML,
+                       outputs.to_toml(config.to_dict(), header="\n".join(header)))
+
+
+def resolved_quantization(config: RunConfig, policy) -> dict[str, Any]:
+    """The quantization options the run uses: the configured ones, and the recipe's
+    defaults for those left unset (None in ``config``; listed in ``from_recipe``).
+    ``acc_bits`` 0 means unlimited, as on the command line."""
+    if policy.is_float:
+        return {"note": f"The {config.recipe} recipe trains in float32: "
+                        f"{', '.join(QUANT_KEYS)} do not apply."}
+    bits = getattr(getattr(policy.forward_weight, "format", None), "bits", None)
+    values = {"bits": bits, "acc_bits": 0 if policy.acc_bits is None else policy.acc_bits,
+              "tile": policy.tile, "saturate_backward": policy.saturate_backward,
+              "hadamard_rule": policy.hadamard_rule}
+    return {**values, "hadamard": policy.hadamard,
+            "from_recipe": [key for key in QUANT_KEYS if getattr(config, key) is None]}
 
 
 def prepare_out_dir(config: RunConfig, out_dir: Path, overwrite: bool,
@@ -173,11 +198,6 @@ def _check_same_config(config: RunConfig, config_path: Path) -> None:
     if changed:
         raise ConfigMismatchError(f"{config_path.parent} holds a run with a different "
                                   f"configuration ({', '.join(changed)}); {hint}")
-
-
-def _policy_dict(config: RunConfig) -> dict[str, Any]:
-    policy = build_policy(config)
-    return policy.to_dict() if hasattr(policy, "to_dict") else {"repr": repr(policy)}
 
 
 def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = False,

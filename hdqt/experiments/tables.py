@@ -13,6 +13,27 @@ METRIC_LABELS = {
 }
 
 
+# What the classifier names in the tables mean (one line under each table).
+CLASSIFIERS = {
+    "nme": "nearest-mean-of-exemplars classifier",
+    "cnn": "the network's own head",
+}
+
+
+def legend(names: Sequence[str], brackets: bool = False) -> str:
+    """'nme = nearest-mean-of-exemplars classifier, cnn = the network's own head'."""
+    return ", ".join(f"{f'[{n}]' if brackets else n} = {CLASSIFIERS[n]}"
+                     for n in names if n in CLASSIFIERS)
+
+
+def outputs_note(out_dirs: Sequence[Any]) -> str:
+    """Where a run's files are, and what each holds."""
+    where = " and ".join(str(d) for d in out_dirs)
+    each = ", each" if len(out_dirs) > 1 else ""
+    return (f"Outputs in {where}{each}: config.json (configuration, resolved quantization), "
+            f"metrics.json (all metrics), tasks.csv (a row per task), checkpoint.pt (to resume)")
+
+
 def _cell(value: Any, signed: bool = False) -> str:
     if value is None:
         return "-"
@@ -53,7 +74,7 @@ def run_table(metrics: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) 
     title = (f"{metrics['dataset']} | {metrics['method']} | {metrics['recipe']} | "
              f"seed {metrics['seed']} | {metrics['finished_tasks']}/{metrics['num_tasks']} tasks"
              f" | primary classifier: {metrics.get('primary_classifier', '-')}")
-    return f"{title}\n{tasks}\n\n{summary}"
+    return f"{title}\n{tasks}\n\n{summary}\n{legend(classifiers)}"
 
 
 def compare_table(labels: Sequence[str], all_metrics: Sequence[Mapping[str, Any]]) -> str:
@@ -69,7 +90,7 @@ def compare_table(labels: Sequence[str], all_metrics: Sequence[Mapping[str, Any]
             label = METRIC_LABELS.get(key, f"accuracy after {key}")
             rows.append([f"{label} [{name}]", *map(_cell, values),
                          *(_cell(d, signed=True) for d in diffs)])
-    return render(header, rows)
+    return f"{render(header, rows)}\n{legend(_classifiers(base), brackets=True)}"
 
 
 def _metric(metrics: Mapping[str, Any], classifier: str, key: str) -> float | None:

@@ -129,11 +129,53 @@ def test_unknown_key_in_config_file_names_key_and_file(tmp_path, capsys):
 
 
 def test_run_prints_one_line_per_task_and_a_summary(tmp_path, capsys):
-    assert run_cli(*TINY, "--recipe", "fp32", "--epochs", "1", "--out", str(tmp_path / "r")) == 0
+    # Not a terminal (pytest captures): no bars, and a line per task, not per epoch.
+    out_dir = tmp_path / "r"
+    assert run_cli(*TINY, "--recipe", "fp32", "--epochs", "2", "--out", str(out_dir)) == 0
     out = capsys.readouterr().out
-    for task in range(1, 6):
-        assert f"[fp32] task {task}/5 classes" in out
+    task_lines = [line for line in out.splitlines() if line.startswith("[fp32] task ")]
+    assert len(task_lines) == 5, out
+    for task, line in enumerate(task_lines, 1):
+        assert re.fullmatch(rf"\[fp32\] task {task}/5 classes \[\d, \d\]: 2 epochs, last: "
+                            rf"train loss [\d.]+, train accuracy [\d.]+% \| test accuracy "
+                            rf"\({2 * task} classes seen\): cnn [\d.]+%, nme [\d.]+% \| "
+                            rf"[\d.]+ s", line), line
+    assert "epoch 1/2" not in out
     assert "avg incremental accuracy" in out and "backward transfer" in out
+    assert "nme = nearest-mean-of-exemplars classifier, cnn = the network's own head" in out
+    # the last line says where the files are
+    assert out.rstrip().splitlines()[-1] == (
+        f"Outputs in {out_dir}: config.json (configuration, resolved quantization), "
+        f"metrics.json (all metrics), tasks.csv (a row per task), checkpoint.pt (to resume)")
+
+
+def test_progress_bars_show_no_rates_and_label_their_numbers():
+    import io
+
+    from hdqt.experiments.progress import ConsoleProgress
+    from hdqt.experiments.config import resolve_config
+
+    class Task:
+        index = 0
+
+    lines, bars = io.StringIO(), io.StringIO()
+    progress = ConsoleProgress("hdqt", stream=lines, bars=True, bar_stream=bars)
+    progress.run_started(resolve_config(None, {"epochs": 2}), 1, 0)
+    progress.task_started(Task(), 1)
+    for epoch in (1, 2):
+        progress.epoch(epoch, 3, {"loss": 0.5, "accuracy": 50.0, "lr": 0.01, "stage": "main"})
+    progress.epoch(3, 3, {"loss": 0.25, "accuracy": 75.0, "lr": 0.01, "stage": "bias"})
+    progress.task_finished({"task": 0, "classes": [3, 1], "num_seen_classes": 2, "seconds": 1.5,
+                            "accuracy": {"cnn": {"seen": 80.0}, "nme": {"seen": 90.0}}}, 1)
+    progress.run_finished(None)
+    shown = bars.getvalue()
+    assert "/s" not in shown and "s/epoch" not in shown and "accuracy=" not in shown, shown
+    assert "task 1/1: 2/3 epochs" in shown and "train loss 0.5, train accuracy 50.0%, lr 0.01" in shown
+    assert "bias stage, loss 0.25, accuracy 75.0%" in shown  # not called a training accuracy
+    assert "[hdqt] run: 1/1 tasks" in shown
+    assert lines.getvalue().splitlines()[-1] == (
+        "[hdqt] task 1/1 classes [3, 1]: 3 epochs (2 main + 1 bias), last: train loss 0.5, "
+        "train accuracy 50.0% | test accuracy (2 classes seen): cnn 80.00%, nme 90.00% | 1.5 s")
 
 
 # Runs in a fresh interpreter: prints whether torch was imported after the parser ran.

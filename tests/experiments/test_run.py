@@ -22,7 +22,16 @@ def test_run_writes_config_metrics_csv_and_checkpoint(reference_run):
     config = json.loads((reference_run / "config.json").read_text())
     assert config["config"]["recipe"] == "hdqt" and config["config"]["epochs"] == 2
     assert config["policy"]["name"] == "hdqt" and config["policy"]["hadamard"] is True
-    assert 'recipe = "hdqt"' in (reference_run / "config.toml").read_text()
+    # not given (null in "config"): the recipe's values are written out, and marked as such
+    assert config["config"]["bits"] is None
+    assert config["quantization"] == {
+        "bits": 4, "acc_bits": 8, "tile": 32, "saturate_backward": False,
+        "hadamard_rule": "paper", "hadamard": True,
+        "from_recipe": ["bits", "acc_bits", "tile", "saturate_backward", "hadamard_rule"]}
+    toml_text = (reference_run / "config.toml").read_text()
+    assert 'recipe = "hdqt"' in toml_text
+    assert ("# Not set, so the hdqt recipe's defaults apply: bits = 4, acc_bits = 8, tile = 32, "
+            "saturate_backward = false, hadamard_rule = \"paper\".") in toml_text
 
     metrics = read_metrics(reference_run)
     assert metrics["complete"] and metrics["num_tasks"] == 5 and metrics["finished_tasks"] == 5
@@ -82,7 +91,7 @@ class KillInTask3(ConsoleProgress):
             os.kill(os.getpid(), signal.SIGKILL)
 
 flags = dict(dataset="digits", method=method, recipe="hdqt", epochs=2, memory=40)
-run_experiment(resolve_config(None, flags), out, progress=KillInTask3(method))
+run_experiment(resolve_config(None, flags), out, progress=KillInTask3(method, epoch_lines=True))
 """
 
 
@@ -106,7 +115,8 @@ def test_resume_after_sigkill_mid_task_equals_uninterrupted_run(reference_run, t
     log, _ = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, log
     assert "resuming after task 2/5" in log
-    assert "task 3/5 epoch 1/2" in log  # task 3 is trained again from its start
+    assert "task 2/5 classes" not in log  # not retrained
+    assert "task 3/5 classes" in log  # task 3 is trained again
     assert read_metrics(out) == read_metrics(reference_run)
 
     # A finished run is reported, not retrained.
