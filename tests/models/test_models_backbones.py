@@ -147,11 +147,60 @@ def test_registry_checks_shapes_and_duplicates():
         register_model("fcnet")(lambda input_shape: FCNet(4))
 
 
-def test_backbones_train_under_quantization():
+def _classifier(name, shape):
+    torch.manual_seed(0)
+    features = create_model(name, shape)
+    return nn.Sequential(features, nn.Linear(features.out_dim, 4))
+
+
+def _small_batch(shape):
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(16, *shape, generator=gen), torch.arange(16) % 4
+
+
+def _cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+# (model, input shape, least cosine of any parameter's gradient at 12 bits). Measured at
+# 1.0000, 0.9992, 0.984 and 0.962: the deeper the BatchNorm stack, the more the forward's
+# rounding moves the gradients of the shallowest layers.
+GRADIENT_CASES = [("fcnet", (20,), 0.999), ("convnet", (1, 28, 28), 0.995),
+                  ("resnet20", (3, 16, 16), 0.97), ("resnet32", (3, 16, 16), 0.94)]
+
+
+@pytest.mark.parametrize("name, shape, least", GRADIENT_CASES)
+def test_backbone_gradients_follow_float32_at_12_bits(name, shape, least):
+    import copy
+
     import hdqt
 
-    model = hdqt.quantize_model(create_model("resnet20", (3, 32, 32)), hdqt.recipe("hdqt"))
-    features = model(torch.randn(4, 3, 32, 32))
-    features.sum().backward()
-    assert features.shape == (4, 64)
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model = _classifier(name, shape)
+    x, y = _small_batch(shape)
+    reference = copy.deepcopy(model)
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    policy = hdqt.recipe("hdqt", bits=12, acc_bits=None, clip_ratio=1.0, seed=0)
+    quantized = hdqt.quantize_model(model, policy)
+    assert all(isinstance(m, (hdqt.QuantLinear, hdqt.QuantConv2d))
+               for m in quantized.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    torch.nn.functional.cross_entropy(quantized(x), y).backward()
+    cosines = [_cos(r.grad, q.grad) for r, q in zip(reference.parameters(), quantized.parameters())]
+    assert min(cosines) > least and sorted(cosines)[len(cosines) // 2] > 0.99
+
+
+@pytest.mark.parametrize("name, shape", [(n, s) for n, s, _ in GRADIENT_CASES])
+def test_backbones_fit_a_small_batch_under_4bit_hdqt(name, shape):
+    import hdqt
+
+    model = hdqt.quantize_model(_classifier(name, shape), hdqt.recipe("hdqt", seed=0))
+    x, y = _small_batch(shape)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # measured: 1.41 -> 0.79 (fcnet), 1.39 -> 0.84 (convnet), to ~0 (the ResNets)
+    assert min(losses[-3:]) < 0.75 * losses[0]

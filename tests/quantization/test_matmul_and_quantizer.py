@@ -78,12 +78,11 @@ def test_nonfinite_raises_or_propagates():
     assert torch.isnan(out.dequantize()).all()
 
 
-def test_stochastic_rounding_is_unbiased_and_reproducible():
+def test_stochastic_rounding_is_reproducible():
+    # unbiasedness: test_stochastic_rounding_is_unbiased_on_a_fractional_scale
     q = int_quantizer(4, rounding="stochastic")
-    t = torch.tensor([7.0, -2.3, 0.61, 3.5, -6.9, 0.05])  # scale = 1 since max|t| = 7
-    draws = torch.stack([q.quantize(t, torch.Generator().manual_seed(s)).values for s in range(4000)])
-    # std of a Bernoulli mean over 4000 draws <= 0.5/sqrt(4000) ~ 0.008; allow 4 sigma
-    assert torch.allclose(draws.mean(0), t, atol=0.032)
+    t = torch.tensor([7.0, -2.3, 0.61, 3.5, -6.9, 0.05])
+    draws = torch.stack([q.quantize(t, torch.Generator().manual_seed(s)).values for s in range(200)])
     assert set(torch.unique(draws[:, 2]).tolist()) == {0.0, 1.0}
     a = q.quantize(t, torch.Generator().manual_seed(5)).values
     b = q.quantize(t, torch.Generator().manual_seed(5)).values

@@ -367,8 +367,9 @@ def test_fused_weight_gradient_is_unbiased(case):
     assert (mean - exact).abs().max() < 0.25 * (one - exact).abs().max()
 
 
-def _conv_step(weight, x, bits):
-    layer = hdqt.quantize_model(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), hdqt.recipe("hdqt", bits=bits))
+def _conv_step(weight, x, bits, seed=None):
+    policy = hdqt.recipe("hdqt", bits=bits, seed=seed)
+    layer = hdqt.quantize_model(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), policy)
     layer.weight.data.copy_(weight)
     xi = x.clone().requires_grad_()
     out = layer(xi)
@@ -381,8 +382,23 @@ def test_conv_training_step_native_and_torch_paths_agree(monkeypatch):
     weight = torch.randn(8, 8, 3, 3) * 0.2
     x = torch.randn(16, 8, 16, 16)
     fast4, fast12 = _conv_step(weight, x, 4), _conv_step(weight, x, 12)
+    draws = 48
+    fast_draws = [_conv_step(weight, x, 4, seed)[1:] for seed in range(draws)]
     _torch_only(monkeypatch)
     slow4, slow12 = _conv_step(weight, x, 4), _conv_step(weight, x, 12)
+    slow_draws = [_conv_step(weight, x, 4, seed)[1:] for seed in range(draws)]
     assert torch.equal(fast4[0], slow4[0])  # the 4-bit forward is exact on both paths
     for a, b in zip(fast12[1:], slow12[1:]):  # the backward differs only by its random draws
         assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+    # The 4-bit backward: both paths are unbiased estimates of the same gradient (their
+    # random streams differ), so their means over many draws agree within the noise.
+    for which in range(2):  # dX, dW
+        a = torch.stack([d[which] for d in fast_draws]).double()
+        b = torch.stack([d[which] for d in slow_draws]).double()
+        spread = ((a.var(0) + b.var(0)) / draws).sqrt()
+        z = (a.mean(0) - b.mean(0)).abs() / (spread + 1e-12 * a.abs().max())
+        assert z.max() < 6, (which, z.max())  # 6 sigma over a few thousand elements
+        # and the mean really is the quantity: far closer to each other than one draw is
+        one_draw = (a[0] - b[0]).norm() / b.mean(0).norm()
+        means = (a.mean(0) - b.mean(0)).norm() / b.mean(0).norm()
+        assert means < one_draw / 3
