@@ -17,3 +17,12 @@ def blobs():
 def scenario(blobs):
     """Three tasks of two classes each."""
     return ClassIncrementalScenario(*blobs, init_classes=2, increment=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def odd_scenario():
+    """Three tasks of two classes each, with 15 features: FCNet 15-15-15, odd widths."""
+    from helpers import ODD_DIM
+
+    return ClassIncrementalScenario(*make_blobs(dim=ODD_DIM), init_classes=2, increment=2,
+                                    seed=0)
