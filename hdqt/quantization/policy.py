@@ -61,6 +61,31 @@ class QuantPolicy:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {self.nonfinite!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
+        self._check_accumulator()
+
+    def _check_accumulator(self) -> None:
+        """Refuse an accumulator that cannot hold one product of two codes: every tile with
+        a large product would saturate, and training would run at chance without a word
+        (8-bit operands on the default 8-bit accumulator did)."""
+        if self.acc_bits is None:
+            return
+        limit = 2 ** (self.acc_bits - 1) - 1
+        products = [("forward", self.forward_input, self.forward_weight)]
+        if self.saturate_backward:
+            products += [("dX", self.grad_output_dx, self.backward_weight),
+                         ("dW", self.grad_output_dw, self.backward_input)]
+        for product, qa, qb in products:
+            if qa is None or qb is None:
+                continue
+            largest = qa.format.max_magnitude() * qb.format.max_magnitude()
+            if largest > limit:
+                needed = (largest + 1).bit_length() + 1  # sign bit: 2^(b-1) - 1 >= largest
+                raise ValueError(
+                    f"acc_bits={self.acc_bits} cannot hold one product of two {product} codes "
+                    f"({qa.format.max_magnitude()} x {qb.format.max_magnitude()} = {largest} > {limit}, "
+                    f"the largest value of a signed {self.acc_bits}-bit accumulator): a single product of two large codes "
+                    f"already saturates it. Use acc_bits >= {needed}, fewer bits, or acc_bits=None (unlimited)"
+                )
 
     @property
     def is_float(self) -> bool:

@@ -5,6 +5,7 @@ name replace fields of the result, so any policy field can be set from a recipe.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import fields, replace
 from typing import Callable
 
@@ -55,8 +56,12 @@ def list_recipes() -> list[str]:
     return sorted(_RECIPES)
 
 
-def recipe(name: str, **overrides) -> QuantPolicy:
-    """Build the named policy. Overrides: bits, acc_bits, tile, clip_ratio, or any QuantPolicy field."""
+def recipe(name: str, /, **overrides) -> QuantPolicy:
+    """Build the named policy. Overrides: bits, acc_bits, tile, clip_ratio, or any QuantPolicy field.
+
+    An override that changes what the recipe computes renames the policy after it
+    (``recipe("hdqt", hadamard=False).name == "hdqt[hadamard=False]"``) unless ``name``
+    is given; the knobs, ``seed`` and ``nonfinite`` keep the recipe's name."""
     if name not in _RECIPES:
         raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(list_recipes())}")
     valid_fields = {f.name for f in fields(QuantPolicy)}
@@ -72,6 +77,31 @@ def recipe(name: str, **overrides) -> QuantPolicy:
         if knobs.get("bits") is not None:
             check_bits(knobs["bits"])
         policy = _fp32()
-    else:
+    elif not overrides:
         policy = _RECIPES[name](**knobs)
+    else:
+        # The overrides apply to the recipe's policy as a whole: built first without its
+        # accumulator, so that a check of the accumulator against the operands (which
+        # the overrides may change) sees the final policy only.
+        build = _RECIPES[name]
+        acc_bits = knobs.pop("acc_bits", inspect.signature(build).parameters["acc_bits"].default)
+        policy = build(**knobs, acc_bits=None)
+        if "name" not in overrides:
+            overrides["name"] = _overridden_name(policy, overrides)
+        overrides.setdefault("acc_bits", acc_bits)
     return replace(policy, **overrides) if overrides else policy
+
+
+# Fields that say how a run is checked and seeded, not what it computes: overriding
+# them keeps the recipe's name.
+_NAME_KEEPING = ("seed", "nonfinite", "name")
+
+
+def _overridden_name(policy: QuantPolicy, overrides: dict) -> str:
+    """The recipe's name, with the fields that change what it computes, e.g.
+    ``hdqt[hadamard=False]``: a policy that is no longer the recipe must not be named as it."""
+    changed = sorted(k for k, v in overrides.items() if k not in _NAME_KEEPING and getattr(policy, k) != v)
+    if not changed:
+        return policy.name
+    shown = [k if hasattr(overrides[k], "to_dict") else f"{k}={overrides[k]!r}" for k in changed]
+    return f"{policy.name}[{', '.join(shown)}]"
