@@ -42,3 +42,11 @@ def data_env() -> SimpleNamespace:
     (``in_session``, which per-test isolation may later remove), the folder it defaults to
     (``shared``) and the rule (``default``)."""
     return SimpleNamespace(at_start=_AT_START, in_session=_IN_SESSION, shared=SHARED_DATA, default=default_data_env)
+
+
+def pytest_report_header(config) -> list[str]:
+    """Which kernels this run tests: the int8 and narrow-vector tests run only where the CPU
+    has them (their skips say so), and the torch path runs everywhere."""
+    from hdqt.quantization import native
+
+    return [f"hdqt kernels: {native.kernel_variant()}"]
