@@ -353,9 +353,25 @@ def _check_policy_field(key: str, value: Any) -> None:
     QuantPolicy(**{key: value})
 
 
+def policy_overrides(config: RunConfig) -> dict[str, Any]:
+    """The ``hdqt.recipe`` overrides of ``config``: the quantization options it sets
+    (acc_bits 0 becomes the engine's None, unlimited). fp32 quantizes nothing and
+    takes none of them but ``bits``, which the recipe validates and ignores."""
+    overrides = {key: getattr(config, key) for key in QUANT_KEYS
+                 if getattr(config, key) is not None}
+    if overrides.get("acc_bits") == 0:
+        overrides["acc_bits"] = None
+    if config.recipe == "fp32":
+        overrides = {key: value for key, value in overrides.items() if key == "bits"}
+    return overrides
+
+
 def check_quantization(config: RunConfig, origin: Mapping[str, str] | None = None) -> None:
     """The quantization options by the engine's rules, whatever the recipe: fp32
-    ignores them, but a typo should not wait for the run of another recipe."""
+    ignores them, but a typo should not wait for the run of another recipe. Then the
+    recipe's policy with them, for the rules that tie options together (an
+    accumulator too narrow for one product of two codes)."""
+    import hdqt
     from hdqt.quantization.formats import check_bits
 
     if config.bits is not None:
@@ -365,6 +381,20 @@ def check_quantization(config: RunConfig, origin: Mapping[str, str] | None = Non
     for key in ("tile", "saturate_backward", "hadamard_rule"):
         if getattr(config, key) is not None:
             _under_name(key, origin, _check_policy_field, key, getattr(config, key))
+    if config.recipe == "fp32":
+        return
+    try:
+        hdqt.recipe(config.recipe, **policy_overrides(config))
+    except ValueError as error:
+        given = [f"{key_name(key, origin)} {_shown(getattr(config, key))}" for key in QUANT_KEYS
+                 if getattr(config, key) is not None]
+        message = str(error).replace("acc_bits=None (unlimited)", "acc_bits 0 (unlimited)")
+        raise ConfigError(f"the {config.recipe} recipe with {', '.join(given)}: "
+                          f"{message}") from None
+
+
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def train_config(config: RunConfig, origin: Mapping[str, str] | None = None):

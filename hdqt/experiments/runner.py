@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from hdqt.experiments import outputs
-from hdqt.experiments.config import QUANT_KEYS, ConfigError, RunConfig, train_config
+from hdqt.experiments.config import (QUANT_KEYS, ConfigError, RunConfig, policy_overrides,
+                                     train_config)
 from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint, same_code
 from hdqt.experiments.progress import Progress, SilentProgress
 from hdqt.experiments.summary import summarize
@@ -63,12 +64,7 @@ def build_policy(config: RunConfig):
     the same, see ``config.check_quantization``), so its policy is always plain fp32."""
     import hdqt
 
-    overrides = {key: getattr(config, key) for key in QUANT_KEYS
-                 if getattr(config, key) is not None}
-    if overrides.get("acc_bits") == 0:
-        overrides["acc_bits"] = None  # 0 on the command line: an unlimited accumulator
-    if config.recipe == "fp32":
-        overrides = {key: value for key, value in overrides.items() if key == "bits"}
+    overrides = policy_overrides(config)
     try:
         return hdqt.recipe(config.recipe, **overrides)
     except (TypeError, ValueError) as error:

@@ -123,6 +123,17 @@ def test_quantization_options_name_the_flag_and_the_valid_range(recipe, key, val
     assert "recipe" not in str(error.value)
 
 
+def test_options_that_do_not_fit_together_name_the_flags_given():
+    # The engine refuses an accumulator that cannot hold one product of two codes.
+    with pytest.raises(ConfigError, match=r"^the hdqt recipe with --acc-bits 6: acc_bits=6 cannot "
+                                          r"hold one product .* or acc_bits 0 \(unlimited\)$"):
+        resolve(flags={"recipe": "hdqt", "acc_bits": 6})
+    with pytest.raises(ConfigError, match=r"^the int recipe with --bits 8: acc_bits=8 cannot hold"):
+        resolve(flags={"recipe": "int", "bits": 8})
+    assert resolve(flags={"recipe": "int", "bits": 8, "acc_bits": 0}).acc_bits == 0
+    assert resolve(flags={"recipe": "fp32", "acc_bits": 6}).acc_bits == 6  # fp32 ignores it
+
+
 def test_quantization_options_from_a_file_name_key_and_file(tmp_path):
     path = write(tmp_path, 'bits = 1\n')
     with pytest.raises(ConfigError, match=r"^bits \(from .*run\.toml\) must be an integer in "
@@ -144,10 +155,11 @@ def test_saturate_backward_and_hadamard_rule_reach_the_policy_and_the_identity()
     policy = build_policy(default)
     assert (policy.saturate_backward, policy.hadamard_rule) == (False, "paper")  # the recipe's
     custom = resolve(flags={"recipe": "hdqt", "saturate_backward": True,
-                            "hadamard_rule": "binary", "acc_bits": 6, "tile": 16})
+                            "hadamard_rule": "binary", "acc_bits": 10, "tile": 16})
     policy = build_policy(custom)
     assert (policy.saturate_backward, policy.hadamard_rule) == (True, "binary")
-    assert (policy.acc_bits, policy.tile, policy.name) == (6, 16, "hdqt")
+    assert (policy.acc_bits, policy.tile, policy.hadamard) == (10, 16, True)
+    assert policy.name.startswith("hdqt")
     assert build_policy(resolve(flags={"recipe": "hdqt", "acc_bits": 0})).acc_bits is None
     # A changed option is another run (another directory, a refused resume).
     for key, value in (("saturate_backward", True), ("saturate_backward", False),
