@@ -14,7 +14,8 @@ from hdqt.data import DatasetNotFoundError
 from hdqt.data import dsads as dsads_module
 from hdqt.data.base import Located
 
-pytestmark = pytest.mark.realdata
+# Real data: seconds each to read and window the archives, so `-m "not slow"` leaves them out too.
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 
 EXCERPT = "dsads/uci-excerpt-s01-s03.tar.xz"

@@ -5,7 +5,9 @@ from hdqt.quantization.hadamard import (
     HADAMARD_RULES, block_layout, dense_block_matrix, hadamard_transform, sylvester,
 )
 
-SIZES = [1, 2, 3, 6, 8, 12, 19, 64, 100, 128, 405, 512, 1024, 2048, 4096]
+# the dense reference of the largest sizes is an n x n product: seconds each
+SIZES = [1, 2, 3, 6, 8, 12, 19, 64, 100, 128, 405, 512, 1024,
+         pytest.param(2048, marks=pytest.mark.slow), pytest.param(4096, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("rule", HADAMARD_RULES)

@@ -36,6 +36,7 @@ def _torch_only(monkeypatch):
     assert native.load() is None
 
 
+@pytest.mark.slow  # dense references up to 1024 x 1024
 def test_native_fwht_equals_dense_for_every_block_size():
     for p in (2, 4, 8, 16, 32, 128, 256, 512, 1024):
         x = torch.randn(3, 4 * p)
