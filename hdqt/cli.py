@@ -17,6 +17,8 @@ _SUBCOMMANDS = {
     "run": ("hdqt.experiments.cli", "run a class-incremental experiment (the default command)"),
     "data": ("hdqt.data.cli",
              "list the datasets, whether each was found, and where they were looked for"),
+    "energy": ("hdqt.cost.cli", "estimate operations, bytes and energy of one training step per recipe"),
+    "info": ("hdqt.info", "versions, kernel variant, threads and data roots of this machine"),
 }
 
 

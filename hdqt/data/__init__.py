@@ -41,6 +41,8 @@ class DatasetInfo:
     module: str
     kind: str  # "har" (subject split), "image" (own split, augmentation) or "table" (stratified)
     default_backbone: str
+    input_shape: tuple[int, ...]  # one sample as the models see it (features for HAR)
+    classes: int
 
     def loader(self):
         return importlib.import_module(self.module)
@@ -54,12 +56,12 @@ class DatasetInfo:
 _DATASETS = MappingProxyType({
     info.name: info
     for info in (
-        DatasetInfo("dsads", "hdqt.data.dsads", "har", "fcnet"),
-        DatasetInfo("hapt", "hdqt.data.hapt", "har", "fcnet"),
-        DatasetInfo("pamap2", "hdqt.data.pamap2", "har", "fcnet"),
-        DatasetInfo("cifar100", "hdqt.data.cifar100", "image", "resnet32"),
-        DatasetInfo("fashion_mnist", "hdqt.data.fashion_mnist", "image", "convnet"),
-        DatasetInfo("digits", "hdqt.data.digits", "table", "fcnet"),
+        DatasetInfo("dsads", "hdqt.data.dsads", "har", "fcnet", (405,), 19),
+        DatasetInfo("hapt", "hdqt.data.hapt", "har", "fcnet", (561,), 12),
+        DatasetInfo("pamap2", "hdqt.data.pamap2", "har", "fcnet", (243,), 12),
+        DatasetInfo("cifar100", "hdqt.data.cifar100", "image", "resnet32", (3, 32, 32), 100),
+        DatasetInfo("fashion_mnist", "hdqt.data.fashion_mnist", "image", "convnet", (1, 28, 28), 10),
+        DatasetInfo("digits", "hdqt.data.digits", "table", "fcnet", (64,), 10),
     )
 })
 _ALIASES = MappingProxyType({"fashion-mnist": "fashion_mnist", "cifar-100": "cifar100"})

@@ -53,7 +53,7 @@ def _compiled() -> ctypes.CDLL | None:
     try:
         if not target.exists():
             _say(f"compiling the native CPU kernels with {compiler} (once per version of the kernels; "
-                 f"about 20 s) into {target.parent}")
+                 f"10-30 s) into {target.parent}")
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 tmp_out = Path(tmp) / target.name

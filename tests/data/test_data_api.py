@@ -102,3 +102,10 @@ def test_module_constants_cannot_be_changed_by_accident():
     assert isinstance(cifar100._ArrayOnlyUnpickler._ALLOWED, frozenset)
     # the loaders still hand out plain lists, so a caller may edit its own copy
     assert isinstance(data.load("digits").class_names, list)
+
+
+def test_dataset_info_gives_the_shape_and_classes_the_models_see():
+    prepared = data.prepare("digits")
+    info = data.dataset_info("digits")
+    assert info.input_shape == prepared.input_shape and info.classes == 10
+    assert {data.dataset_info(n).input_shape for n in ("dsads", "hapt", "pamap2")} == {(405,), (561,), (243,)}

@@ -35,6 +35,8 @@ def test_dsads_counts(dsads_root):
     ds = data.load("dsads", root=dsads_root)
     assert ds.x.shape == (9120, 405) and ds.x.dtype == np.float32 and np.isfinite(ds.x).all()
     assert ds.num_classes == 19 and np.array_equal(np.bincount(ds.y), np.full(19, 480))
+    info = data.dataset_info("dsads")  # what `hdqt energy` builds its model from
+    assert (info.input_shape, info.classes) == (ds.x.shape[1:], ds.num_classes)
     assert np.array_equal(np.unique(ds.subject), np.arange(1, 9))
     assert np.array_equal(np.bincount(ds.extra["segment"])[1:], np.full(60, 152))
     raw = data.load("dsads", root=dsads_root, features=False)
@@ -97,6 +99,7 @@ def test_hapt_counts(hapt):
     _, ds = hapt
     assert ds.x.shape == (10929, 561) and np.isfinite(ds.x).all()
     assert ds.num_classes == 12 and np.bincount(ds.y).min() > 0
+    assert (data.dataset_info("hapt").input_shape, data.dataset_info("hapt").classes) == (ds.x.shape[1:], 12)
     assert np.array_equal(np.unique(ds.subject), np.arange(1, 31))
     assert len(np.unique(ds.extra["experiment"])) == 61
 
@@ -131,6 +134,7 @@ def test_hapt_raw_windows_and_subject_split(hapt):
 def test_fashion_mnist_counts(real_root):
     ds = data.load("fashion_mnist", root=real_root("fashion-mnist"))
     assert ds.x.shape == (70000, 1, 28, 28) and ds.x.dtype == np.uint8
+    assert data.dataset_info("fashion_mnist").input_shape == ds.x.shape[1:]
     is_test = ds.split == "test"
     assert is_test.sum() == 10000
     assert np.array_equal(np.bincount(ds.y[~is_test]), np.full(10, 6000))

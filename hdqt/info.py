@@ -1,0 +1,36 @@
+"""The `hdqt info` sub-command: what this installation runs on.
+
+Versions, the kernel variant this CPU uses (AVX-512, AVX2 or baseline clones; int8
+dot products or float32 products; or the pure-torch path and why), torch's threads
+and devices, and where datasets are looked for. A slow training step usually has its
+reason here.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("info", help="versions, kernel variant, threads and data roots of this machine",
+                                   description=__doc__)
+    parser.set_defaults(func=info_command)
+    return parser
+
+
+def info_command(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    import hdqt
+    from hdqt.data import data_roots
+    from hdqt.quantization import native
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + \
+        (["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else [])
+    print(f"hdqt {hdqt.__version__}, torch {torch.__version__}, Python {platform.python_version()} "
+          f"on {platform.machine()}")
+    print(f"kernels: {native.kernel_variant()}")
+    print(f"torch threads: {torch.get_num_threads()}; devices: {', '.join(devices)}")
+    print("data roots: " + ", ".join(str(root) for root in data_roots()))
+    return 0
