@@ -31,6 +31,7 @@ def read(out, run):
     return json.loads((out / run / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # a grid of runs in worker processes
 def test_tiny_grid_runs_in_parallel_and_reports_paired_differences(bench, tmp_path):
     out, results = tmp_path / "runs", tmp_path / "results.md"
     argv = ["--datasets", "digits", "--methods", "icarl,lwf", "--seeds", "0,1", "--epochs", "1",

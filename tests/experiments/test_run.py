@@ -103,6 +103,7 @@ def kill_in_task_3(out, method: str, stage: str) -> str:
     return killed.stdout
 
 
+@pytest.mark.slow  # kills and resumes a run in a child process
 def test_resume_after_sigkill_mid_task_equals_uninterrupted_run(reference_run, tmp_path):
     out = tmp_path / "killed"
     log = kill_in_task_3(out, "icarl", "main")  # the reference run's config (TINY, hdqt)
@@ -126,6 +127,7 @@ def test_resume_after_sigkill_mid_task_equals_uninterrupted_run(reference_run, t
     assert read_metrics(out) == read_metrics(reference_run)
 
 
+@pytest.mark.slow  # kills and resumes a run in a child process
 def test_bic_killed_in_its_bias_stage_resumes_to_the_uninterrupted_result(tmp_path):
     cli_args = ("--dataset", "digits", "--method", "bic", "--recipe", "hdqt", "--epochs", "2",
                 "--memory", "40")
@@ -254,6 +256,7 @@ def test_a_process_labels_its_runs_with_the_code_it_loaded(monkeypatch):
     assert fingerprint.loaded_code_fingerprint() == loaded
 
 
+@pytest.mark.slow  # starts a grid worker process
 def test_grid_worker_with_other_code_than_the_grid_refuses_to_run(tmp_path):
     from hdqt.experiments.grid import GridPoint, _run_point
 
