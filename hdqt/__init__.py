@@ -7,8 +7,9 @@ The engine's verbs are at the top level::
     model = hdqt.quantize_model(model, policy)
 
 Sub-packages: ``hdqt.quantization`` (formats, Hadamard, matmul, layers, recipes),
-``hdqt.data``, ``hdqt.models``, ``hdqt.cl`` (scenarios, memory, learners, metrics)
-and ``hdqt.experiments`` (the ``hdqt run`` command).
+``hdqt.data``, ``hdqt.models``, ``hdqt.cl`` (scenarios, memory, learners, metrics),
+``hdqt.cost`` (operations and energy of a training step) and ``hdqt.experiments``
+(the ``hdqt run`` command).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ _LAZY_NAMES = {
     "recipe": "hdqt.quantization",
     "reseed_quantizers": "hdqt.quantization",
 }
-_LAZY_SUBPACKAGES = ("cl", "data", "experiments", "models", "quantization")
+_LAZY_SUBPACKAGES = ("cl", "cost", "data", "experiments", "models", "quantization")
 
 __all__ = [
     "QuantConv2d",
