@@ -4,7 +4,8 @@ matmuls (forward and backward) run under a QuantPolicy.
 They subclass the float layers, so code that looks for nn.Linear heads keeps
 working, and they share the float layer's Parameters when converted, so an
 optimizer built before conversion still updates them. The policy and the
-stochastic-rounding generator states are saved in the state_dict (extra state).
+stochastic-rounding generator states are saved in the state_dict (extra state),
+with the state of scalings that track tensors across steps (FP134's exponents).
 """
 from __future__ import annotations
 
@@ -55,12 +56,14 @@ class _QuantMixin:
             "policy": self._rt.policy.to_dict(),
             "seed": self._rt.seed,
             "generator_states": self._rt.generator_states(),
+            "scaling_states": self._rt.scaling_states(),
         }
 
     def set_extra_state(self, state: dict) -> None:
         self._rt.policy = QuantPolicy.from_dict(state["policy"])
         self._rt.seed = int(state["seed"])
         self._rt.restore_generator_states(state.get("generator_states", {}))
+        self._rt.restore_scaling_states(state.get("scaling_states", {}))
 
     def extra_repr(self) -> str:  # shown by print(model)
         return f"{super().extra_repr()}, policy={self._rt.policy.name!r}"

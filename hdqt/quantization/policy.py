@@ -61,14 +61,37 @@ class QuantPolicy:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {self.nonfinite!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
+        for op in ("forward_weight", "backward_weight"):
+            q = getattr(self, op)
+            if q is not None and q.granularity == "sample":
+                raise ValueError(f"{op} has no sample dimension: granularity='sample' applies to inputs and gradients")
         self._check_accumulator()
 
     def _check_accumulator(self) -> None:
         """Refuse an accumulator that cannot hold one product of two codes: every tile with
         a large product would saturate, and training would run at chance without a word
-        (8-bit operands on the default 8-bit accumulator did)."""
+        (8-bit operands on the default 8-bit accumulator did).
+
+        ``acc_bits`` is an integer accumulator: it counts in units of the product of two
+        integer codes. Operands in a float or log format, or with per-sample scales (whose
+        products run on dequantized values), have no such unit, so a limited accumulator
+        is refused for their products (float accumulators are future work, see
+        docs/quantization.md); leave it unlimited (None: float32 sums)."""
         if self.acc_bits is None:
             return
+        limited = [("forward", ("forward_input", "forward_weight"))]
+        if self.saturate_backward:
+            limited += [("dX", ("grad_output_dx", "backward_weight")), ("dW", ("grad_output_dw", "backward_input"))]
+        for product, ops in limited:
+            for op in ops:
+                q = getattr(self, op)
+                if q is not None and (not q.format.is_integer or q.granularity != "tensor"):
+                    what = (f"a {q.format.kind} format" if not q.format.is_integer else "per-sample scales")
+                    raise ValueError(
+                        f"acc_bits={self.acc_bits} is an integer accumulator, but the {product} product's {op} has "
+                        f"{what}: only integer codes with per-tensor scales have its units. Use acc_bits=None "
+                        "(unlimited, float32 sums) for this policy"
+                    )
         limit = 2 ** (self.acc_bits - 1) - 1
         products = [("forward", self.forward_input, self.forward_weight)]
         if self.saturate_backward:

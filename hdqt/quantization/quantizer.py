@@ -1,8 +1,16 @@
-"""A quantizer is a format, a scaling rule and a rounding mode (QPyTorch style).
+"""A quantizer is a format, a scaling rule and a rounding mode (QPyTorch style),
+plus the granularity of its scale (per tensor, or per sample).
 
-``Quantizer.quantize`` returns a ``QTensor``: integer-valued ``values`` (kept in a
-float dtype so that BLAS can multiply them exactly) and a per-tensor ``scale``
-such that ``values * scale`` approximates the input.
+``Quantizer.quantize`` returns a ``QTensor``: ``values`` on the format's grid (kept
+in a float dtype: integer codes for an ``IntFormat``, so that BLAS multiplies them
+exactly; the float or log format's own values otherwise) and a ``scale`` such that
+``values * scale`` approximates the input. The scale is a float per tensor, or a
+tensor broadcastable to the values (per sample: the sample dimension keeps its
+size, the others are 1).
+
+An integer format with per-tensor dynamic scaling runs on the native kernels where
+they apply (one fused pass); every other combination runs on torch operations
+(``_quantize_general``), which work on any device.
 """
 from __future__ import annotations
 
@@ -14,8 +22,11 @@ from typing import NamedTuple
 import torch
 
 from hdqt.quantization import native
-from hdqt.quantization.formats import IntFormat, format_from_dict
+from hdqt.quantization.formats import FloatFormat, Format, IntFormat, LogFormat, format_from_dict
 from hdqt.quantization.rounding import check_rounding, round_nearest_, round_stochastic_
+from hdqt.quantization.scaling import (  # noqa: F401  (DynamicScaling, scaling_from_dict: re-exported)
+    DynamicScaling, ExponentBiasScaling, SAWBScaling, Scaling, scaling_from_dict,
+)
 
 NONFINITE_MODES = ("raise", "propagate")
 
@@ -25,52 +36,45 @@ class NonFiniteError(ValueError):
 
 
 class QTensor(NamedTuple):
-    values: torch.Tensor  # integer-valued, float dtype
-    scale: float  # dequantized tensor = values * scale
+    values: torch.Tensor  # on the format's grid (integer codes for IntFormat), float dtype
+    scale: float | torch.Tensor  # dequantized tensor = values * scale (a tensor: broadcastable, per sample)
 
     def dequantize(self) -> torch.Tensor:
         return self.values * self.scale
 
 
-@dataclass(frozen=True)
-class DynamicScaling:
-    """Per-tensor scale recomputed at every call from the tensor's max magnitude.
-
-    The clip value is ``clip_ratio * max|t|``: a ratio below 1 trades clipping of
-    the few largest values for a finer grid for all others (the paper's forward
-    quantizer uses 0.975).
-    """
-
-    clip_ratio: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.clip_ratio, (int, float)) and 0.0 < self.clip_ratio <= 1.0):
-            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
-
-    def to_dict(self) -> dict:
-        return {"kind": "dynamic", "clip_ratio": float(self.clip_ratio)}
-
-
-def scaling_from_dict(data: dict) -> DynamicScaling:
-    data = dict(data)
-    kind = data.pop("kind", "dynamic")
-    if kind != "dynamic":
-        raise ValueError(f"scaling kind must be one of ('dynamic',), got {kind!r}")
-    return DynamicScaling(**data)
+GRANULARITIES = ("tensor", "sample")
 
 
 @dataclass(frozen=True)
 class Quantizer:
-    format: IntFormat = field(default_factory=IntFormat)
-    scaling: DynamicScaling = field(default_factory=DynamicScaling)
+    format: Format = field(default_factory=IntFormat)
+    scaling: Scaling = field(default_factory=DynamicScaling)
     rounding: str = "nearest"
+    granularity: str = "tensor"  # "tensor", or "sample": one scale per index of the sample dimension
 
     def __post_init__(self) -> None:
         check_rounding(self.rounding)
-        if not isinstance(self.format, IntFormat):
-            raise ValueError(f"format must be an IntFormat, got {type(self.format).__name__}")
-        if not isinstance(self.scaling, DynamicScaling):
-            raise ValueError(f"scaling must be a DynamicScaling, got {type(self.scaling).__name__}")
+        if not isinstance(self.format, (IntFormat, FloatFormat, LogFormat)):
+            raise ValueError(f"format must be an IntFormat, FloatFormat or LogFormat, got {type(self.format).__name__}")
+        if not isinstance(self.scaling, (DynamicScaling, SAWBScaling, ExponentBiasScaling)):
+            raise ValueError("scaling must be a DynamicScaling, SAWBScaling or ExponentBiasScaling, "
+                             f"got {type(self.scaling).__name__}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if isinstance(self.scaling, ExponentBiasScaling):
+            if not isinstance(self.format, FloatFormat):
+                raise ValueError("ExponentBiasScaling moves a float format's exponent bias: it needs a FloatFormat, "
+                                 f"got {type(self.format).__name__}")
+            if self.granularity != "tensor":
+                raise ValueError("ExponentBiasScaling tracks one exponent per tensor: granularity must be 'tensor'")
+
+    @property
+    def native_fast(self) -> bool:
+        """True for the integer grid with per-tensor dynamic scaling: the native kernels'
+        case (the rest runs on torch operations)."""
+        return (isinstance(self.format, IntFormat) and isinstance(self.scaling, DynamicScaling)
+                and self.granularity == "tensor")
 
     def quantize(
         self,
@@ -80,12 +84,19 @@ class Quantizer:
         nonfinite: str = "raise",
         role: str = "tensor",
         amax: float | None = None,
+        state: dict | None = None,
+        sample_dim: int = 0,
     ) -> QTensor:
         """Quantize ``tensor`` (not modified). ``role`` names it in error messages.
 
         ``amax`` is max|tensor| when the caller already knows it (a fused kernel
         computed it); a signed format then needs no extra pass over the tensor.
+        ``state`` is the caller's dict for a scaling with state (``ExponentBiasScaling``
+        reads and updates ``state["exponent"]``); ``sample_dim`` is the dimension that
+        indexes samples, for ``granularity="sample"``.
         """
+        if not self.native_fast:
+            return self._quantize_general(tensor, generator, nonfinite, role, state, sample_dim)
         if native.usable(tensor) and (amax is None or self.format.signed == "auto"):
             lib = native.load()
             if lib is not None:  # one native call: range, grid and rounding
@@ -114,8 +125,49 @@ class Quantizer:
             values = round_stochastic_(values.clamp_(qmin, qmax), generator).clamp_(qmin, qmax)
         return QTensor(values, scale)
 
+    def _quantize_general(self, tensor, generator, nonfinite, role, state, sample_dim) -> QTensor:
+        """Any format, scaling and granularity, on torch operations (any device)."""
+        t = tensor.detach()
+        fmt = self.format
+        dims = None
+        if self.granularity == "sample" and t.dim() > 1:
+            sample_dim %= t.dim()
+            dims = tuple(d for d in range(t.dim()) if d != sample_dim)
+            amax_t = t.abs().amax(dims, keepdim=True)
+            top = float(amax_t.max()) if amax_t.numel() else 0.0
+        else:
+            amax_t = t.abs().max() if t.numel() else t.new_zeros(())
+            top = float(amax_t)
+        if not math.isfinite(top):
+            return _nonfinite(tensor, nonfinite, role)
+        signed = True
+        if isinstance(fmt, IntFormat):
+            signed = fmt.signed == "signed" or (fmt.signed == "auto" and t.numel() > 0 and float(t.min()) < 0)
+            qmax = fmt.signed_max if signed else fmt.unsigned_max
+        else:
+            qmax = fmt.max_magnitude()
+        if isinstance(self.scaling, ExponentBiasScaling):
+            exponent = None if state is None else state.get("exponent")
+            if exponent is None:
+                exponent = self.scaling.initial_exponent(top)
+            scale = math.ldexp(1.0, exponent - fmt.emax)
+            if state is not None and top > 0:  # an all-zero tensor says nothing about the range
+                state["exponent"] = self.scaling.next_exponent(exponent, top)
+        else:
+            clip = self.scaling.clip(t, amax_t, dims)
+            if dims is None:
+                clip = float(clip)
+                scale = clip / qmax if clip > 0 else 1.0  # an all-zero tensor maps to zeros, not NaN
+            else:
+                scale = torch.where(clip > 0, clip / qmax, torch.ones_like(clip))
+        values = fmt.round_(t / scale, self.rounding, generator, signed=signed)
+        return QTensor(values, scale)
+
     def grid(self, amax: float, lo: float) -> tuple[float, int, int]:
-        """(scale, qmin, qmax) for a finite tensor with max|t| = ``amax`` and minimum ``lo``."""
+        """(scale, qmin, qmax) for a finite tensor with max|t| = ``amax`` and minimum ``lo``
+        (the integer grid with per-tensor dynamic scaling only: ``native_fast``)."""
+        if not self.native_fast:
+            raise ValueError(f"grid() is the integer per-tensor grid; this quantizer is {self.to_dict()}")
         fmt = self.format
         signed = fmt.signed == "signed" or (fmt.signed == "auto" and lo < 0)
         qmax = fmt.signed_max if signed else fmt.unsigned_max
@@ -157,21 +209,26 @@ class Quantizer:
         return QTensor(out, scale)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "format": self.format.to_dict(),
             "scaling": self.scaling.to_dict(),
             "rounding": self.rounding,
         }
+        if self.granularity != "tensor":  # the default is left out: older policies read the same
+            out["granularity"] = self.granularity
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Quantizer":
-        unknown = set(data) - {"format", "scaling", "rounding"}
+        unknown = set(data) - {"format", "scaling", "rounding", "granularity"}
         if unknown:
-            raise ValueError(f"unknown quantizer field(s) {sorted(unknown)}; valid: format, scaling, rounding")
+            raise ValueError(f"unknown quantizer field(s) {sorted(unknown)}; valid: format, scaling, rounding, "
+                             "granularity")
         return cls(
             format=format_from_dict(data.get("format", {})),
             scaling=scaling_from_dict(data.get("scaling", {})),
             rounding=data.get("rounding", "nearest"),
+            granularity=data.get("granularity", "tensor"),
         )
 
 

@@ -2,6 +2,25 @@
 
 A recipe is a function of a few knobs that returns a policy; overrides given by
 name replace fields of the result, so any policy field can be set from a recipe.
+
+* ``fp32``: nothing quantized.
+* ``hdqt`` / ``int``: integer FQT with / without the backward Hadamard transform.
+* ``luq`` (Chmiel et al. 2021): forward weights and inputs on a ``bits``-bit integer
+  grid with SAWB clipping, rounded to nearest; the output gradient of both backward
+  products in a ``bits``-bit log format, max-scaled, with LUQ's stochastic
+  underflow and unbiased log rounding; the backward products take the forward's
+  quantized weights and inputs as they are (as the official code's autograd does).
+* ``fp134`` (Sun et al. 2020, as the paper's official code runs it): every operand
+  in the 1-3-4 float format with a tracked per-tensor exponent bias
+  (``ExponentBiasScaling``); forward operands round to nearest, the output
+  gradients stochastically.
+* ``fp8_e4m3``, ``fp8_e5m2``, ``fp4_e2m1``: generic float FQT in that format,
+  max-scaled per tensor; forward round to nearest, gradients stochastic.
+
+The float recipes take ``acc_bits=None`` (float32 sums) by default: ``acc_bits`` is an
+integer accumulator (``QuantPolicy._check_accumulator``), and float accumulators
+are not implemented yet. ``bits`` of a float recipe is its format's width (8 or 4);
+giving another is an error.
 """
 from __future__ import annotations
 
@@ -9,9 +28,10 @@ import inspect
 from dataclasses import fields, replace
 from typing import Callable
 
-from hdqt.quantization.formats import check_bits
+from hdqt.quantization.formats import FP4_E2M1, FP8_E4M3, FP8_E5M2, FP134, FloatFormat, IntFormat, LogFormat, check_bits
 from hdqt.quantization.policy import QuantPolicy
-from hdqt.quantization.quantizer import int_quantizer
+from hdqt.quantization.quantizer import Quantizer, int_quantizer
+from hdqt.quantization.scaling import DynamicScaling, ExponentBiasScaling, SAWBScaling, sawb_coefficients
 
 FORWARD_CLIP_RATIO = 0.975  # the paper's forward clip: c = 0.975 * max|t|
 
@@ -48,7 +68,51 @@ def _int(bits: int = 4, acc_bits: int | None = 8, tile: int = 32, clip_ratio: fl
     return _integer_fqt(bits, acc_bits, tile, False, "int", clip_ratio)
 
 
-_RECIPES: dict[str, Callable[..., QuantPolicy]] = {"fp32": _fp32, "hdqt": _hdqt, "int": _int}
+def _luq(bits: int = 4, acc_bits: int | None = 8, tile: int = 32) -> QuantPolicy:
+    check_bits(bits)
+    sawb = SAWBScaling(*sawb_coefficients(bits))
+    grad = Quantizer(LogFormat(bits), DynamicScaling(), "stochastic")
+    return QuantPolicy(
+        forward_input=Quantizer(IntFormat(bits, "auto"), sawb, "nearest"),
+        forward_weight=Quantizer(IntFormat(bits, "signed"), sawb, "nearest"),
+        grad_output_dx=grad,
+        grad_output_dw=grad,
+        acc_bits=acc_bits,
+        tile=tile,
+        name="luq",
+    )
+
+
+def _float_fqt(fmt: FloatFormat, name: str, bits: int | None, acc_bits: int | None, tile: int,
+               scaling) -> QuantPolicy:
+    if bits is not None and bits != fmt.bits:
+        check_bits(bits)
+        raise ValueError(f"the {name} recipe's format has {fmt.bits} bits; bits={bits} does not apply to it")
+    return QuantPolicy(
+        forward_input=Quantizer(fmt, scaling, "nearest"),
+        forward_weight=Quantizer(fmt, scaling, "nearest"),
+        grad_output_dx=Quantizer(fmt, scaling, "stochastic"),
+        grad_output_dw=Quantizer(fmt, scaling, "stochastic"),
+        acc_bits=acc_bits,
+        tile=tile,
+        name=name,
+    )
+
+
+def _float_recipe(fmt: FloatFormat, name: str, scaling=DynamicScaling()) -> Callable[..., QuantPolicy]:
+    def build(bits: int | None = None, acc_bits: int | None = None, tile: int = 32) -> QuantPolicy:
+        return _float_fqt(fmt, name, bits, acc_bits, tile, scaling)
+    build.__name__ = f"_{name}"
+    return build
+
+
+_RECIPES: dict[str, Callable[..., QuantPolicy]] = {
+    "fp32": _fp32, "hdqt": _hdqt, "int": _int, "luq": _luq,
+    "fp134": _float_recipe(FP134, "fp134", ExponentBiasScaling()),
+    "fp8_e4m3": _float_recipe(FP8_E4M3, "fp8_e4m3"),
+    "fp8_e5m2": _float_recipe(FP8_E5M2, "fp8_e5m2"),
+    "fp4_e2m1": _float_recipe(FP4_E2M1, "fp4_e2m1"),
+}
 _KNOBS = ("bits", "acc_bits", "tile", "clip_ratio")
 
 
@@ -71,6 +135,11 @@ def recipe(name: str, /, **overrides) -> QuantPolicy:
             f"unknown recipe override(s) {sorted(unknown)}; valid: {sorted(set(_KNOBS) | valid_fields)}"
         )
     knobs = {k: overrides.pop(k) for k in _KNOBS if k in overrides}
+    if name != "fp32":
+        takes = inspect.signature(_RECIPES[name]).parameters
+        foreign = sorted(k for k in knobs if k not in takes)
+        if foreign:
+            raise ValueError(f"the {name} recipe takes no {', '.join(foreign)}; its knobs: {', '.join(takes)}")
     if name == "fp32":
         # fp32 quantizes nothing: the knobs are still validated (so a typo is caught
         # in a --compare run) but do not apply.

@@ -11,6 +11,13 @@ from hdqt.quantization.policy import QuantPolicy
 from hdqt.quantization.quantizer import QTensor, Quantizer
 
 
+# The sample dimension of each operand as the products pass it (functional.py): the
+# rows of G for dX (linear (B, N), conv (B, N, L)); G^T (N, B[, L]) and X^T / the
+# conv columns (K, B[, L]) for dW; the forward input (B, ...). Per-sample scales
+# (granularity "sample") are computed along it.
+SAMPLE_DIM = {"forward input": 0, "output gradient (dX)": 0, "output gradient (dW)": 1, "backward input": 1}
+
+
 def derive_seed(base: int, *parts: object) -> int:
     """A stable 63-bit seed from a base seed and names (independent of PYTHONHASHSEED)."""
     text = ":".join(str(p) for p in (base, *parts))
@@ -25,6 +32,9 @@ class LayerRuntime:
         self._generators: dict[str, torch.Generator] = {}
         self._pending_states: dict[str, torch.Tensor] = {}
         self.hadamard_cache: dict = {}
+        # State of scalings that track a tensor across steps (ExponentBiasScaling's
+        # exponent), one dict per operand; saved with the layer's state_dict.
+        self.scaling_state: dict[str, dict] = {}
 
     def reseed(self, seed: int) -> None:
         self.seed = seed
@@ -60,6 +70,21 @@ class LayerRuntime:
         if quantizer is None:
             return QTensor(tensor, 1.0)
         gen = self.generator(tensor.device) if quantizer.rounding == "stochastic" else None
-        return quantizer.quantize(
-            tensor, gen, nonfinite=self.policy.nonfinite, role=f"{operand} of layer {self.name!r}", amax=amax
-        )
+        if quantizer.native_fast:
+            return quantizer.quantize(
+                tensor, gen, nonfinite=self.policy.nonfinite, role=f"{operand} of layer {self.name!r}", amax=amax
+            )
+        state = self.scaling_state.setdefault(operand, {}) if quantizer.scaling.kind == "exponent_bias" else None
+        q = quantizer.quantize(tensor, gen, nonfinite=self.policy.nonfinite, role=f"{operand} of layer {self.name!r}",
+                               state=state, sample_dim=SAMPLE_DIM.get(operand, 0))
+        if isinstance(q.scale, torch.Tensor):
+            # Per-sample scales: the products take the dequantized operand (scale 1), so
+            # they are float products (the policy allows no limited accumulator there).
+            return QTensor(q.values.mul_(q.scale), 1.0)
+        return q
+
+    def scaling_states(self) -> dict[str, dict]:
+        return {op: dict(st) for op, st in self.scaling_state.items()}
+
+    def restore_scaling_states(self, states: dict[str, dict]) -> None:
+        self.scaling_state = {op: dict(st) for op, st in states.items()}
