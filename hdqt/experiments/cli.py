@@ -57,6 +57,8 @@ _FLAGS = [
     ("--data-root", "data_root", str, "directory with the datasets (default: HDQT_DATA)"),
     ("--device", "device", str, "torch device, e.g. cpu, cuda or cuda:1; must exist on this "
      "machine (default: cpu)"),
+    ("--diagnose-every", "diagnose_every", int, "gradient diagnostics every N training steps "
+     "into diagnostics.jsonl; they do not change the results (default: 0, off)"),
 ]
 
 _METAVARS = {"hadamard_rule": "{paper,binary}"}

@@ -61,6 +61,10 @@ class RunConfig:
     # resumed run has the same configuration (see ``identity``).
     data_root: str | None = field(default=None, compare=False)
     device: str = field(default="cpu", compare=False)
+    # Gradient diagnostics every N training steps into diagnostics.jsonl (0: off). They run
+    # on copies of the network under a forked RNG and leave training as it is, so they
+    # are not part of the identity either: a run resumes with them switched on or off.
+    diagnose_every: int = field(default=0, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -86,7 +90,8 @@ CONFIG_KEYS = tuple(f.name for f in _FIELDS)
 RUN_KEYS = ("compare", "out")
 
 _INT_KEYS = {"epochs", "memory", "init_classes", "increment", "seed", "bits",
-             "acc_bits", "tile", "batch_size", "bic_steps", "balanced_finetune_epochs"}
+             "acc_bits", "tile", "batch_size", "bic_steps", "balanced_finetune_epochs",
+             "diagnose_every"}
 _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "temperature", "test_fraction",
                "bic_val_fraction", "aux_loss_weight"}
 _STR_KEYS = {"dataset", "method", "recipe", "backbone", "selection", "data_root", "device",
@@ -438,6 +443,9 @@ def validate(config: RunConfig, choices: Choices, origin: Mapping[str, str] | No
     _check_choice("selection", config.selection, choices.selections, origin)
     for key in ("init_classes", "increment"):
         _under_name(key, origin, check_task_size, key, getattr(config, key))
+    if config.diagnose_every < 0:
+        raise ConfigError(f"{key_name('diagnose_every', origin)} must be 0 (off) or a number of "
+                          f"training steps, got {config.diagnose_every}")
     if not 0.0 < config.test_fraction < 1.0:
         raise ConfigError(f"{key_name('test_fraction', origin)} must be in (0, 1), "
                           f"got {config.test_fraction}")

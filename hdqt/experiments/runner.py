@@ -32,6 +32,8 @@ from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint, same
 from hdqt.experiments.progress import Progress, SilentProgress
 from hdqt.experiments.summary import summarize
 
+DIAGNOSTICS_JSONL = "diagnostics.jsonl"  # --diagnose-every (hdqt.diagnostics.tracking)
+
 # 2: tensors and plain data only, read with torch.load(weights_only=True).
 CHECKPOINT_VERSION = 2
 _REDO = "use --overwrite to rerun it from scratch, or --force to go on with it anyway"
@@ -247,6 +249,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
         _restore_rng_states(state["rng"])
         history = list(state["history"])
     resumed_after = len(history)
+    _track_diagnostics(learner, config, out_dir / DIAGNOSTICS_JSONL, resumed_after)
 
     progress.run_started(config, scenario.num_tasks, resumed_after)
     for task in scenario.tasks[resumed_after:]:
@@ -262,11 +265,11 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
             "version": CHECKPOINT_VERSION, "config": config.identity(), "code": code,
             "class_order": [int(c) for c in scenario.class_order],
             "learner": learner.state_dict(), "rng": _rng_states(), "history": history})
-        _write_reports(out_dir, config, scenario, history)
+        _write_reports(out_dir, config, scenario, history, energy_per_step(learner, config))
         progress.task_finished(record, scenario.num_tasks)
 
     # Also rewrites the reports of a run that was already complete (cheap, idempotent).
-    metrics = _write_reports(out_dir, config, scenario, history)
+    metrics = _write_reports(out_dir, config, scenario, history, energy_per_step(learner, config))
     result = RunResult(config, out_dir, metrics, history, resumed_after)
     progress.run_finished(result)
     return result
@@ -311,12 +314,46 @@ def _evaluate(learner, task, scenario, class_names, seconds: float) -> dict[str,
             "seconds": round(seconds, 3), "accuracy": accuracies}
 
 
+def _track_diagnostics(learner, config: RunConfig, path: Path, resumed_after: int) -> None:
+    """--diagnose-every: set the learner's diagnostics hook. The records of the tasks this
+    run redoes (after a resume) are dropped first, whether or not it tracks again."""
+    from hdqt.diagnostics.tracking import DiagnosticsTracker, keep_tasks_before
+
+    keep_tasks_before(path, resumed_after)
+    if config.diagnose_every:
+        learner.on_step = DiagnosticsTracker(path, config.diagnose_every, seed=config.seed)
+
+
+def energy_per_step(learner, config: RunConfig) -> dict[str, Any] | None:
+    """The cost model's estimate of one training step (``hdqt.cost.estimate``) of the
+    learner's network as it stands (after its last task: DER and MEMO grow), under the
+    layers' own policies, for the run's input shape and batch. None, with a warning, if
+    the estimate fails: an estimate must not stop a run."""
+    import copy
+
+    from hdqt.cost import estimate
+
+    try:
+        step = estimate(copy.deepcopy(learner.network).cpu(), learner.input_shape, None,
+                        batch=config.batch_size)
+    except Exception as error:  # noqa: BLE001 - reported, and the run goes on
+        warnings.warn(f"no energy estimate for this run: {error}", stacklevel=2)
+        return None
+    return {"total_pj": step.total_pj, "compute_pj": step.compute_pj,
+            "memory_pj": step.memory_pj, "macs": step.macs, "bytes": step.bytes,
+            "batch": step.batch, "policy": learner.policy.name if learner.policy else "fp32",
+            "energy_table": step.energy_table.source}
+
+
 def _write_reports(out_dir: Path, config: RunConfig, scenario,
-                   history: list[dict[str, Any]]) -> dict[str, Any]:
+                   history: list[dict[str, Any]],
+                   energy: dict[str, Any] | None = None) -> dict[str, Any]:
     metrics = summarize(history, scenario.num_tasks, config.method)
     metrics = {"dataset": config.dataset, "method": config.method, "recipe": config.recipe,
                "seed": config.seed, "class_order": [int(c) for c in scenario.class_order],
                **metrics}
+    if energy is not None:
+        metrics["energy_per_step"] = energy
     outputs.write_json(out_dir / outputs.METRICS_JSON, metrics)
     classifiers = sorted({name for record in history for name in record["accuracy"]})
     header = ["task", "new_classes", "new_class_names", "num_seen_classes", "train_samples",

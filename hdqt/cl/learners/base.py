@@ -52,6 +52,10 @@ class Learner:
     name: ClassVar[str] = "base"
     uses_memory: ClassVar[bool] = False
     keeps_old_network: ClassVar[bool] = False
+    # Called before every optimizer step as on_step(learner, x, y, task_index, stage) with
+    # the batch about to be trained on (hdqt run --diagnose-every); it must leave the
+    # learner as it found it. None: nothing is called.
+    on_step: Callable[..., None] | None = None
 
     def __init__(self, *, backbone: str, input_shape: tuple, num_classes: int, policy,
                  config: TrainConfig, seed: int, augment=None):
@@ -279,6 +283,8 @@ class Learner:
                     if augment and self.augment is not None:
                         xb = self.augment(xb, generator)
                     xb, yb = xb.to(self.device), y_all[idx].to(self.device)
+                    if self.on_step is not None:
+                        self.on_step(self, xb, yb, task_index, stage)
                     loss, logits = loss_fn(xb, yb)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
