@@ -1,0 +1,217 @@
+"""Baseline FQT recipes compared in one engine (issue 9): where does each one break?
+
+Runs every (dataset, method, accumulator width, recipe, seed) as an ordinary
+`hdqt run` in its own directory under --out (through hdqt.experiments.grid, several
+at a time with --jobs), then writes a markdown report (--results) with, per
+dataset, method and accumulator width, the mean ± std over seeds of the average
+incremental accuracy and the forgetting of every recipe, and the paired per-seed
+difference of each recipe to the first (fp32 by default: same seed, same class
+order and split).
+
+Recipes are names from `hdqt.list_recipes()`, optionally with a Hadamard block rule
+(`hdqt:binary`). `--acc-bits` is a list; 0 means unlimited. Recipes whose operands
+are floats (fp134, fp8_*, fp4_e2m1) have no integer accumulator yet: they run at 0
+only and are shown in every accumulator's table with that note; fp32 runs once and
+is the baseline of every table.
+
+    python benchmarks/bench_baselines.py --datasets digits --methods icarl \
+        --recipes fp32,int,hdqt,luq,fp134 --epochs 1 --seeds 0 --results /tmp/baselines.md
+    # the issue's first table (days of CPU time):
+    python benchmarks/bench_baselines.py --datasets dsads,hapt --methods icarl,bic,der \
+        --recipes fp32,int,hdqt,hdqt:binary,luq,fp134 --seeds 0,1,2 --acc-bits 8 --jobs 2
+
+Interrupt it at any time: rerunning the same command reuses finished runs and
+resumes unfinished ones after their last finished task (the runner's rule).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import hdqt
+from hdqt.experiments import outputs
+from hdqt.experiments.config import ConfigError, parse_int_list, parse_name_list, resolve_config
+from hdqt.experiments.grid import GridOutcome, GridPoint, run_grid, stat
+
+FLOAT_RECIPES = ("fp134", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="dsads,hapt")
+    parser.add_argument("--methods", default="icarl,bic,der")
+    parser.add_argument("--recipes", default="fp32,int,hdqt,hdqt:binary,luq,fp134",
+                        help="first is the baseline; NAME or NAME:RULE (Hadamard block rule paper|binary)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the dataset's)")
+    parser.add_argument("--bits", type=int, default=4, help="operand bits of the integer/log recipes")
+    parser.add_argument("--acc-bits", default="8", help="accumulator widths, a list; 0 = unlimited")
+    parser.add_argument("--tile", type=int, default=None, help="accumulator tile (default: the recipe's, 32)")
+    parser.add_argument("--backbone", default="fcnet")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per job")
+    parser.add_argument("--out", default="runs/bench_baselines")
+    parser.add_argument("--results", default="docs/results_baselines.md")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args(argv)
+
+
+def recipe_spec(token: str) -> tuple[str, str | None]:
+    name, _, rule = token.partition(":")
+    if name not in hdqt.list_recipes():
+        raise ConfigError(f"--recipes: unknown recipe {name!r}; valid: {', '.join(hdqt.list_recipes())}")
+    if rule and rule not in ("paper", "binary"):
+        raise ConfigError(f"--recipes: {token!r}: the rule must be paper or binary")
+    return name, rule or None
+
+
+def build_points(args) -> list[tuple[int | None, str, GridPoint]]:
+    """(accumulator width or None for runs shared by every width, recipe label, point)."""
+    points = []
+    accs = parse_int_list(args.acc_bits, "--acc-bits")
+    for dataset in parse_name_list(args.datasets, "--datasets"):
+        for method in parse_name_list(args.methods, "--methods"):
+            for token in parse_name_list(args.recipes, "--recipes"):
+                name, rule = recipe_spec(token)
+                shared = name == "fp32" or name in FLOAT_RECIPES
+                for acc in ([None] if shared else accs):
+                    for seed in parse_int_list(args.seeds, "--seeds"):
+                        values = {"dataset": dataset, "method": method, "recipe": name, "seed": seed,
+                                  "epochs": args.epochs, "backbone": args.backbone, "data_root": args.data_root,
+                                  "device": args.device}
+                        if name not in FLOAT_RECIPES and name != "fp32":
+                            values.update(bits=args.bits, acc_bits=acc)
+                            if args.tile is not None:
+                                values["tile"] = args.tile
+                        if rule:
+                            values["hadamard_rule"] = rule
+                        config = resolve_config(None, values, source="bench_baselines.py")
+                        where = "shared" if acc is None else f"acc{acc}"
+                        out = Path(args.out) / dataset / method / where / token.replace(":", "-") / f"seed{seed}"
+                        points.append((acc, token, GridPoint(config, out, label=f"{dataset}/{method}/{where}/"
+                                                                                 f"{token}/seed{seed}")))
+    return points
+
+
+def paired(base: dict[int, dict], runs: dict[int, dict], classifier: str, key: str) -> list[float]:
+    out = []
+    for seed in sorted(set(base) & set(runs)):
+        a, b = base[seed], runs[seed]
+        if a.get("class_order") != b.get("class_order"):
+            continue
+        va, vb = (a.get(classifier) or {}).get(key), (b.get(classifier) or {}).get(key)
+        if va is not None and vb is not None:
+            out.append(vb - va)
+    return out
+
+
+def _cell(value) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def _delta(value) -> str:
+    return "n/a" if value is None else f"{value.mean:+.2f} ± {value.std:.2f}"
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float) -> str:
+    tokens = parse_name_list(args.recipes, "--recipes")
+    base = tokens[0]
+    accs = parse_int_list(args.acc_bits, "--acc-bits")
+    runs: dict[tuple, dict[int, dict]] = {}
+    for (acc, token, point), outcome in zip(triples, outcomes):
+        c = point.config
+        group = runs.setdefault((c.dataset, c.method, acc, token), {})
+        if outcome.metrics is not None:
+            group[c.seed] = outcome.metrics
+    lines = [
+        "# Baseline FQT recipes in one engine", "",
+        f"Written by `benchmarks/bench_baselines.py` on {datetime.date.today().isoformat()}; reproduce with:", "",
+        "```", command, "```", "",
+        f"- {args.bits}-bit operands for the integer and log recipes (`int`, `hdqt`, `luq`); the float recipes "
+        "use their format's width and float32 sums (no integer accumulator applies to them: marked `float32 acc`).",
+        "- Accuracy: average incremental accuracy (%), forgetting: average forgetting (points), mean ± sample "
+        f"std over seeds ({args.seeds}); Δ: per-seed paired difference to `{base}`, mean ± std.",
+        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {_torch()}; wall time {wall / 60:.1f} min.",
+        "",
+    ]
+    for dataset in parse_name_list(args.datasets, "--datasets"):
+        for method in parse_name_list(args.methods, "--methods"):
+            for acc in accs:
+                lines += [f"## {dataset} / {method} / accumulator {'unlimited' if acc == 0 else f'{acc} bits'}", ""]
+                header = ["recipe", "classifier", "accuracy", "Δ accuracy", "forgetting", "Δ forgetting", "seeds"]
+                lines += [_row(header), _row(["---"] * len(header))]
+                group = {}
+                for token in tokens:
+                    name = token.partition(":")[0]
+                    shared = name == "fp32" or name in FLOAT_RECIPES
+                    group[token] = runs.get((dataset, method, None if shared else acc, token), {})
+                sample = next((r for r in group.values() if r), {})
+                first = next(iter(sample.values()), {})
+                primary = first.get("primary_classifier", "cnn")
+                classifiers = [primary] + sorted(c for c in ("cnn", "nme") if c in first and c != primary)
+                for token in tokens:
+                    label = token + (" (float32 acc)" if token.partition(":")[0] in FLOAT_RECIPES else "")
+                    for classifier in classifiers:
+                        values = group[token].values()
+                        lines.append(_row([
+                            label, classifier + ("*" if classifier == primary else ""),
+                            _cell(stat((m.get(classifier) or {}).get("avg_incremental_accuracy") for m in values)),
+                            _delta(stat(paired(group[base], group[token], classifier, "avg_incremental_accuracy"))),
+                            _cell(stat((m.get(classifier) or {}).get("forgetting") for m in values)),
+                            _delta(stat(paired(group[base], group[token], classifier, "forgetting"))),
+                            len(group[token]),
+                        ]))
+                lines.append("")
+    failed = [o for o in outcomes if o.metrics is None]
+    if failed:
+        lines += ["## Runs not included", ""]
+        lines += [f"- `{o.point.name}`: {(o.error or '').strip().splitlines()[-1:]}" for o in failed]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _torch() -> str:
+    import torch
+    return torch.__version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = shlex.join(["python", "benchmarks/bench_baselines.py", *argv])
+    try:
+        triples = build_points(args)
+    except ConfigError as error:
+        print(f"bench_baselines.py: error: {error}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    points = [p for _, _, p in triples]
+    print(f"{len(points)} runs under {args.out}, {args.jobs} at a time", flush=True)
+
+    def report(outcome: GridOutcome, done: int, total: int) -> None:
+        acc = (outcome.metrics or {}).get("avg_incremental_accuracy")
+        status = f"avg inc acc {acc:.2f}" if acc is not None else f"FAILED {(outcome.error or '').strip()[-300:]}"
+        print(f"[{done}/{total}] {outcome.point.name}: {status} ({outcome.seconds:.0f} s)", flush=True)
+
+    outcomes = run_grid(points, jobs=args.jobs, threads=args.threads, on_done=report)
+    text = render(args, command, triples, outcomes, time.perf_counter() - started)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    outputs.write_text(Path(args.results), text)
+    print(text)
+    print(f"written to {args.results}")
+    return 0 if all(o.metrics is not None for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
