@@ -14,8 +14,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hdqt.quantization.functional import QuantConv2dFunction, QuantLinearFunction
+from hdqt.quantization.hadamard import BlockLayout, block_layout, hadamard_transform
 from hdqt.quantization.policy import QuantPolicy
 from hdqt.quantization.runtime import LayerRuntime, derive_seed
+
+
+class _Rotate(torch.autograd.Function):
+    """The block Hadamard transform along ``dim``, differentiable: every block (±1 entries,
+    or orthonormal when blocks differ) is symmetric, so the backward is the same transform."""
+
+    @staticmethod
+    def forward(ctx, x, dim: int, layout: BlockLayout, cache: dict):
+        ctx.args = (dim, layout, cache)
+        return hadamard_transform(x, dim, layout, cache)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, layout, cache = ctx.args
+        return hadamard_transform(grad, dim, layout, cache), None, None, None
+
+
+def _forward_rotation(rt, x: torch.Tensor, weight: torch.Tensor, dim: int):
+    """(x, weight, factor): both rotated along their reduction dimension ``dim`` when the
+    policy's ``forward_hadamard`` is on (factor undoes H·H), else unchanged (factor None)."""
+    policy = rt.policy
+    if not policy.forward_hadamard:
+        return x, weight, None
+    layout = block_layout(x.shape[dim], policy.hadamard_rule)
+    if layout.is_identity:
+        return x, weight, None
+    cache = rt.hadamard_cache
+    return _Rotate.apply(x, dim, layout, cache), _Rotate.apply(weight, dim, layout, cache), layout.product_scale
 
 
 def _initial_seed(policy: QuantPolicy, name: str) -> int:
@@ -91,7 +120,10 @@ class QuantLinear(_QuantMixin, nn.Linear):
         if policy.is_float:
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
-        y = QuantLinearFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self._rt)
+        x2, weight, factor = _forward_rotation(self._rt, x.reshape(-1, x.shape[-1]), self.weight, 1)
+        y = QuantLinearFunction.apply(x2, weight, self._rt)
+        if factor is not None and factor != 1.0:
+            y = y * factor
         y = y.reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias  # the bias stays in float
 
@@ -149,6 +181,11 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         policy = self._rt.policy
         if policy.is_float:
             return F.conv2d(x, self.weight, self.bias, self.stride, self._explicit_pad, self.dilation)
-        y = QuantConv2dFunction.apply(x, self.weight, self._rt, tuple(self.stride), self._explicit_pad,
+        # the input channels are part of the reduction (C_in x kh x kw): rotating them in
+        # both operands leaves every position's sum unchanged
+        x, weight, factor = _forward_rotation(self._rt, x, self.weight, 1)
+        y = QuantConv2dFunction.apply(x, weight, self._rt, tuple(self.stride), self._explicit_pad,
                                       tuple(self.dilation))
+        if factor is not None and factor != 1.0:
+            y = y * factor
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)

@@ -7,7 +7,10 @@ For a layer Y = X W^T with upstream gradient G, training runs three products:
 * backward dW = Q(G^T H) Q(H X)         -> ``grad_output_dw``, ``backward_input``
 
 (H: the Hadamard transform along the product's reduction dimension, when
-``hadamard`` is on.) ``None`` for a quantizer means that operand stays float.
+``hadamard`` is on.) ``forward_hadamard`` also rotates both forward operands along
+their reduction dimension before they are quantized (Xi et al. 2023): Y = Q(X H) Q(W H)^T / p
+for a linear layer, along the input channels for a convolution (``layers.py``); it
+combines with any recipe and uses ``hadamard_rule``'s blocks. ``None`` for a quantizer means that operand stays float.
 The policy is plain data: frozen, comparable, and round-trips through a dict/JSON.
 """
 from __future__ import annotations
@@ -41,6 +44,7 @@ class QuantPolicy:
     saturate_backward: bool = False  # also tile and saturate the two backward products
     hadamard: bool = False
     hadamard_rule: str = "paper"
+    forward_hadamard: bool = False  # rotate both forward operands along the reduction before quantizing
     nonfinite: str = "raise"  # "raise" on NaN/Inf in a quantized operand, or "propagate"
     seed: int | None = None  # base seed of stochastic rounding; None draws from torch's RNG
     name: str = "custom"
@@ -57,6 +61,8 @@ class QuantPolicy:
         if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
             raise ValueError(f"tile must be an integer >= 1, got {self.tile!r}")
         check_rule(self.hadamard_rule)
+        if not isinstance(self.forward_hadamard, bool):
+            raise ValueError(f"forward_hadamard must be True or False, got {self.forward_hadamard!r}")
         if self.nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {self.nonfinite!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):

@@ -302,3 +302,50 @@ def _train_digits(policy, epochs=4):
 def test_recipe_trains_digits(name):
     """Wiring only: 4 epochs of FCNet on digits (10 classes, chance 0.1) reach >= 0.8."""
     assert _train_digits(hdqt.recipe(name, seed=0)) >= 0.8
+
+
+# ---------------------------------------------------------------- forward Hadamard
+def _layer_pair(kind, policy):
+    torch.manual_seed(0)
+    base = nn.Linear(64, 8, bias=False) if kind == "linear" else nn.Conv2d(16, 4, 3, padding=1, bias=False)
+    return base, hdqt.quantize_model(nn.Sequential(base), policy)[0]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("rule", ["paper", "binary"])
+def test_forward_hadamard_computes_the_same_product_and_gradients(kind, rule):
+    """At 16 bits with unlimited accumulators quantization is nearly exact: the rotated
+    forward must give the float layer's output and input/weight gradients."""
+    policy = hdqt.recipe("int", bits=16, acc_bits=None, clip_ratio=1.0, forward_hadamard=True, hadamard_rule=rule,
+                         seed=0)
+    assert policy.name.startswith("int[") and "forward_hadamard" in policy.name
+    base, layer = _layer_pair(kind, policy)
+    x = torch.randn(6, 64) if kind == "linear" else torch.randn(2, 16, 5, 5)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = base(x1)
+    ref.square().sum().backward()
+    gw = base.weight.grad.clone()
+    base.weight.grad = None
+    out = layer(x2)
+    out.square().sum().backward()
+    assert torch.allclose(out, ref, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(x2.grad, x1.grad, rtol=1e-3, atol=1e-2)
+    assert torch.allclose(layer.weight.grad, gw, rtol=1e-3, atol=1e-2)
+
+
+def test_forward_hadamard_spreads_an_input_outlier():
+    """Four samples carry one feature 100x the others: per-tensor 8-bit quantization then
+    has a step near the other samples' whole range. Rotated first, the outlier is spread
+    over the block and the other samples' outputs are far more accurate."""
+    torch.manual_seed(1)
+    x = torch.randn(32, 64)
+    x[:4, 5] = 100.0
+    errors = {}
+    for rotate in (False, True):
+        policy = hdqt.recipe("int", bits=8, acc_bits=None, clip_ratio=1.0, forward_hadamard=rotate, seed=0)
+        base, layer = _layer_pair("linear", policy)
+        with torch.no_grad():
+            ref = base(x)[4:]
+            errors[rotate] = ((layer(x)[4:] - ref).norm() / ref.norm()).item()
+    assert errors[True] < errors[False] / 3, errors
+    assert QuantPolicy.from_json(hdqt.recipe("luq", forward_hadamard=True).to_json()).forward_hadamard
