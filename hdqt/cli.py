@@ -20,6 +20,7 @@ _SUBCOMMANDS = {
     "energy": ("hdqt.cost.cli", "estimate operations, bytes and energy of one training step per recipe"),
     "info": ("hdqt.info", "versions, kernel variant, threads and data roots of this machine"),
     "diagnose": ("hdqt.diagnostics.cli", "per-layer gradient alignment with float32, bias, variance and level use"),
+    "report": ("hdqt.reports.cli", "tables, plots and an HTML page from run directories"),
 }
 
 
