@@ -176,6 +176,7 @@ def pareto_plot(groups: Sequence[Group], classifier: str | None, title: str) -> 
             ax.step([f[0] for f in front], [f[1] for f in front], where="post", color="0.4", linewidth=1,
                     linestyle=":", label="Pareto front")
         ax.set_xscale("log")
+        ax.margins(x=0.12, y=0.08)
         ax.set_xlabel("estimated energy per training step (µJ, log scale)")
         ax.set_ylabel("avg. incremental accuracy (%)")
         ax.set_title(title)
