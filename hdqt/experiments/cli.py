@@ -46,6 +46,9 @@ _FLAGS = [
      "power of two dividing the width (an odd width is not transformed); binary: blocks of "
      "the binary expansion of the width, e.g. 405 = 256+128+16+4+1 (default: the recipe's, "
      "paper)"),
+    ("--input-clip", "input_clip", str,
+     "bound of the normalised feature inputs, in standard deviations, or none (default: 3; "
+     "images are not clipped)"),
     ("--seed", "seed", int, "seed for class order, data split, init and rounding (default: 0)"),
     ("--epochs", "epochs", int, "epochs per task (default: the dataset's)"),
     ("--lr", "lr", float, "learning rate (default: the dataset's)"),
@@ -61,7 +64,7 @@ _FLAGS = [
      "into diagnostics.jsonl; they do not change the results (default: 0, off)"),
 ]
 
-_METAVARS = {"hadamard_rule": "{paper,binary}"}
+_METAVARS = {"hadamard_rule": "{paper,binary}", "input_clip": "{STD,none}"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -76,6 +79,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         action=argparse.BooleanOptionalAction,
                         help="also tile and saturate the two backward products (dX, dW) like "
                              "the forward one (default: the recipe's, off)")
+    parser.add_argument("--forward-hadamard", dest="forward_hadamard", default=None,
+                        action=argparse.BooleanOptionalAction,
+                        help="rotate both operands of the forward product along its reduction "
+                             "(Hadamard blocks of --hadamard-rule) before quantizing (default: "
+                             "the recipe's, off)")
     parser.add_argument("--compare", metavar="A,B,...", default=None,
                         help="run each recipe with the same seed and class order and print "
                              "them side by side (default when no --recipe: fp32,hdqt)")

@@ -44,6 +44,10 @@ class RunConfig:
     tile: int | None = None
     saturate_backward: bool | None = None
     hadamard_rule: str | None = None
+    forward_hadamard: bool | None = None  # None: the recipe's (off)
+    # Bound of the normalised feature inputs in standard deviations: None is the
+    # default (prepare's 3.0; also what 3 is stored as), 0 is unbounded ("none").
+    input_clip: float | None = None
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -96,13 +100,13 @@ _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "temperature", "test_f
                "bic_val_fraction", "aux_loss_weight"}
 _STR_KEYS = {"dataset", "method", "recipe", "backbone", "selection", "data_root", "device",
              "hadamard_rule"}
-_BOOL_KEYS = {"saturate_backward"}
+_BOOL_KEYS = {"saturate_backward", "forward_hadamard"}
 # Keys without a command-line flag; every other key X has the flag --X (with - for _).
 FILE_ONLY_KEYS = frozenset({"momentum", "weight_decay", "gamma", "selection", "temperature",
                             "test_fraction", "bic_val_fraction", "bic_steps",
                             "aux_loss_weight", "balanced_finetune_epochs"})
 # The quantization options: recipe overrides; None keeps the recipe's default.
-QUANT_KEYS = ("bits", "acc_bits", "tile", "saturate_backward", "hadamard_rule")
+QUANT_KEYS = ("bits", "acc_bits", "tile", "saturate_backward", "hadamard_rule", "forward_hadamard")
 # The options TrainConfig validates (and the learners use); the optional ones are
 # passed only when set, so that unset ones keep the learner's default.
 TRAIN_KEYS = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "milestones", "gamma",
@@ -198,6 +202,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     where = f"{key} (from {source})"
     if value is None:
         return None
+    if key == "input_clip":
+        return _input_clip(value, where)
     if key in _INT_KEYS:
         return _as_int(value, where)
     if key in _FLOAT_KEYS:
@@ -215,6 +221,33 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     if key == "milestones":
         return parse_int_list(value, where)
     raise ConfigError(f"unknown configuration key {key!r}")  # programming error guard
+
+
+def _input_clip(value: Any, where: str) -> float | None:
+    """A bound in standard deviations (> 0), or 0 / "none" for unbounded inputs (stored
+    as 0); the default bound (3) is stored as None, so that it is one identity."""
+    from hdqt.data import DEFAULT_CLIP
+
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return 0.0
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        clip = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a number of standard deviations or none, got {value!r}") from None
+    if not clip >= 0 or clip == float("inf"):
+        raise ConfigError(f"{where} must be > 0 (standard deviations) or none (0), got {value!r}")
+    return None if clip == DEFAULT_CLIP else clip
+
+
+def data_clip(config: "RunConfig") -> float | None:
+    """The ``clip`` of ``hdqt.data.prepare`` for ``config``: its bound, or None (unbounded)."""
+    from hdqt.data import DEFAULT_CLIP
+
+    if config.input_clip is None:
+        return DEFAULT_CLIP
+    return None if config.input_clip == 0 else config.input_clip
 
 
 def scaled_milestones(milestones: tuple[int, ...], default_epochs: int, epochs: int) -> tuple[int, ...]:
@@ -383,7 +416,7 @@ def check_quantization(config: RunConfig, origin: Mapping[str, str] | None = Non
         _under_name("bits", origin, check_bits, config.bits)
     if config.acc_bits is not None:
         _under_name("acc_bits", origin, _check_acc_bits, config.acc_bits)
-    for key in ("tile", "saturate_backward", "hadamard_rule"):
+    for key in ("tile", "saturate_backward", "hadamard_rule", "forward_hadamard"):
         if getattr(config, key) is not None:
             _under_name(key, origin, _check_policy_field, key, getattr(config, key))
     if config.recipe == "fp32":

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hdqt.experiments import outputs
-from hdqt.experiments.config import (QUANT_KEYS, ConfigError, RunConfig, policy_overrides,
+from hdqt.experiments.config import (QUANT_KEYS, ConfigError, RunConfig, data_clip, policy_overrides,
                                      train_config)
 from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint, same_code
 from hdqt.experiments.progress import Progress, SilentProgress
@@ -162,7 +162,7 @@ def resolved_quantization(config: RunConfig, policy) -> dict[str, Any]:
     bits = getattr(getattr(policy.forward_weight, "format", None), "bits", None)
     values = {"bits": bits, "acc_bits": 0 if policy.acc_bits is None else policy.acc_bits,
               "tile": policy.tile, "saturate_backward": policy.saturate_backward,
-              "hadamard_rule": policy.hadamard_rule}
+              "hadamard_rule": policy.hadamard_rule, "forward_hadamard": policy.forward_hadamard}
     return {**values, "hadamard": policy.hadamard,
             "from_recipe": [key for key in QUANT_KEYS if getattr(config, key) is None]}
 
@@ -214,7 +214,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
     previous = check_out_dir(config, out_dir, overwrite, code, force)
 
     data = prepare(config.dataset, root=config.data_root, seed=config.seed,
-                   test_fraction=config.test_fraction)
+                   test_fraction=config.test_fraction, clip=data_clip(config))
     num_classes = len(data.class_names)
     try:
         check_split(num_classes, config.init_classes, config.increment)

@@ -203,3 +203,24 @@ def test_identity_ignores_where_the_run_happens():
     assert a.identity() == b.identity()
     assert a.identity() != resolve(flags={"seed": 1}).identity()
     assert RunConfig.from_dict(a.to_dict()) == a
+
+
+def test_forward_hadamard_and_input_clip_keys():
+    """Issue 9: --forward-hadamard and --input-clip are config keys, flags and part of the
+    run's identity; the default clip (3) is one identity however it is written."""
+    from hdqt.experiments.config import data_clip, policy_overrides
+
+    default = resolve()
+    assert default.input_clip is None and data_clip(default) == 3.0
+    assert resolve(flags={"input_clip": "3"}).identity() == default.identity()
+    none = resolve(flags={"input_clip": "none"})
+    assert none.input_clip == 0.0 and data_clip(none) is None and none.identity() != default.identity()
+    assert data_clip(resolve(flags={"input_clip": 2.5})) == 2.5
+    with pytest.raises(ConfigError, match="input_clip.*standard deviations"):
+        resolve(flags={"input_clip": "wide"})
+    with pytest.raises(ConfigError, match="input_clip"):
+        resolve(flags={"input_clip": -1})
+    fh = resolve(flags={"forward_hadamard": True})
+    assert fh.identity() != default.identity() and policy_overrides(fh)["forward_hadamard"] is True
+    with pytest.raises(ConfigError, match="forward_hadamard.*true or false"):
+        resolve(flags={"forward_hadamard": "yes"})
