@@ -9,7 +9,8 @@ difference of each recipe to the first (fp32 by default: same seed, same class
 order and split).
 
 Recipes are names from `hdqt.list_recipes()`, optionally with a Hadamard block rule
-(`hdqt:binary`). `--acc-bits` is a list; 0 means unlimited. Recipes whose operands
+(`hdqt:binary`) and `+fh` for the forward Hadamard rotation (`luq+fh`, `int:binary+fh`).
+`--input-clip 3|none` bounds the feature inputs (part of every run's identity). `--acc-bits` is a list; 0 means unlimited. Recipes whose operands
 are floats (fp134, fp8_*, fp4_e2m1) have no integer accumulator yet: they run at 0
 only and are shown in every accumulator's table with that note; fp32 runs once and
 is the baseline of every table.
@@ -53,6 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--bits", type=int, default=4, help="operand bits of the integer/log recipes")
     parser.add_argument("--acc-bits", default="8", help="accumulator widths, a list; 0 = unlimited")
     parser.add_argument("--tile", type=int, default=None, help="accumulator tile (default: the recipe's, 32)")
+    parser.add_argument("--input-clip", default=None, help="feature bound in std, or none (default 3)")
     parser.add_argument("--backbone", default="fcnet")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per job")
@@ -63,13 +65,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def recipe_spec(token: str) -> tuple[str, str | None]:
-    name, _, rule = token.partition(":")
+def recipe_spec(token: str) -> tuple[str, str | None, bool]:
+    base, plus, extra = token.partition("+")
+    if plus and extra != "fh":
+        raise ConfigError(f"--recipes: {token!r}: the only suffix is +fh (forward Hadamard)")
+    name, _, rule = base.partition(":")
     if name not in hdqt.list_recipes():
         raise ConfigError(f"--recipes: unknown recipe {name!r}; valid: {', '.join(hdqt.list_recipes())}")
     if rule and rule not in ("paper", "binary"):
         raise ConfigError(f"--recipes: {token!r}: the rule must be paper or binary")
-    return name, rule or None
+    return name, rule or None, bool(plus)
 
 
 def build_points(args) -> list[tuple[int | None, str, GridPoint]]:
@@ -79,7 +84,7 @@ def build_points(args) -> list[tuple[int | None, str, GridPoint]]:
     for dataset in parse_name_list(args.datasets, "--datasets"):
         for method in parse_name_list(args.methods, "--methods"):
             for token in parse_name_list(args.recipes, "--recipes"):
-                name, rule = recipe_spec(token)
+                name, rule, forward_hadamard = recipe_spec(token)
                 shared = name == "fp32" or name in FLOAT_RECIPES
                 for acc in ([None] if shared else accs):
                     for seed in parse_int_list(args.seeds, "--seeds"):
@@ -92,9 +97,15 @@ def build_points(args) -> list[tuple[int | None, str, GridPoint]]:
                                 values["tile"] = args.tile
                         if rule:
                             values["hadamard_rule"] = rule
+                        if forward_hadamard:
+                            values["forward_hadamard"] = True
+                        if args.input_clip is not None:
+                            values["input_clip"] = args.input_clip
                         config = resolve_config(None, values, source="bench_baselines.py")
                         where = "shared" if acc is None else f"acc{acc}"
-                        out = Path(args.out) / dataset / method / where / token.replace(":", "-") / f"seed{seed}"
+                        clip = "" if args.input_clip is None else f"clip-{args.input_clip}"
+                        out = (Path(args.out) / dataset / method / clip / where / token.replace(":", "-")
+                               / f"seed{seed}")
                         points.append((acc, token, GridPoint(config, out, label=f"{dataset}/{method}/{where}/"
                                                                                  f"{token}/seed{seed}")))
     return points
@@ -142,6 +153,9 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
         "use their format's width and float32 sums (no integer accumulator applies to them: marked `float32 acc`).",
         "- Accuracy: average incremental accuracy (%), forgetting: average forgetting (points), mean ± sample "
         f"std over seeds ({args.seeds}); Δ: per-seed paired difference to `{base}`, mean ± std.",
+        ("- Feature inputs not clipped" if str(args.input_clip).lower() == "none" else
+         f"- Feature inputs clipped at {args.input_clip or 3} std") + " (`--input-clip`); `:binary` is the "
+        "binary Hadamard block rule, `+fh` the forward Hadamard rotation.",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {_torch()}; wall time {wall / 60:.1f} min.",
         "",
     ]
@@ -153,7 +167,7 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
                 lines += [_row(header), _row(["---"] * len(header))]
                 group = {}
                 for token in tokens:
-                    name = token.partition(":")[0]
+                    name = token.partition("+")[0].partition(":")[0]
                     shared = name == "fp32" or name in FLOAT_RECIPES
                     group[token] = runs.get((dataset, method, None if shared else acc, token), {})
                 sample = next((r for r in group.values() if r), {})
@@ -161,7 +175,8 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
                 primary = first.get("primary_classifier", "cnn")
                 classifiers = [primary] + sorted(c for c in ("cnn", "nme") if c in first and c != primary)
                 for token in tokens:
-                    label = token + (" (float32 acc)" if token.partition(":")[0] in FLOAT_RECIPES else "")
+                    label = token + (" (float32 acc)" if token.partition("+")[0].partition(":")[0] in FLOAT_RECIPES
+                                     else "")
                     for classifier in classifiers:
                         values = group[token].values()
                         lines.append(_row([
