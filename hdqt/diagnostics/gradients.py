@@ -365,7 +365,7 @@ def layer_level_use(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, *, with_
         layout = block_layout(tensor.shape[dim], policy.hadamard_rule)
         uses = {}
         for variant, lay in (("hadamard", layout), ("plain", None)):
-            gen = torch.Generator().manual_seed(derive_seed(seed, op, variant))
+            gen = torch.Generator(device=tensor.device).manual_seed(derive_seed(seed, op, variant))
             uses[variant] = operand_level_use(quantizer, tensor, dim, lay, gen)
         result[op] = uses
     return result

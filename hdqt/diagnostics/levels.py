@@ -48,7 +48,7 @@ def grid_level_use(values: torch.Tensor, grid: torch.Tensor) -> LevelUse:
     """Level use of ``values`` on the sorted, distinct representable values ``grid`` (an
     integer grid's codes, or a float or log format's values); every value must be on it."""
     grid = grid.detach().to(torch.float64).reshape(-1)
-    flat = values.detach().reshape(-1).to(torch.float64)
+    flat = values.detach().reshape(-1).to("cpu", torch.float64)
     levels = grid.numel()
     if levels == 0:
         raise ValueError("empty grid")

@@ -15,18 +15,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+# The quantization options, taken as the run resolved them (config.json's "quantization").
+from hdqt.experiments.config import QUANT_KEYS, RunConfig
+
 CONFIG_JSON = "config.json"
 METRICS_JSON = "metrics.json"
 DIAGNOSTICS_JSONL = "diagnostics.jsonl"
-# The quantization options, as the run resolved them (config.json's "quantization").
-QUANT_KEYS = ("bits", "acc_bits", "tile", "saturate_backward", "hadamard_rule")
 METRICS = ("avg_incremental_accuracy", "last_accuracy", "forgetting", "backward_transfer")
 
 
 def _identity_keys() -> tuple[str, ...]:
     """The configuration keys that say what a run computes (RunConfig's identity), but the seed."""
-    from hdqt.experiments.config import RunConfig
-
     return tuple(f.name for f in fields(RunConfig) if f.compare and f.name != "seed")
 
 
