@@ -199,6 +199,23 @@ def test_diagnose_every_leaves_the_run_unchanged_and_writes_next_to_the_metrics(
     assert all(r["step"] % 4 == 0 for r in records) and not (tmp_path / "plain" / "diagnostics.jsonl").exists()
     config = json.loads((tmp_path / "tracked" / "config.json").read_text())["config"]
     assert config["diagnose_every"] == 4
+    # a run's checkpoint, data and policy
+    assert main(["diagnose", "--run", str(tmp_path / "plain"), "--draws", "2", "--json"]) == 0
+
+
+def test_diagnose_reads_a_run_directory(tmp_path, capsys):
+    assert main(["run", "--dataset", "digits", "--method", "finetune", "--epochs", "1", "--recipe", "int",
+                 "--init-classes", "4", "--increment", "6", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["diagnose", "--run", str(tmp_path / "run"), "--draws", "2", "--batch-size", "16", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (result,) = data["results"]
+    assert result["policy"] == "int" and result["batch"] == 16 and "after task 2" in data["model"]
+    assert [layer["name"] for layer in result["layers"]] == ["backbone.layer1.0", "backbone.layer2.0", "head"]
+    assert main(["diagnose", "--run", str(tmp_path / "run"), "--recipe", "fp32", "--draws", "2", "--json"]) == 0
+    (fp32,) = json.loads(capsys.readouterr().out)["results"]
+    assert all(layer["dw"]["cosine"] == pytest.approx(1.0) for layer in fp32["layers"])
+    assert main(["diagnose", "--run", str(tmp_path / "nothing")]) == 2
 
 
 def test_level_use_on_a_float_grid():
