@@ -58,6 +58,11 @@ def accumulate(partials: torch.Tensor, acc: FloatFormat, unit: float = 1.0) -> t
     return total.mul_(unit)
 
 
+class FloatBounds(tuple):
+    """The largest magnitudes of a product's two operands when one of them is in a float
+    or log format: the product's limited accumulator is then a float accumulator."""
+
+
 def float_tiled_matmul(a: torch.Tensor, b: torch.Tensor, tile: int | None, acc_bits: int,
                        bounds: tuple[float, float]) -> torch.Tensor:
     """``a @ b`` (a (M, K), b (K, J)) with each tile's float32 partial sum added into an
@@ -75,3 +80,28 @@ def float_tiled_matmul(a: torch.Tensor, b: torch.Tensor, tile: int | None, acc_b
     if k % tile:
         parts.append((a[:, full * tile:] @ b[full * tile:]).unsqueeze(0))
     return accumulate(torch.cat(parts) if len(parts) > 1 else parts[0], acc, unit)
+
+
+def float_tiled_matmul_batched(w: torch.Tensor, x: torch.Tensor, tile: int | None, acc_bits: int,
+                               bounds: tuple[float, float]) -> torch.Tensor:
+    """``w @ x`` for w (N, K) and a batch x (B, K, L) -> (B, N, L), tiled along K into an
+    ``acc_bits``-bit float accumulator (the im2col product of a convolution)."""
+    acc = float_accumulator(acc_bits)
+    unit = accumulator_unit(bounds)
+    k = w.shape[1]
+    tile = k if tile is None else min(tile, k)
+    parts = [torch.matmul(w[:, s:s + tile], x[:, s:s + tile]) for s in range(0, k, tile)]
+    return accumulate(torch.stack(parts), acc, unit)
+
+
+def float_conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, tile: int | None, acc_bits: int,
+                 bounds: tuple[float, float]) -> torch.Tensor:
+    """conv2d(x, w) as an im2col product (K = C_in*kh*kw, torch's unfold order) with a
+    float accumulator along K."""
+    n, _, kh, kw = w.shape
+    b, _, h, wd = x.shape
+    cols = torch.nn.functional.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = float_tiled_matmul_batched(w.reshape(n, -1), cols, tile, acc_bits, bounds)
+    return y.reshape(b, n, out_h, out_w)

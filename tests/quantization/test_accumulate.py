@@ -56,3 +56,22 @@ def test_units_and_the_tiled_product():
     unit = accumulator_unit((7.0, 7.0))
     assert torch.equal(whole, float_accumulator(8).round_(exact / unit, "nearest") * unit)
     assert torch.equal(float_tiled_matmul(a, b, 32, 8, (7.0, 7.0)), accumulate(tiles, float_accumulator(8), unit))
+
+
+def test_batched_and_conv_products_round_per_tile():
+    from hdqt.quantization.accumulate import float_conv2d, float_tiled_matmul_batched
+
+    torch.manual_seed(1)
+    w = torch.randn(4, 40)
+    x = torch.randn(3, 40, 6)
+    unit = accumulator_unit((3.0, 3.0))
+    tiles = torch.stack([torch.matmul(w[:, s:s + 16], x[:, s:s + 16]) for s in (0, 16, 32)])
+    got = float_tiled_matmul_batched(w, x, 16, 8, (3.0, 3.0))
+    assert torch.equal(got, accumulate(tiles, float_accumulator(8), unit))
+    assert torch.allclose(float_tiled_matmul_batched(w, x, 16, 32, (3.0, 3.0)), torch.matmul(w, x), atol=1e-5)
+    xi, wi = torch.randn(2, 3, 7, 7), torch.randn(5, 3, 3, 3)
+    ref = torch.nn.functional.conv2d(xi, wi, None, (2, 1), (1, 0), (1, 2))
+    assert torch.allclose(float_conv2d(xi, wi, (2, 1), (1, 0), (1, 2), 8, 32, (3.0, 3.0)), ref, atol=1e-4)
+    half = float_conv2d(xi, wi, (1, 1), (1, 1), (1, 1), 8, 16, (3.0, 3.0))
+    assert not torch.equal(half, torch.nn.functional.conv2d(xi, wi, None, 1, 1)) and torch.allclose(
+        half, torch.nn.functional.conv2d(xi, wi, None, 1, 1), rtol=1e-2, atol=1e-2)
