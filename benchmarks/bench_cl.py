@@ -13,7 +13,9 @@ points) is mostly the class order, which the pairing cancels.
 Interrupt it at any time: rerunning the same command reuses finished runs and
 resumes unfinished ones after their last finished task, provided they were made
 by the same code (the package source hash recorded in each run); runs made by
-other code are rerun from scratch.
+other code are rerun from scratch. It runs on the machinery of `hdqt sweep`
+(hdqt.experiments.grid: the worker pool, which survives a killed worker, and the
+tables); for other grids, or a Ray cluster, write a grid file for `hdqt sweep`.
 
     python benchmarks/bench_cl.py --epochs 30 --jobs 2          # reduced epochs
     python benchmarks/bench_cl.py --report-only --epochs 30     # tables from finished runs
@@ -33,7 +35,13 @@ from pathlib import Path
 from hdqt.experiments import outputs
 from hdqt.experiments.config import ConfigError, parse_int_list, parse_name_list, resolve_config
 from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint, same_code
-from hdqt.experiments.grid import GridOutcome, GridPoint, run_grid, stat
+# The machinery of `hdqt sweep`: the worker pool, the state of a run directory and
+# the comparison tables (paired_differences is used by the tests through this module).
+from hdqt.experiments.grid import (TABLE_LEGEND, GridInterrupted, GridOutcome, GridPoint,
+                                   classifiers_of, comparison_header, comparison_rows,
+                                   finished_outcome, fmt_delta, fmt_stat, has_results, md_row,
+                                   paired_differences, run_grid, stat)
+from hdqt.experiments.grid import stored_code as _stored_code
 
 TARGET_METHODS = ("icarl", "bic", "der")
 TARGET_GAP = 1.0  # points of average incremental accuracy
@@ -88,61 +96,17 @@ def build_points(args: argparse.Namespace) -> list[GridPoint]:
 
 
 def stored_code(point: GridPoint) -> dict | None:
-    try:
-        return outputs.read_json(point.out_dir / outputs.CONFIG_JSON).get("code")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return _stored_code(point.out_dir)
 
 
 def holds_other_code(point: GridPoint, code: dict) -> bool:
     """True when the point's directory holds results made by other code (to rerun)."""
-    has_results = any((point.out_dir / name).exists()
-                      for name in (outputs.CHECKPOINT, outputs.METRICS_JSON))
-    return has_results and not same_code(stored_code(point), code)
+    return has_results(point.out_dir) and not same_code(stored_code(point), code)
 
 
-def read_finished(point: GridPoint, code: dict) -> GridOutcome:
-    """The stored result of a finished run with this configuration and code, if any."""
-    try:
-        stored = outputs.read_json(point.out_dir / outputs.CONFIG_JSON)
-        metrics = outputs.read_json(point.out_dir / outputs.METRICS_JSON)
-    except (OSError, ValueError, KeyError):
-        return GridOutcome(point, None, "not run yet")
-    config = stored.get("config", {})
-    if not all(config.get(k) == v for k, v in point.config.identity().items()):
-        return GridOutcome(point, None, "holds a run with another configuration")
-    if not same_code(stored.get("code"), code):
-        return GridOutcome(point, None, f"made by {describe(stored.get('code'))}, not by "
-                                        f"this code ({describe(code)})")
-    if not metrics.get("complete"):
-        return GridOutcome(point, None, f"unfinished ({metrics.get('finished_tasks')} tasks)")
-    return GridOutcome(point, metrics)
-
-
-def paired_differences(base_runs: dict[int, dict], runs: dict[int, dict], classifier: str,
-                       key: str) -> list[float]:
-    """Per seed present in both, ``runs`` minus ``base_runs`` for one classifier's metric.
-
-    Same seed means same class order and data split; a pair whose class orders
-    differ anyway (other data) is left out rather than compared.
-    """
-    diffs = []
-    for seed in sorted(set(base_runs) & set(runs)):
-        a, b = base_runs[seed], runs[seed]
-        if a.get("class_order") != b.get("class_order"):
-            continue
-        va, vb = (a.get(classifier) or {}).get(key), (b.get(classifier) or {}).get(key)
-        if va is not None and vb is not None:
-            diffs.append(vb - va)
-    return diffs
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else str(value)
-
-
-def _fmt_delta(value) -> str:
-    return "n/a" if value is None else f"{value.mean:+.2f} ± {value.std:.2f}"
+# The stored result of a finished run with this configuration and code, if any.
+read_finished = finished_outcome
+_fmt, _fmt_delta, _row, _classifiers = fmt_stat, fmt_delta, md_row, classifiers_of
 
 
 def render(args, command: str, outcomes: list[GridOutcome], wall_seconds: float) -> str:
@@ -172,12 +136,7 @@ def render(args, command: str, outcomes: list[GridOutcome], wall_seconds: float)
         f"{sample.momentum}; memory {sample.memory} exemplars.",
         f"- `hdqt`: {args.bits}-bit weights, activations and gradients, {args.acc_bits}-bit "
         "accumulators, Hadamard domain. `fp32`: no quantization.",
-        f"- Seeds {args.seeds}. Accuracy is the average incremental accuracy (%), forgetting "
-        "the average forgetting (points), as mean ± sample std over seeds, for each "
-        "classifier: `cnn` the network's head, `nme` the nearest mean of exemplars (methods "
-        "with exemplars); `*` marks the method's own classifier (NME for iCaRL, the head "
-        "otherwise). Δ is the paired difference to the first recipe: per seed (same class "
-        "order and data split) the recipe minus the first, then mean ± std over seeds.",
+        f"- Seeds {args.seeds}. {TABLE_LEGEND}",
         f"- Code: {', '.join(sorted(codes)) or 'no finished run'}"
         + (" (the runs were made by different code versions)" if len(codes) > 1 else "") + ".",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} job(s) in "
@@ -187,9 +146,7 @@ def render(args, command: str, outcomes: list[GridOutcome], wall_seconds: float)
     ]
     methods = parse_name_list(args.methods, "--methods")
     for dataset in parse_name_list(args.datasets, "--datasets"):
-        header = ["method", "classifier", *(f"accuracy {r}" for r in recipes),
-                  *(f"Δ {r}" for r in others), *(f"forgetting {r}" for r in recipes),
-                  *(f"Δ forg. {r}" for r in others), "seeds"]
+        header = comparison_header(["method"], recipes)
         split = next((o.point.config for o in outcomes if o.point.config.dataset == dataset), None)
         lines += [f"## {NAMES.get(dataset, dataset)}", ""]
         if split is not None:
@@ -198,21 +155,8 @@ def render(args, command: str, outcomes: list[GridOutcome], wall_seconds: float)
         lines += [_row(header), _row(["---"] * len(header))]
         for method in methods:
             group = {r: runs.get((dataset, method, r), {}) for r in recipes}
-            seeds = "/".join(str(len(group[r])) for r in recipes)
-            for classifier, primary in _classifiers(group[base]):
-                def cell(recipe, key):
-                    return _fmt(stat((m.get(classifier) or {}).get(key)
-                                     for m in group[recipe].values()))
-
-                def delta(recipe, key):
-                    return _fmt_delta(stat(paired_differences(group[base], group[recipe],
-                                                              classifier, key)))
-
-                lines.append(_row([NAMES.get(method, method), classifier + ("*" if primary else ""),
-                                   *(cell(r, "avg_incremental_accuracy") for r in recipes),
-                                   *(delta(r, "avg_incremental_accuracy") for r in others),
-                                   *(cell(r, "forgetting") for r in recipes),
-                                   *(delta(r, "forgetting") for r in others), seeds]))
+            lines += [_row(row) for row in comparison_rows([NAMES.get(method, method)], group,
+                                                           recipes)]
         lines.append("")
     lines += _target_section(args, base, others, runs)
     if args.notes:
@@ -224,16 +168,6 @@ def render(args, command: str, outcomes: list[GridOutcome], wall_seconds: float)
         lines.append("")
     lines.append(f"Total training time of the runs done by this invocation: {compute / 60:.1f} min.")
     return "\n".join(lines) + "\n"
-
-
-def _classifiers(runs: dict[int, dict]) -> list[tuple[str, bool]]:
-    """(classifier, is primary) of the runs: the primary one first."""
-    if not runs:
-        return [("?", True)]
-    sample = next(iter(runs.values()))
-    primary = sample.get("primary_classifier", "cnn")
-    others = sorted(name for name in ("cnn", "nme") if name in sample and name != primary)
-    return [(primary, True), *((name, False) for name in others)]
 
 
 def _target_section(args, base, others, runs) -> list[str]:
@@ -273,10 +207,6 @@ def _target_section(args, base, others, runs) -> list[str]:
     return lines + [""]
 
 
-def _row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def _torch_version() -> str:
     import torch
 
@@ -309,7 +239,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{done}/{total}] {outcome.point.name}: {status} {score} "
                   f"({outcome.seconds:.0f} s)", flush=True)
 
-        outcomes = run_grid(points, jobs=args.jobs, threads=args.threads, on_done=report)
+        try:
+            outcomes = run_grid(points, jobs=args.jobs, threads=args.threads, on_done=report)
+        except GridInterrupted as stop:
+            print(f"\nbench_cl.py: interrupted after {len(stop.outcomes)} of {len(points)} runs; "
+                  f"finished runs are kept and stopped ones resume after their last finished "
+                  f"task: rerun the same command to go on", file=sys.stderr)
+            return 130
     text = render(args, command, outcomes, time.perf_counter() - started)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     outputs.write_text(Path(args.results), text)
