@@ -21,6 +21,7 @@ from hdqt.quantization.im2col import exact_input_grad, fused_weight_grad, tiled_
 from hdqt.quantization.matmul import Bounds, exact_dtype, sum_bound, tiled_matmul, tiled_matmul_batched, tiled_matmul_kj
 from hdqt.quantization.quantizer import QTensor, Quantizer
 from hdqt.quantization.runtime import LayerRuntime
+from hdqt.quantization.selection import relative_rounding_error, transform_helps
 
 
 def integer_bounds(qa: Quantizer | None, qb: Quantizer | None) -> Bounds | None:
@@ -68,9 +69,13 @@ def backward_operands(
     amax_a = amax_b = None
     extra = 1.0
     if layout is not None:
-        a, amax_a = hadamard_transform_amax(a, a_dim, layout, rt.hadamard_cache)
-        b, amax_b = hadamard_transform_amax(b, b_dim, layout, rt.hadamard_cache)
-        extra = layout.product_scale
+        ta, tmax_a = hadamard_transform_amax(a, a_dim, layout, rt.hadamard_cache)
+        tb, tmax_b = hadamard_transform_amax(b, b_dim, layout, rt.hadamard_cache)
+        if rt.policy.hadamard_select == "always" or transform_helps(
+            (relative_rounding_error(a, qa), relative_rounding_error(b, qb)),
+            (relative_rounding_error(ta, qa, tmax_a), relative_rounding_error(tb, qb, tmax_b)),
+        ):
+            a, b, amax_a, amax_b, extra = ta, tb, tmax_a, tmax_b, layout.product_scale
     return rt.quantize(qa, a, a_name, amax_a), rt.quantize(qb, b, b_name, amax_b), extra
 
 
@@ -196,6 +201,17 @@ class QuantConv2dFunction(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None
 
 
+def _conv_transform_helps(rt: LayerRuntime, g, g_t, amax_t, x_values, kernel, conv, layout) -> bool:
+    """hadamard_select="noise" for a conv's dW: the gradient rows in both domains, and the
+    columns, whose raw rounding error is the input's (the same values, some repeated, and
+    zeros) and whose transformed one needs them built (this option's extra cost)."""
+    policy = rt.policy
+    qg, qx = policy.grad_output_dw, policy.backward_input
+    cols_t, amax_ct = unfold_channel_major(x_values, kernel, *conv, layout, rt.hadamard_cache)
+    raw = (relative_rounding_error(g, qg), relative_rounding_error(x_values, qx))
+    return transform_helps(raw, (relative_rounding_error(g_t, qg, amax_t), relative_rounding_error(cols_t, qx, amax_ct)))
+
+
 def _conv_weight_grad(rt: LayerRuntime, grad_cols, x_values, kernel, conv, acc) -> torch.Tensor:
     """dW = G X^T reduced over every sample's positions (and the batch), with the
     Hadamard transform along each sample's positions L, for the whole batch at once.
@@ -205,12 +221,16 @@ def _conv_weight_grad(rt: LayerRuntime, grad_cols, x_values, kernel, conv, acc) 
     b, n, positions = grad_cols.shape
     layout = backward_layout(rt, positions, policy.grad_output_dw, policy.backward_input)
     g = grad_cols.transpose(0, 1).contiguous()  # (N, B, L): the same row layout as the columns
+    qx = policy.backward_input
     amax_g, extra = None, 1.0
     if layout is not None:
-        g, amax_g = hadamard_transform_amax(g, 2, layout, rt.hadamard_cache)
-        extra = layout.product_scale
+        g_t, amax_t = hadamard_transform_amax(g, 2, layout, rt.hadamard_cache)
+        if policy.hadamard_select == "always" or _conv_transform_helps(rt, g, g_t, amax_t, x_values, kernel, conv,
+                                                                       layout):
+            g, amax_g, extra = g_t, amax_t, layout.product_scale
+        else:
+            layout = None
     gq = rt.quantize(policy.grad_output_dw, g, "output gradient (dW)", amax_g)
-    qx = policy.backward_input
     if acc is None and qx is not None and qx.rounding == "stochastic" and qx.format.signed != "auto":
         fused = fused_weight_grad(x_values, gq.values, kernel, *conv, layout, qx, rt.generator(x_values.device))
         if fused is not None:

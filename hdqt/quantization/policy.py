@@ -21,6 +21,8 @@ from dataclasses import dataclass, fields
 from hdqt.quantization.hadamard import check_rule
 from hdqt.quantization.quantizer import NONFINITE_MODES, Quantizer
 
+HADAMARD_SELECTIONS = ("always", "noise")
+
 OPERANDS = (
     "forward_input",
     "forward_weight",
@@ -44,6 +46,10 @@ class QuantPolicy:
     saturate_backward: bool = False  # also tile and saturate the two backward products
     hadamard: bool = False
     hadamard_rule: str = "paper"
+    # "always": every backward product runs in the Hadamard domain (the paper). "noise": a
+    # product runs there only when its operands' estimated rounding error is smaller there
+    # than in the raw domain (hdqt/quantization/selection.py), decided at every step.
+    hadamard_select: str = "always"
     forward_hadamard: bool = False  # rotate both forward operands along the reduction before quantizing
     nonfinite: str = "raise"  # "raise" on NaN/Inf in a quantized operand, or "propagate"
     seed: int | None = None  # base seed of stochastic rounding; None draws from torch's RNG
@@ -61,6 +67,14 @@ class QuantPolicy:
         if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
             raise ValueError(f"tile must be an integer >= 1, got {self.tile!r}")
         check_rule(self.hadamard_rule)
+        if self.hadamard_select not in HADAMARD_SELECTIONS:
+            raise ValueError(f"hadamard_select must be one of {HADAMARD_SELECTIONS}, got {self.hadamard_select!r}")
+        if self.hadamard_select == "noise":
+            for op in ("backward_input", "backward_weight", "grad_output_dx", "grad_output_dw"):
+                q = getattr(self, op)
+                if q is not None and not q.native_fast:
+                    raise ValueError(f"hadamard_select='noise' estimates rounding error on an integer grid with "
+                                     f"per-tensor dynamic scaling; {op} is {q.to_dict()}")
         if not isinstance(self.forward_hadamard, bool):
             raise ValueError(f"forward_hadamard must be True or False, got {self.forward_hadamard!r}")
         if self.nonfinite not in NONFINITE_MODES:
