@@ -9,15 +9,20 @@ the dimension the backward Hadamard transform runs along.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from hdqt.quantization import native
 from hdqt.quantization.hadamard import BlockLayout, hadamard_transform_amax
-from hdqt.quantization.matmul import accumulator_limit, tiled_matmul_kj
+from hdqt.quantization.matmul import accumulator_limit, tile_sums, tiled_matmul_kj
+
+if TYPE_CHECKING:
+    from hdqt.quantization.runtime import SaturationStats
 
 
 @dataclass(frozen=True)
@@ -106,10 +111,12 @@ def tiled_conv2d(
     dilation: tuple[int, int],
     tile: int,
     acc_bits: int,
+    saturation: SaturationStats | None = None,
 ) -> torch.Tensor:
     """The convolution of integer-valued ``x`` (B, C, H, W) and ``weight`` (N, C, kh, kw)
     as an im2col product whose reduction (K = C*kh*kw, unfold order) is tiled and
-    saturated like ``tiled_matmul``. Returns (B, N, OH, OW).
+    saturated like ``tiled_matmul``. Returns (B, N, OH, OW). ``saturation`` receives
+    the counts of its B*N*OH*OW*ceil(K/tile) tile sums (see ``tiled_matmul_kj``).
 
     On CPU float32 a native kernel never materialises the (K, B*L) column matrix:
     at width stride 1 it reads each run of 16 positions' columns in place from a
@@ -120,11 +127,12 @@ def tiled_conv2d(
     n, _, kh, kw = weight.shape
     geo = ConvGeometry.of(x, (kh, kw), stride, padding, dilation)
     b, out_h, out_w = geo.batch, geo.out_h, geo.out_w
-    out = _native_conv(x, weight, geo, tile, float(accumulator_limit(acc_bits)))
+    out = _native_conv(x, weight, geo, tile, float(accumulator_limit(acc_bits)), saturation=saturation)
     if out is not None:
         return out
     cols, _ = unfold_channel_major(x, (kh, kw), stride, padding, dilation)
-    y = tiled_matmul_kj(weight.reshape(n, -1), cols.reshape(cols.shape[0], -1), tile, acc_bits)
+    y = tiled_matmul_kj(weight.reshape(n, -1), cols.reshape(cols.shape[0], -1), tile, acc_bits,
+                        saturation=saturation)
     return y.reshape(n, b, out_h, out_w).transpose(0, 1).contiguous()
 
 
@@ -160,10 +168,11 @@ def exact_input_grad(
 
 
 def _native_conv(x: torch.Tensor, weight: torch.Tensor, geo: ConvGeometry, tile: int, limit: float, *,
-                 int8_only: bool = False) -> torch.Tensor | None:
+                 int8_only: bool = False, saturation: SaturationStats | None = None) -> torch.Tensor | None:
     """The tiled conv by a native kernel: int8 where it applies (width stride 1,
     operands that fit in bytes, VNNI), else float32 (unless ``int8_only``); None
-    without the kernels or, with ``int8_only``, where int8 does not apply."""
+    without the kernels or, with ``int8_only``, where int8 does not apply.
+    ``saturation`` receives the counts when a kernel computed the product."""
     if not (native.usable(x) and native.usable(weight)):
         return None
     lib = native.load()
@@ -172,13 +181,19 @@ def _native_conv(x: torch.Tensor, weight: torch.Tensor, geo: ConvGeometry, tile:
     n = weight.shape[0]
     src, wt = x.contiguous(), weight.reshape(n, -1).T.contiguous()
     out = torch.empty(geo.batch, n, geo.out_h, geo.out_w, dtype=x.dtype)
-    args = (src.data_ptr(), wt.data_ptr(), out.data_ptr(), *geo.native_args(), n, tile, limit, native.threads())
+    counts = None if saturation is None else (ctypes.c_double * 2)()  # [saturated, excess], written by the kernel
+    args = (src.data_ptr(), wt.data_ptr(), out.data_ptr(), *geo.native_args(), n, tile, limit, counts,
+            native.threads())
     status = lib.hdqt_conv_tiled_i8(*args) if native.int8_dot(lib) else 2
     if status > 0 and not int8_only:  # not bytes, a width stride above 1, or no VNNI: the float32 kernel
         status = lib.hdqt_conv_tiled_f32(*args)
     if status < 0:
         raise MemoryError("hdqt native convolution: could not allocate its buffers")
-    return out if status == 0 else None
+    if status != 0:
+        return None
+    if saturation is not None:
+        saturation.add(tile_sums(geo.batch * n * geo.positions, geo.k, tile), counts[0], counts[1])
+    return out
 
 
 def fused_weight_grad(

@@ -114,7 +114,8 @@ def test_real_int8_entry_points_answer_for_this_cpu():
         pytest.skip("no native kernels here (no C compiler, or HDQT_NATIVE=0): only the torch path exists")
     a, b = torch.randint(-7, 8, (5, 40)).float(), torch.randint(0, 16, (40, 6)).float()
     y = torch.full((5, 6), -1.0)
-    status = lib.hdqt_tiled_matmul_i8(a.data_ptr(), 40, 1, b.data_ptr(), 0, y.data_ptr(), 5, 40, 6, 32, 127.0, 1)
+    status = lib.hdqt_tiled_matmul_i8(a.data_ptr(), 40, 1, b.data_ptr(), 0, y.data_ptr(), 5, 40, 6, 32, 127.0,
+                                      None, 1)
     if lib.hdqt_int8_dot_available():
         assert status == 0 and torch.equal(y, tiled_matmul_kj(a, b, 32, 8))
     else:

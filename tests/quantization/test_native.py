@@ -135,15 +135,15 @@ def _native_products(a, b, tile, acc_bits):
     b = b.contiguous()
     limit = float(2 ** (acc_bits - 1) - 1)
     status = lib.hdqt_tiled_matmul_i8(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), 0, y_i8.data_ptr(),
-                                      m, k, b.shape[1], tile, limit, 2)
+                                      m, k, b.shape[1], tile, limit, None, 2)
     # B given transposed, (J, K) row-major: the same packing from the other layout
     bt = b.T.contiguous()
     y_t = torch.full_like(y_i8, -1.0)
     status_t = lib.hdqt_tiled_matmul_i8(a.data_ptr(), a.stride(0), a.stride(1), bt.data_ptr(), 1, y_t.data_ptr(),
-                                        m, k, b.shape[1], tile, limit, 2)
+                                        m, k, b.shape[1], tile, limit, None, 2)
     assert status_t == status and torch.equal(y_t, y_i8)
     lib.hdqt_tiled_matmul_f32(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), y_f32.data_ptr(),
-                              m, k, b.shape[1], tile, limit, 2)
+                              m, k, b.shape[1], tile, limit, None, 2)
     return status, y_i8, y_f32
 
 
@@ -199,7 +199,7 @@ def status_of(lib, a, b, tile, limit):
     y = torch.empty(a.shape[0], b.shape[1])
     b = b.contiguous()
     return lib.hdqt_tiled_matmul_i8(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), 0, y.data_ptr(),
-                                    a.shape[0], a.shape[1], b.shape[1], tile, limit, 1)
+                                    a.shape[0], a.shape[1], b.shape[1], tile, limit, None, 1)
 
 
 @pytest.mark.skipif(not _int8_available(), reason="no AVX512-VNNI on this CPU")
@@ -228,7 +228,7 @@ def test_int8_conv_equals_float_kernel_bit_for_bit(case, x_range):
     for kernel_fn in ("hdqt_conv_tiled_i8", "hdqt_conv_tiled_f32"):
         outs[kernel_fn] = torch.full((b, n, geo.out_h, geo.out_w), -1.0)
         status = getattr(lib, kernel_fn)(x.data_ptr(), wt.data_ptr(), outs[kernel_fn].data_ptr(), *geo.native_args(),
-                                         n, tile, 127.0, 2)
+                                         n, tile, 127.0, None, 2)
         # the int8 kernel runs at width stride 1 and declines (writing nothing) otherwise
         assert status == (0 if kernel_fn.endswith("f32") or stride[1] == 1 else 1)
     if stride[1] == 1:

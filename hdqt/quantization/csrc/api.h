@@ -26,18 +26,23 @@ float hdqt_im2col_fwht_f32(const float *x, float *out, int64_t B, int64_t C, int
                            int64_t OH, int64_t OW, int64_t p, int64_t channel_major, int threads);
 
 /* matmul.c, matmul_int8.c */
+/* saturation (the forward products): NULL, or 2 doubles that receive how many tile
+ * sums of the stored outputs saturated, and the sum of |sum| - limit over them. */
 void hdqt_tiled_matmul_f32(const float *A, int64_t sm, int64_t sk, const float *B, float *Y, int64_t M, int64_t K,
-                           int64_t J, int64_t tile, float limit, int threads);
+                           int64_t J, int64_t tile, float limit, double *saturation, int threads);
 int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B, int b_transposed, float *Y,
-                         int64_t M, int64_t K, int64_t J, int64_t tile, float limit, int threads);
+                         int64_t M, int64_t K, int64_t J, int64_t tile, float limit, double *saturation,
+                         int threads);
 
 /* conv.c, conv_int8.c */
 int hdqt_conv_tiled_f32(const float *x, const float *wt, float *y, int64_t B, int64_t C, int64_t H, int64_t W,
                         int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                        int64_t dw, int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, int threads);
+                        int64_t dw, int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, double *saturation,
+                        int threads);
 int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int64_t C, int64_t H, int64_t W,
                        int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                       int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, int threads);
+                       int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, double *saturation,
+                       int threads);
 
 /* conv_weight_grad.c */
 float hdqt_conv_cols_amax_f32(const float *x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,

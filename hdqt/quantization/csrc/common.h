@@ -190,6 +190,28 @@ static int parallel_for(int64_t n, int threads, int64_t grain, range_fn fn, void
     return threads;
 }
 
+/* ------------------------------------------------------- saturation counts */
+
+/* The forward kernels count the tile sums that saturated (|sum| > limit) and by
+ * how much (the sum of |sum| - limit over them), for the stored outputs only.
+ * Each worker adds into its own slot (index: the worker argument of the range
+ * function; whole cache lines, so that workers never write to a shared line),
+ * per lane, as vector adds once per register block; the slots are summed once,
+ * at the end of the call. Integers in doubles are exact to 2^53. */
+typedef struct {
+    double count[NV]; /* saturated tile sums, per lane (any split over lanes) */
+    double sum[NV];   /* the sum of their |sum| (the excess: this, less the limit per count) */
+} __attribute__((aligned(64))) sat_slot;
+
+/* out[0] = the slots' count, out[1] = their excess (out may be NULL: nothing). */
+static void sat_collect(const sat_slot *slots, double limit, double *out) {
+    if (out == NULL) return;
+    double count = 0.0, sum = 0.0;
+    for (int t = 0; t < HDQT_MAX_THREADS; ++t)
+        for (int i = 0; i < NV; ++i) count += slots[t].count[i], sum += slots[t].sum[i];
+    out[0] = count, out[1] = sum - count * limit;
+}
+
 /* NaN-propagating running maximum of |v|: once NaN, it stays NaN. */
 static inline float absmax_step(float m, float v) {
     float a = fabsf(v);

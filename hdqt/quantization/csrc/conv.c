@@ -14,8 +14,14 @@ typedef struct {
     float *y, *panels;
     int64_t B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile;
     float limit;
-    int narrow; /* narrow register blocks (narrow_vectors) */
+    int narrow;      /* narrow register blocks (narrow_vectors) */
+    sat_slot *slots; /* per-worker saturation counts, or NULL: no counting */
 } conv_ctx;
+
+/* The worker's saturation counts, or NULL. */
+static inline sat_slot *conv_sat(const conv_ctx *c, int worker) {
+    return c->slots != NULL ? &c->slots[worker] : NULL;
+}
 
 static void conv_pack_panel(const conv_ctx *c, int64_t b, int64_t l0, float *panel) {
     const int64_t L = c->OH * c->OW;
@@ -67,10 +73,10 @@ static void conv_pack_panel(const conv_ctx *c, int64_t b, int64_t l0, float *pan
 /* All output channels for one panel: the panel is a (K x 16) strip of the column
  * matrix, so this is the tiled product's register-blocked step with A = w (read
  * through the transposed weight's strides) and Y = sample b's (N, L) output. */
-static void conv_panel_product(const conv_ctx *c, const float *panel, int64_t b, int64_t l0) {
+static void conv_panel_product(const conv_ctx *c, const float *panel, int64_t b, int64_t l0, sat_slot *sat) {
     const int64_t L = c->OH * c->OW, K = c->C * c->kh * c->kw;
-    const int64_t lanes = L - l0 < NV ? L - l0 : NV;
-    tmm_ctx t = {c->wt, NULL, c->y + b * c->N * L, 1, c->N, c->N, K, L, c->tile, c->limit, c->narrow};
+    const int64_t lanes = L - l0 < NV ? L - l0 : NV; /* the panel's lanes past L are zero: not counted either */
+    tmm_ctx t = {c->wt, NULL, c->y + b * c->N * L, 1, c->N, c->N, K, L, c->tile, c->limit, c->narrow, sat, NULL};
     tmm_vector_block(&t, panel, NV, l0, lanes);
 }
 
@@ -78,10 +84,11 @@ static void conv_range(void *arg, int64_t begin, int64_t end, int worker) {
     const conv_ctx *c = (const conv_ctx *)arg;
     const int64_t L = c->OH * c->OW, runs = (L + NV - 1) / NV, K = c->C * c->kh * c->kw;
     float *panel = c->panels + worker * K * NV; /* one L1-sized panel per worker */
+    sat_slot *sat = conv_sat(c, worker);
     for (int64_t unit = begin; unit < end; ++unit) {
         int64_t b = unit / runs, l0 = (unit % runs) * NV;
         conv_pack_panel(c, b, l0, panel);
-        conv_panel_product(c, panel, b, l0);
+        conv_panel_product(c, panel, b, l0, sat);
     }
 }
 
@@ -138,7 +145,8 @@ static void conv_rows_range(void *arg, int64_t begin, int64_t end, int worker) {
                 else memcpy(dst + c->pw, img + ih * c->W, (size_t)c->W * sizeof(float));
             }
         }
-        tmm_ctx t = {c->wt, NULL, c->y + b * c->N * L, 1, c->N, c->N, K, L, c->tile, c->limit, c->narrow};
+        tmm_ctx t = {c->wt, NULL, c->y + b * c->N * L, 1, c->N, c->N, K, L, c->tile, c->limit, c->narrow,
+                     conv_sat(c, worker), NULL};
         for (int64_t oh = oh0; oh < oh1; ++oh) {
             const float *base = rows + (oh - oh0) * c->sh * row_len;
             for (int64_t ow0 = 0; ow0 < c->OW; ow0 += NV) {
@@ -172,21 +180,31 @@ static int conv_direct(const conv_ctx *c, int threads) {
     return 0;
 }
 
-/* Returns 0, or -1 if the panel buffers could not be allocated. */
+/* Returns 0, or -1 if the panel buffers could not be allocated. saturation: NULL,
+ * or 2 doubles that receive how many tile sums of the stored outputs saturated
+ * and the sum of |sum| - limit over them (written when it returns 0). */
 int hdqt_conv_tiled_f32(const float *x, const float *wt, float *y, int64_t B, int64_t C, int64_t H, int64_t W,
                         int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                        int64_t dw, int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, int threads) {
+                        int64_t dw, int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, double *saturation,
+                        int threads) {
     if (threads > HDQT_MAX_THREADS) threads = HDQT_MAX_THREADS;
     if (threads < 1) threads = 1;
     const int64_t L = OH * OW, runs = (L + NV - 1) / NV, K = C * kh * kw;
+    sat_slot slots[HDQT_MAX_THREADS];
+    if (saturation != NULL) memset(slots, 0, sizeof slots);
     conv_ctx c = {x, wt, y, NULL, B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile, limit,
-                  narrow_vectors()};
-    if (sw == 1) return conv_direct(&c, threads);
-    float *panels = (float *)aligned_alloc(64, (size_t)threads * K * NV * sizeof(float));
-    if (panels == NULL) return -1;
-    c.panels = panels;
-    int64_t grain = ((int64_t)1 << 20) / (N * K * NV + 1) + 1;
-    parallel_for(B * runs, threads, grain, conv_range, &c);
-    free(panels);
-    return 0;
+                  narrow_vectors(), saturation != NULL ? slots : NULL};
+    int status = 0;
+    if (sw == 1) {
+        status = conv_direct(&c, threads);
+    } else {
+        float *panels = (float *)aligned_alloc(64, (size_t)threads * K * NV * sizeof(float));
+        if (panels == NULL) return -1;
+        c.panels = panels;
+        int64_t grain = ((int64_t)1 << 20) / (N * K * NV + 1) + 1;
+        parallel_for(B * runs, threads, grain, conv_range, &c);
+        free(panels);
+    }
+    if (status == 0) sat_collect(slots, limit, saturation);
+    return status;
 }

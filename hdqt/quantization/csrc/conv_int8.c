@@ -19,6 +19,7 @@ typedef struct {
     uint8_t *bands, *panels;
     int64_t row_len, band_in;
     int32_t offset;
+    sat_slot *slots; /* per-worker saturation counts, or NULL: no counting */
 } conv_i8_ctx;
 
 /* Four 16-byte rows a, b, c, d -> 16 lanes of 4 bytes (a[i], b[i], c[i], d[i]). */
@@ -41,6 +42,7 @@ static void conv_i8_range(void *arg, int64_t begin, int64_t end, int worker) {
     uint8_t *band = ic->bands + worker * c->C * ic->band_in * row_len;
     uint8_t *panel = ic->panels + worker * p->groups * 64;
     static const uint8_t none[NV] = {0}; /* the padding columns of a tile's last group: A's bytes are 0 */
+    sat_slot *sat = ic->slots != NULL ? &ic->slots[worker] : NULL;
     const __m512i offset = _mm512_set1_epi32(ic->offset);
     /* the padding columns stay at the offset: the byte of a zero input */
     memset(band, ic->offset, (size_t)(c->C * ic->band_in * row_len));
@@ -80,7 +82,7 @@ static void conv_i8_range(void *arg, int64_t begin, int64_t end, int worker) {
                         _mm512_storeu_si512(panel + g * 64, v);
                     }
                 }
-                i8_block(p, panel, c->y + b * c->N * L, L, oh * c->OW + ow0, (__mmask16)((1u << lanes) - 1));
+                i8_block(p, panel, c->y + b * c->N * L, L, oh * c->OW + ow0, (__mmask16)((1u << lanes) - 1), sat);
             }
         }
     }
@@ -91,16 +93,18 @@ static void conv_i8_range(void *arg, int64_t begin, int64_t end, int worker) {
 /* hdqt_conv_tiled_f32 at width stride 1, on int8 dot products (same arguments).
  * Returns 0; 1 when x or the weights are not bytes, or the stride is not 1 along
  * the width (nothing written: use the float32 kernel); 2 without VNNI; -1 if no
- * buffer could be allocated. */
+ * buffer could be allocated. saturation as in hdqt_conv_tiled_f32 (written only
+ * when it returns 0). */
 int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int64_t C, int64_t H, int64_t W,
                        int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                       int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, int threads) {
+                       int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, double *saturation,
+                       int threads) {
 #ifdef HDQT_INT8
     if (!hdqt_int8_dot_available()) return 2;
     if (sw != 1 || B < 1 || C < 1 || N < 1 || OH < 1 || OW < 1) return 1;
     threads = clamp_i8_threads(threads);
     const int64_t K = C * kh * kw;
-    conv_ctx c = {x, wt, y, NULL, B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile, limit, 0};
+    conv_ctx c = {x, wt, y, NULL, B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, tile, limit, 0, NULL};
     i8_ctx p; /* the weights as A (N, K), read through the transposed wt (K, N) */
     memset(&p, 0, sizeof p);
     p.A = wt, p.sm = 1, p.sk = N, p.M = N, p.K = K, p.tile = tile, p.B = x;
@@ -113,7 +117,9 @@ int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int
     /* byte rows: pw zeros, W values, and room for a run's 16 bytes past the last position */
     const int64_t row_len = W + 2 * pw + (kw - 1) * dw + 2 * NV;
     const int64_t band_in = (CONV_BAND - 1) * sh + (kh - 1) * dh + 1;
-    conv_i8_ctx ic = {&c, &p, NULL, NULL, NULL, row_len, band_in, p.offset};
+    conv_i8_ctx ic = {&c, &p, NULL, NULL, NULL, row_len, band_in, p.offset, NULL};
+    sat_slot slots[HDQT_MAX_THREADS];
+    if (saturation != NULL) memset(slots, 0, sizeof slots), ic.slots = slots;
     int64_t *koff = NULL;
     if (status == 0) {
         koff = (int64_t *)malloc((size_t)K * sizeof(int64_t));
@@ -130,6 +136,7 @@ int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int
         const int64_t bands = (OH + CONV_BAND - 1) / CONV_BAND;
         int64_t grain = ((int64_t)1 << 20) / (N * K * OW * CONV_BAND + 1) + 1;
         parallel_for(B * bands, threads, grain, conv_i8_range, &ic);
+        sat_collect(slots, p.limit, saturation);
     }
     free(koff);
     free(ic.bands);
@@ -138,7 +145,8 @@ int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int
     return status;
 #else
     (void)x, (void)wt, (void)y, (void)B, (void)C, (void)H, (void)W, (void)kh, (void)kw, (void)sh, (void)sw,
-        (void)ph, (void)pw, (void)dh, (void)dw, (void)OH, (void)OW, (void)N, (void)tile, (void)limit, (void)threads;
+        (void)ph, (void)pw, (void)dh, (void)dw, (void)OH, (void)OW, (void)N, (void)tile, (void)limit, (void)saturation,
+        (void)threads;
     return 2;
 #endif
 }

@@ -30,7 +30,9 @@ typedef struct {
     int64_t *tile_group; /* (tiles + 1): first group of each tile */
     float *Y;
     int32_t limit, offset;
+    double sum_bound; /* the largest |tile sum| the operands allow (i8_setup_a) */
     int b_transposed; /* B given as (J, K) row-major */
+    sat_slot *slots;  /* per-worker saturation counts, or NULL: no counting */
     int bad[HDQT_MAX_THREADS];
     int32_t a_max[HDQT_MAX_THREADS]; /* max |A| */
     float lo[HDQT_MAX_THREADS], hi[HDQT_MAX_THREADS];
@@ -156,11 +158,23 @@ static void i8_pack_b(void *arg, int64_t begin, int64_t end, int worker) {
     }
 }
 
-/* All M rows of Y against one 16-lane strip of B, given as its packed groups bs:
- * Y[m * ldy + j + lane] for the lanes in mask. */
+/* acc + the 16 int32 lanes of v, as 8 int64 lanes. */
 INT8_TARGET
-static void i8_block(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, int64_t j, __mmask16 mask) {
+static inline __m512i i8_widen(__m512i acc, __m512i v) {
+    acc = _mm512_add_epi64(acc, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)));
+    return _mm512_add_epi64(acc, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
+}
+
+/* All M rows of Y against one 16-lane strip of B, given as its packed groups bs:
+ * Y[m * ldy + j + lane] for the lanes in mask. sat: NULL, or the worker's
+ * saturation counts (see sat_slot), over the rows below M and the lanes in mask
+ * (the outputs that are stored). */
+INT8_TARGET
+static void i8_block(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, int64_t j, __mmask16 mask,
+                     sat_slot *sat) {
     const __m512i lim = _mm512_set1_epi32(c->limit), neg_lim = _mm512_set1_epi32(-c->limit);
+    /* a tile's |sums|, added over the block's rows in int32, could wrap: widen per row */
+    const int widen_rows = c->sum_bound * I8_MR >= 2147483647.0;
     for (int64_t m0 = 0; m0 < c->M; m0 += I8_MR) {
         int64_t rows = c->M - m0 < I8_MR ? c->M - m0 : I8_MR;
         const int32_t *a[I8_MR], *start[I8_MR];
@@ -170,6 +184,8 @@ static void i8_block(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, 
         }
         __m512 total[I8_MR];
         for (int r = 0; r < I8_MR; ++r) total[r] = _mm512_setzero_ps();
+        int64_t count = 0;                     /* with sat: the block's saturated tile sums */
+        __m512i sums = _mm512_setzero_si512(); /* and the sum of their |sum|, 8 int64 lanes */
         for (int64_t t = 0; t < c->tiles; ++t) {
             __m512i acc[I8_MR];
             for (int r = 0; r < I8_MR; ++r) acc[r] = _mm512_set1_epi32(start[r][t]);
@@ -178,21 +194,42 @@ static void i8_block(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, 
                 for (int r = 0; r < I8_MR; ++r)
                     acc[r] = _mm512_dpbusd_epi32(acc[r], bv, _mm512_set1_epi32(a[r][g]));
             }
+            if (sat == NULL) {
+                for (int r = 0; r < I8_MR; ++r) {
+                    __m512i clamped = _mm512_min_epi32(_mm512_max_epi32(acc[r], neg_lim), lim);
+                    total[r] = _mm512_add_ps(total[r], _mm512_cvtepi32_ps(clamped));
+                }
+                continue;
+            }
+            /* Saturation counts, branch-free: the lanes (of those stored) where the
+             * clamp changed a sum, their popcount, and |sum| added under that mask
+             * (|sum| < 2^31 by i8_setup_a: no wrap). Rows past M are not outputs. */
+            __m512i tile_sums = _mm512_setzero_si512();
             for (int r = 0; r < I8_MR; ++r) {
                 __m512i clamped = _mm512_min_epi32(_mm512_max_epi32(acc[r], neg_lim), lim);
                 total[r] = _mm512_add_ps(total[r], _mm512_cvtepi32_ps(clamped));
+                if (r >= rows) continue;
+                __mmask16 over = _mm512_mask_cmpneq_epi32_mask(mask, acc[r], clamped);
+                count += __builtin_popcount((unsigned)over);
+                tile_sums = _mm512_mask_add_epi32(tile_sums, over, tile_sums, _mm512_abs_epi32(acc[r]));
+                if (widen_rows) sums = i8_widen(sums, tile_sums), tile_sums = _mm512_setzero_si512();
             }
+            sums = i8_widen(sums, tile_sums);
+        }
+        if (count) { /* the excess is sum |sum| - limit: sat_collect takes the limit off once per count */
+            sat->count[0] += (double)count;
+            sat->sum[0] += (double)_mm512_reduce_add_epi64(sums);
         }
         for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(Y + (m0 + r) * ldy + j, mask, total[r]);
     }
 }
 
 static void i8_product(void *arg, int64_t begin, int64_t end, int worker) {
-    (void)worker;
     const i8_ctx *c = (const i8_ctx *)arg;
+    sat_slot *sat = c->slots != NULL ? &c->slots[worker] : NULL;
     for (int64_t s = begin; s < end; ++s) {
         int64_t j = s * NV, lanes = c->J - j < NV ? c->J - j : NV;
-        i8_block(c, c->b + s * c->groups * 64, c->Y, c->J, j, (__mmask16)((1u << lanes) - 1));
+        i8_block(c, c->b + s * c->groups * 64, c->Y, c->J, j, (__mmask16)((1u << lanes) - 1), sat);
     }
 }
 
@@ -223,7 +260,8 @@ static int i8_setup_a(i8_ctx *c, int threads) {
     int32_t a_max = 0;
     for (int t = 0; t < used; ++t) a_max = c->a_max[t] > a_max ? c->a_max[t] : a_max;
     double length = c->tile < c->K ? (double)c->tile : (double)c->K;
-    return length * a_max * (255.0 + c->offset) < 2147483647.0 ? 0 : 1;
+    c->sum_bound = length * a_max * (255.0 + c->offset);
+    return c->sum_bound < 2147483647.0 ? 0 : 1;
 }
 
 static void i8_release(i8_ctx *c) {
@@ -252,9 +290,11 @@ static int clamp_i8_threads(int threads) {
  * or (J, K) with b_transposed. Returns 0; 1 when an operand does not fit in bytes
  * or a tile's sum could leave int32 (nothing written: use the float32 kernel); 2
  * without VNNI; -1 if no buffer could be allocated. tile >= K with limit >= 2^31 - 1
- * is the exact, unsaturated product. */
+ * is the exact, unsaturated product. saturation: NULL, or 2 doubles that receive
+ * the saturation counts as in hdqt_tiled_matmul_f32 (written only when it returns 0). */
 int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B, int b_transposed, float *Y,
-                         int64_t M, int64_t K, int64_t J, int64_t tile, float limit, int threads) {
+                         int64_t M, int64_t K, int64_t J, int64_t tile, float limit, double *saturation,
+                         int threads) {
 #ifdef HDQT_INT8
     if (!hdqt_int8_dot_available()) return 2;
     threads = clamp_i8_threads(threads);
@@ -276,14 +316,17 @@ int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B,
     }
     if (status == 0) {
         parallel_for(strips, threads, 1, i8_pack_b, &c);
+        sat_slot slots[HDQT_MAX_THREADS];
+        if (saturation != NULL) memset(slots, 0, sizeof slots), c.slots = slots;
         int64_t grain = ((int64_t)1 << 20) / (M * K * NV + 1) + 1;
         parallel_for(strips, threads, grain, i8_product, &c);
+        sat_collect(slots, c.limit, saturation);
     }
     i8_release(&c);
     return status;
 #else
     (void)A, (void)sm, (void)sk, (void)B, (void)b_transposed, (void)Y, (void)M, (void)K, (void)J, (void)tile,
-        (void)limit, (void)threads;
+        (void)limit, (void)saturation, (void)threads;
     return 2;
 #endif
 }
