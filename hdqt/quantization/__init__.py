@@ -1,5 +1,5 @@
 """The quantization engine: formats, quantizers, Hadamard transforms, tiled
-integer matmuls, quantized layers, policies and recipes."""
+integer matmuls, quantized layers, policies, recipes and saturation counts."""
 from hdqt.quantization.convert import (
     QuantizationPlan, UnsupportedLayerError, plan_quantization, policy_from_state_dict, quant_layers, quantize_model,
     reseed_quantizers,
@@ -10,10 +10,12 @@ from hdqt.quantization.layers import QuantConv2d, QuantLinear
 from hdqt.quantization.policy import OPERANDS, QuantPolicy
 from hdqt.quantization.quantizer import DynamicScaling, NonFiniteError, QTensor, Quantizer, int_quantizer
 from hdqt.quantization.recipes import list_recipes, recipe
+from hdqt.quantization.runtime import SaturationStats, reset_saturation, saturation_report
 
 __all__ = [
     "DynamicScaling", "HADAMARD_RULES", "IntFormat", "NonFiniteError", "OPERANDS", "QTensor", "QuantConv2d",
-    "QuantLinear", "QuantPolicy", "QuantizationPlan", "Quantizer", "UnsupportedLayerError", "block_layout",
-    "hadamard_transform", "int_quantizer", "list_recipes", "plan_quantization", "policy_from_state_dict",
-    "quant_layers", "quantize_model", "recipe", "reseed_quantizers",
+    "QuantLinear", "QuantPolicy", "QuantizationPlan", "Quantizer", "SaturationStats", "UnsupportedLayerError",
+    "block_layout", "hadamard_transform", "int_quantizer", "list_recipes", "plan_quantization",
+    "policy_from_state_dict", "quant_layers", "quantize_model", "recipe", "reseed_quantizers", "reset_saturation",
+    "saturation_report",
 ]

@@ -93,7 +93,8 @@ class QuantLinearFunction(torch.autograd.Function):
             # Computed as Y^T = W X^T: the tiled product reads W in place and needs X^T
             # row-major, which the previous layer's output already is (Y^T is returned
             # as a transposed view, and elementwise layers keep that layout).
-            y = tiled_matmul_kj(wv, xv.T, policy.tile, policy.acc_bits).T
+            counts = rt.saturation if rt.saturation.sample() else None  # one call in `every`
+            y = tiled_matmul_kj(wv, xv.T, policy.tile, policy.acc_bits, saturation=counts).T
         ctx.save_for_backward(xq.values, wq.values)
         ctx.scales = (xq.scale, wq.scale)
         ctx.rt = rt
@@ -151,7 +152,8 @@ class QuantConv2dFunction(torch.autograd.Function):
             # Unlimited accumulator: a plain convolution of the integer operands (exact in dtype).
             y = F.conv2d(xv, wv, None, stride, padding, dilation)
         else:
-            y = tiled_conv2d(xv, wv, stride, padding, dilation, policy.tile, policy.acc_bits)
+            counts = rt.saturation if rt.saturation.sample() else None  # one call in `every`
+            y = tiled_conv2d(xv, wv, stride, padding, dilation, policy.tile, policy.acc_bits, counts)
         # The quantized input is kept, not its columns: 1/(kh*kw) of the memory, and
         # the backward builds the columns it needs (transformed) in one pass anyway.
         ctx.save_for_backward(xq.values, wq.values)
