@@ -46,6 +46,10 @@ _FLAGS = [
      "power of two dividing the width (an odd width is not transformed); binary: blocks of "
      "the binary expansion of the width, e.g. 405 = 256+128+16+4+1 (default: the recipe's, "
      "paper)"),
+    ("--hadamard-select", "hadamard_select", str,
+     "which backward products run in the Hadamard domain. always: every one (the paper); "
+     "noise: a product only when its operands' expected rounding error is smaller there, "
+     "decided at every step (default: the recipe's, always; see docs/quantization.md)"),
     ("--input-clip", "input_clip", str,
      "bound of the normalised feature inputs, in standard deviations, or none (default: 3; "
      "images are not clipped)"),
@@ -64,7 +68,7 @@ _FLAGS = [
      "into diagnostics.jsonl; they do not change the results (default: 0, off)"),
 ]
 
-_METAVARS = {"hadamard_rule": "{paper,binary}", "input_clip": "{STD,none}"}
+_METAVARS = {"hadamard_rule": "{paper,binary}", "hadamard_select": "{always,noise}", "input_clip": "{STD,none}"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

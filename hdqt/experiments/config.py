@@ -44,6 +44,7 @@ class RunConfig:
     tile: int | None = None
     saturate_backward: bool | None = None
     hadamard_rule: str | None = None
+    hadamard_select: str | None = None  # None: the recipe's ("always")
     forward_hadamard: bool | None = None  # None: the recipe's (off)
     # Bound of the normalised feature inputs in standard deviations: None is the
     # default (prepare's 3.0; also what 3 is stored as), 0 is unbounded ("none").
@@ -99,14 +100,15 @@ _INT_KEYS = {"epochs", "memory", "init_classes", "increment", "seed", "bits",
 _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "temperature", "test_fraction",
                "bic_val_fraction", "aux_loss_weight"}
 _STR_KEYS = {"dataset", "method", "recipe", "backbone", "selection", "data_root", "device",
-             "hadamard_rule"}
+             "hadamard_rule", "hadamard_select"}
 _BOOL_KEYS = {"saturate_backward", "forward_hadamard"}
 # Keys without a command-line flag; every other key X has the flag --X (with - for _).
 FILE_ONLY_KEYS = frozenset({"momentum", "weight_decay", "gamma", "selection", "temperature",
                             "test_fraction", "bic_val_fraction", "bic_steps",
                             "aux_loss_weight", "balanced_finetune_epochs"})
 # The quantization options: recipe overrides; None keeps the recipe's default.
-QUANT_KEYS = ("bits", "acc_bits", "tile", "saturate_backward", "hadamard_rule", "forward_hadamard")
+QUANT_KEYS = ("bits", "acc_bits", "tile", "saturate_backward", "hadamard_rule", "hadamard_select",
+              "forward_hadamard")
 # The options TrainConfig validates (and the learners use); the optional ones are
 # passed only when set, so that unset ones keep the learner's default.
 TRAIN_KEYS = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "milestones", "gamma",
@@ -416,7 +418,7 @@ def check_quantization(config: RunConfig, origin: Mapping[str, str] | None = Non
         _under_name("bits", origin, check_bits, config.bits)
     if config.acc_bits is not None:
         _under_name("acc_bits", origin, _check_acc_bits, config.acc_bits)
-    for key in ("tile", "saturate_backward", "hadamard_rule", "forward_hadamard"):
+    for key in ("tile", "saturate_backward", "hadamard_rule", "hadamard_select", "forward_hadamard"):
         if getattr(config, key) is not None:
             _under_name(key, origin, _check_policy_field, key, getattr(config, key))
     if config.recipe == "fp32":

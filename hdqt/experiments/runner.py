@@ -162,7 +162,8 @@ def resolved_quantization(config: RunConfig, policy) -> dict[str, Any]:
     bits = getattr(getattr(policy.forward_weight, "format", None), "bits", None)
     values = {"bits": bits, "acc_bits": 0 if policy.acc_bits is None else policy.acc_bits,
               "tile": policy.tile, "saturate_backward": policy.saturate_backward,
-              "hadamard_rule": policy.hadamard_rule, "forward_hadamard": policy.forward_hadamard}
+              "hadamard_rule": policy.hadamard_rule, "hadamard_select": policy.hadamard_select,
+              "forward_hadamard": policy.forward_hadamard}
     return {**values, "hadamard": policy.hadamard,
             "from_recipe": [key for key in QUANT_KEYS if getattr(config, key) is None]}
 

@@ -147,6 +147,19 @@ def test_quantization_options_from_a_file_name_key_and_file(tmp_path):
     assert (config.saturate_backward, config.hadamard_rule, config.acc_bits) == (True, "binary", 0)
 
 
+def test_hadamard_select_reaches_the_policy_and_the_identity(tmp_path):
+    from hdqt.experiments.runner import build_policy
+
+    default = resolve(flags={"recipe": "hdqt"})
+    assert build_policy(default).hadamard_select == "always"  # the recipe's, the paper's rule
+    noise = resolve(flags={"recipe": "hdqt", "hadamard_select": "noise"})
+    assert build_policy(noise).hadamard_select == "noise"
+    assert noise.identity()["hadamard_select"] == "noise" and noise.identity() != default.identity()
+    path = write(tmp_path, 'hadamard_select = "sometimes"\n')
+    with pytest.raises(ConfigError, match=r"hadamard_select \(from .*run.toml\) must be one of \('always', 'noise'\)"):
+        resolve(file_values=load_toml(path), source=str(path))
+
+
 def test_saturate_backward_and_hadamard_rule_reach_the_policy_and_the_identity():
     from hdqt.experiments.runner import build_policy
 
