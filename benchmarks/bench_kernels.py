@@ -5,6 +5,8 @@ within every round (median over rounds of each round's ratio), at the shapes of
 bench_engine.py (batch 128, FCNet 405 wide, a 16->16 3x3 conv on 32x32 maps):
 
   * the tiled conv forward on int8 dot products against the float32 kernel,
+  * the tiled forward products counting their saturated tile sums against not counting
+    (int8 and float32 conv, a linear layer's product; the layers count one call in 8),
   * the float32 kernels' wide register blocks (AVX-512) against the narrow ones that
     CPUs without AVX-512 get (forced with HDQT_VECTORS=narrow),
   * the fused conv weight gradient with its multiply on bytes against floats,
@@ -29,7 +31,8 @@ import hdqt
 from hdqt.quantization import native
 from hdqt.quantization.hadamard import block_layout
 from hdqt.quantization.im2col import exact_input_grad, fused_weight_grad, tiled_conv2d
-from hdqt.quantization.matmul import tiled_matmul
+from hdqt.quantization.matmul import tiled_matmul, tiled_matmul_kj
+from hdqt.quantization.runtime import SaturationStats
 
 
 @contextlib.contextmanager
@@ -109,6 +112,19 @@ def main() -> None:
         return run
 
     compare("conv forward: int8 / float32 kernel", conv_forward, without_int8(conv_forward), args.rounds)
+    stats = SaturationStats()
+
+    def conv_forward_counted():
+        return tiled_conv2d(x_conv, w_conv, (1, 1), (1, 1), (1, 1), 32, 8, stats)
+
+    compare("conv forward, int8: counting saturation / not", conv_forward_counted, conv_forward, args.rounds)
+    compare("conv forward, float32: counting saturation / not", without_int8(conv_forward_counted),
+            without_int8(conv_forward), args.rounds)
+    w_fc = torch.randint(-7, 8, (405, 405), generator=gen).float()
+    x_fc_t = torch.randint(0, 16, (405, 128), generator=gen).float()  # a linear forward's W X^T
+    compare("linear forward 405x405x128, int8: counting / not",
+            lambda: tiled_matmul_kj(w_fc, x_fc_t, 32, 8, saturation=stats),
+            lambda: tiled_matmul_kj(w_fc, x_fc_t, 32, 8), args.rounds)
     compare("conv forward, float32: wide / narrow blocks", without_int8(conv_forward), narrow(conv_forward),
             args.rounds)
     compare("conv dW (fused), float32: wide / narrow blocks", without_int8(conv_weight_grad),
