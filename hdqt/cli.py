@@ -19,6 +19,7 @@ _SUBCOMMANDS = {
              "list the datasets, whether each was found, and where they were looked for"),
     "energy": ("hdqt.cost.cli", "estimate operations, bytes and energy of one training step per recipe"),
     "info": ("hdqt.info", "versions, kernel variant, threads and data roots of this machine"),
+    "sweep": ("hdqt.experiments.sweep", "run a grid of experiments (TOML), resumable, locally or on Ray"),
     "diagnose": ("hdqt.diagnostics.cli", "per-layer gradient alignment with float32, bias, variance and level use"),
     "report": ("hdqt.reports.cli", "tables, plots and an HTML page from run directories"),
 }
