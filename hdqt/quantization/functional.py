@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hdqt.quantization.accumulate import FloatBounds, float_conv2d
 from hdqt.quantization.hadamard import BlockLayout, block_layout, hadamard_transform_amax
 from hdqt.quantization.im2col import exact_input_grad, fused_weight_grad, tiled_conv2d, unfold_channel_major
 from hdqt.quantization.matmul import Bounds, exact_dtype, sum_bound, tiled_matmul, tiled_matmul_batched, tiled_matmul_kj
@@ -25,11 +26,21 @@ from hdqt.quantization.selection import relative_rounding_error, transform_helps
 
 
 def integer_bounds(qa: Quantizer | None, qb: Quantizer | None) -> Bounds | None:
-    """The largest magnitudes of a product's two operands when both are quantized
-    (integers), else None (a float operand: the product runs in its own dtype)."""
+    """The largest magnitudes of a product's two operands when both are quantized, else
+    None (an unquantized operand: the product runs in its own dtype). With a float or
+    log format among them they come as ``FloatBounds``: a limited accumulator of that
+    product is a float accumulator (``accumulate.py``)."""
     if qa is None or qb is None:
         return None
-    return (qa.format.max_magnitude(), qb.format.max_magnitude())
+    bounds = (qa.format.max_magnitude(), qb.format.max_magnitude())
+    # float or log operands: a limited accumulator is a float one (accumulate.py)
+    return bounds if qa.format.is_integer and qb.format.is_integer else FloatBounds(bounds)
+
+
+def _float_bounds(policy) -> FloatBounds | None:
+    """The forward product's bounds when its limited accumulator is a float one, else None."""
+    bounds = integer_bounds(policy.forward_input, policy.forward_weight)
+    return bounds if isinstance(bounds, FloatBounds) else None
 
 
 def _forward_dtype(policy, reduction: int, dtype: torch.dtype) -> torch.dtype:
@@ -94,7 +105,8 @@ class QuantLinearFunction(torch.autograd.Function):
             # row-major, which the previous layer's output already is (Y^T is returned
             # as a transposed view, and elementwise layers keep that layout).
             counts = rt.saturation if rt.saturation.sample() else None  # one call in `every`
-            y = tiled_matmul_kj(wv, xv.T, policy.tile, policy.acc_bits, saturation=counts).T
+            y = tiled_matmul_kj(wv, xv.T, policy.tile, policy.acc_bits, saturation=counts,
+                                bounds=_float_bounds(policy)).T
         ctx.save_for_backward(xq.values, wq.values)
         ctx.scales = (xq.scale, wq.scale)
         ctx.rt = rt
@@ -153,7 +165,9 @@ class QuantConv2dFunction(torch.autograd.Function):
             y = F.conv2d(xv, wv, None, stride, padding, dilation)
         else:
             counts = rt.saturation if rt.saturation.sample() else None  # one call in `every`
-            y = tiled_conv2d(xv, wv, stride, padding, dilation, policy.tile, policy.acc_bits, counts)
+            fb = _float_bounds(policy)
+            y = (float_conv2d(xv, wv, stride, padding, dilation, policy.tile, policy.acc_bits, fb) if fb else
+                 tiled_conv2d(xv, wv, stride, padding, dilation, policy.tile, policy.acc_bits, counts))
         # The quantized input is kept, not its columns: 1/(kh*kw) of the memory, and
         # the backward builds the columns it needs (transformed) in one pass anyway.
         ctx.save_for_backward(xq.values, wq.values)
@@ -233,7 +247,7 @@ def _conv_weight_grad(rt: LayerRuntime, grad_cols, x_values, kernel, conv, acc) 
         else:
             layout = None
     gq = rt.quantize(policy.grad_output_dw, g, "output gradient (dW)", amax_g)
-    if acc is None and qx is not None and qx.rounding == "stochastic" and qx.format.signed != "auto":
+    if acc is None and qx is not None and qx.rounding == "stochastic" and qx.native_fast and qx.format.signed != "auto":
         fused = fused_weight_grad(x_values, gq.values, kernel, *conv, layout, qx, rt.generator(x_values.device))
         if fused is not None:
             grad_w, x_scale = fused

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hdqt.quantization import native
+from hdqt.quantization.accumulate import FloatBounds, float_tiled_matmul, float_tiled_matmul_batched
 
 if TYPE_CHECKING:
     from hdqt.quantization.runtime import SaturationStats
@@ -84,6 +85,8 @@ def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int |
     with ``acc_bits=None``: an unlimited accumulator never saturates).
     """
     dtype = a.dtype
+    if acc_bits is not None and isinstance(bounds, FloatBounds):  # float operands: a float accumulator
+        return float_tiled_matmul(a, b, tile, acc_bits, bounds)
     if bounds is not None:
         wide = exact_dtype(sum_bound(a.shape[1], bounds, tile, acc_bits), dtype)
         if wide != dtype:
@@ -187,6 +190,8 @@ def tiled_matmul_batched(w: torch.Tensor, x: torch.Tensor, tile: int, acc_bits: 
     counts, B*N*L*ceil(K/tile) tile sums, as in ``tiled_matmul_kj``.
     """
     dtype = x.dtype
+    if acc_bits is not None and isinstance(bounds, FloatBounds):
+        return float_tiled_matmul_batched(w, x, tile, acc_bits, bounds)
     if bounds is not None:
         wide = exact_dtype(sum_bound(x.shape[1], bounds, tile, acc_bits), dtype)
         if wide != dtype:

@@ -92,33 +92,37 @@ class QuantPolicy:
         a large product would saturate, and training would run at chance without a word
         (8-bit operands on the default 8-bit accumulator did).
 
-        ``acc_bits`` is an integer accumulator: it counts in units of the product of two
-        integer codes. Operands in a float or log format, or with per-sample scales (whose
-        products run on dequantized values), have no such unit, so a limited accumulator
-        is refused for their products (float accumulators are future work, see
-        docs/quantization.md); leave it unlimited (None: float32 sums)."""
+        ``acc_bits`` means an integer accumulator for a product of two integer formats
+        (units: one product of two codes) and a float accumulator of ``acc_bits`` bits for
+        a product with a float or log operand (``accumulate.py``: 16 = IEEE half, 12 =
+        e5m6, 8 = e5m2; at least 4 bits). Per-sample scales (whose products run on
+        dequantized values) and a float or log operand multiplied by an unquantized one
+        have no accumulator units: a limited accumulator is refused for those products."""
         if self.acc_bits is None:
             return
-        limited = [("forward", ("forward_input", "forward_weight"))]
+        limited = [("forward", "forward_input", "forward_weight")]
         if self.saturate_backward:
-            limited += [("dX", ("grad_output_dx", "backward_weight")), ("dW", ("grad_output_dw", "backward_input"))]
-        for product, ops in limited:
-            for op in ops:
-                q = getattr(self, op)
-                if q is not None and (not q.format.is_integer or q.granularity != "tensor"):
-                    what = (f"a {q.format.kind} format" if not q.format.is_integer else "per-sample scales")
-                    raise ValueError(
-                        f"acc_bits={self.acc_bits} is an integer accumulator, but the {product} product's {op} has "
-                        f"{what}: only integer codes with per-tensor scales have its units. Use acc_bits=None "
-                        "(unlimited, float32 sums) for this policy"
-                    )
+            limited += [("dX", "grad_output_dx", "backward_weight"), ("dW", "grad_output_dw", "backward_input")]
         limit = 2 ** (self.acc_bits - 1) - 1
-        products = [("forward", self.forward_input, self.forward_weight)]
-        if self.saturate_backward:
-            products += [("dX", self.grad_output_dx, self.backward_weight),
-                         ("dW", self.grad_output_dw, self.backward_input)]
-        for product, qa, qb in products:
+        for product, op_a, op_b in limited:
+            qa, qb = getattr(self, op_a), getattr(self, op_b)
+            for op, q in ((op_a, qa), (op_b, qb)):
+                if q is not None and q.granularity != "tensor":
+                    raise ValueError(
+                        f"acc_bits={self.acc_bits} limits the {product} product, whose {op} has per-sample scales: "
+                        "its products run on dequantized values, without accumulator units. Use acc_bits=None "
+                        "(unlimited, float32 sums) for this policy")
             if qa is None or qb is None:
+                other = qa or qb
+                if other is not None and not other.format.is_integer:
+                    raise ValueError(
+                        f"acc_bits={self.acc_bits} limits the {product} product of a {other.format.kind} format and an "
+                        "unquantized operand: no accumulator units. Quantize both operands or use acc_bits=None")
+                continue
+            if not (qa.format.is_integer and qb.format.is_integer):
+                if self.acc_bits < 4:
+                    raise ValueError(f"acc_bits={self.acc_bits}: the {product} product has a {qa.format.kind} x "
+                                     f"{qb.format.kind} operand pair, summed in a float accumulator of at least 4 bits")
                 continue
             largest = qa.format.max_magnitude() * qb.format.max_magnitude()
             if largest > limit:

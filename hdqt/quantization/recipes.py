@@ -17,10 +17,13 @@ name replace fields of the result, so any policy field can be set from a recipe.
 * ``fp8_e4m3``, ``fp8_e5m2``, ``fp4_e2m1``: generic float FQT in that format,
   max-scaled per tensor; forward round to nearest, gradients stochastic.
 
-The float recipes take ``acc_bits=None`` (float32 sums) by default: ``acc_bits`` is an
-integer accumulator (``QuantPolicy._check_accumulator``), and float accumulators
-are not implemented yet. ``bits`` of a float recipe is its format's width (8 or 4);
-giving another is an error.
+``acc_bits`` of a float recipe is a float accumulator (``accumulate.py``: 16 = IEEE
+half, 12 = e5m6, 8 = e5m2), into which each tile's partial sum is added and rounded.
+Defaults: ``fp134`` 8 bits, the setting of the paper's comparison (every method at
+8-bit accumulators); the FP8/FP4 recipes 16 bits, the FP16 chunk accumulation of the
+FP8 training papers (Wang et al. 2018, Sun et al. 2019). ``acc_bits=None`` sums in
+float32. ``bits`` of a float recipe is its format's width (8 or 4); giving another is
+an error.
 """
 from __future__ import annotations
 
@@ -99,8 +102,9 @@ def _float_fqt(fmt: FloatFormat, name: str, bits: int | None, acc_bits: int | No
     )
 
 
-def _float_recipe(fmt: FloatFormat, name: str, scaling=DynamicScaling()) -> Callable[..., QuantPolicy]:
-    def build(bits: int | None = None, acc_bits: int | None = None, tile: int = 32) -> QuantPolicy:
+def _float_recipe(fmt: FloatFormat, name: str, scaling=DynamicScaling(), acc_default: int | None = 16
+                  ) -> Callable[..., QuantPolicy]:
+    def build(bits: int | None = None, acc_bits: int | None = acc_default, tile: int = 32) -> QuantPolicy:
         return _float_fqt(fmt, name, bits, acc_bits, tile, scaling)
     build.__name__ = f"_{name}"
     return build
@@ -108,7 +112,7 @@ def _float_recipe(fmt: FloatFormat, name: str, scaling=DynamicScaling()) -> Call
 
 _RECIPES: dict[str, Callable[..., QuantPolicy]] = {
     "fp32": _fp32, "hdqt": _hdqt, "int": _int, "luq": _luq,
-    "fp134": _float_recipe(FP134, "fp134", ExponentBiasScaling()),
+    "fp134": _float_recipe(FP134, "fp134", ExponentBiasScaling(), acc_default=8),
     "fp8_e4m3": _float_recipe(FP8_E4M3, "fp8_e4m3"),
     "fp8_e5m2": _float_recipe(FP8_E5M2, "fp8_e5m2"),
     "fp4_e2m1": _float_recipe(FP4_E2M1, "fp4_e2m1"),

@@ -75,3 +75,58 @@ def test_batched_and_conv_products_round_per_tile():
     half = float_conv2d(xi, wi, (1, 1), (1, 1), (1, 1), 8, 16, (3.0, 3.0))
     assert not torch.equal(half, torch.nn.functional.conv2d(xi, wi, None, 1, 1)) and torch.allclose(
         half, torch.nn.functional.conv2d(xi, wi, None, 1, 1), rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------- wired into the layers
+import torch.nn as nn  # noqa: E402
+
+import hdqt  # noqa: E402
+from hdqt.quantization.accumulate import float_conv2d  # noqa: E402
+from hdqt.quantization.formats import FP8_E4M3  # noqa: E402
+from hdqt.quantization.quantizer import Quantizer  # noqa: E402
+
+
+def _quantized_operands(policy, x, w):
+    q = hdqt.quantize_model(nn.Sequential(nn.Linear(1, 1)), policy)[0]._rt
+    return q.quantize(policy.forward_input, x, "forward input"), q.quantize(policy.forward_weight, w, "forward weight")
+
+
+def test_linear_forward_sums_tiles_in_the_float_accumulator():
+    torch.manual_seed(2)
+    x, w = torch.randn(8, 256), torch.randn(5, 256)
+    for acc in (8, 12):
+        policy = hdqt.recipe("fp8_e4m3", acc_bits=acc, seed=0)
+        layer = hdqt.quantize_model(nn.Sequential(nn.Linear(256, 5, bias=False)), policy)[0]
+        layer.weight.data.copy_(w)
+        xq, wq = _quantized_operands(policy, x, w)
+        expected = float_tiled_matmul(xq.values, wq.values.T, 32, acc, (448.0, 448.0)) * (xq.scale * wq.scale)
+        got = layer(x)
+        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+        unlimited = (xq.values @ wq.values.T) * (xq.scale * wq.scale)
+        assert not torch.allclose(got, unlimited, rtol=1e-4, atol=1e-4)  # the accumulator rounds
+
+
+def test_conv_forward_and_backward_with_float_accumulators():
+    torch.manual_seed(3)
+    x, w = torch.randn(2, 8, 6, 6), torch.randn(4, 8, 3, 3)
+    policy = hdqt.recipe("fp8_e5m2", acc_bits=8, seed=0)
+    layer = hdqt.quantize_model(nn.Sequential(nn.Conv2d(8, 4, 3, padding=1, bias=False)), policy)[0]
+    layer.weight.data.copy_(w)
+    xq, wq = _quantized_operands(policy, x, w)
+    m = 57344.0
+    expected = float_conv2d(xq.values, wq.values, (1, 1), (1, 1), (1, 1), 32, 8, (m, m)) * (xq.scale * wq.scale)
+    assert torch.allclose(layer(x), expected, rtol=1e-6, atol=1e-6)
+    # saturate_backward: the backward products are summed in the float accumulator too
+    both = hdqt.recipe("fp8_e5m2", acc_bits=8, saturate_backward=True, seed=0,
+                       backward_weight=Quantizer(FP8_E4M3), backward_input=Quantizer(FP8_E4M3, rounding="stochastic"))
+    grads = []
+    for p in (both, hdqt.recipe("fp8_e5m2", acc_bits=None, seed=0, backward_weight=both.backward_weight,
+                                backward_input=both.backward_input)):
+        layer = hdqt.quantize_model(nn.Sequential(nn.Conv2d(8, 4, 3, padding=1, bias=False)), p)[0]
+        layer.weight.data.copy_(w)
+        xi = x.clone().requires_grad_()
+        layer(xi).square().sum().backward()
+        assert torch.isfinite(xi.grad).all() and torch.isfinite(layer.weight.grad).all()
+        grads.append((xi.grad, layer.weight.grad))
+    cos = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) for a, b in zip(*grads)]
+    assert all(c > 0.9 for c in cos) and not torch.equal(grads[0][0], grads[1][0])

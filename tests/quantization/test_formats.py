@@ -239,10 +239,14 @@ def test_fp134_without_tracking_state_uses_the_tensor_max():
 # ---------------------------------------------------------------- policies and recipes
 def test_accumulator_check_is_format_aware():
     assert hdqt.recipe("luq").acc_bits == 8  # integer SAWB forward: 7 x 15 fits 8 bits
-    for name in ("fp134", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1"):
-        assert hdqt.recipe(name).acc_bits is None
-        with pytest.raises(ValueError, match="integer accumulator"):
-            hdqt.recipe(name, acc_bits=16)
+    assert hdqt.recipe("fp134").acc_bits == 8  # the paper's comparison: 8-bit accumulators
+    for name in ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1"):
+        assert hdqt.recipe(name).acc_bits == 16  # FP16 chunk accumulation
+        assert hdqt.recipe(name, acc_bits=None).acc_bits is None
+    with pytest.raises(ValueError, match="float accumulator of at least 4 bits"):
+        hdqt.recipe("fp134", acc_bits=3)
+    with pytest.raises(ValueError, match="unquantized operand"):
+        hdqt.recipe("luq", saturate_backward=True)  # log gradients x the forward's (unquantized) weights
     with pytest.raises(ValueError, match="4 bits"):
         hdqt.recipe("fp4_e2m1", bits=8)
     assert hdqt.recipe("fp4_e2m1", bits=4) == hdqt.recipe("fp4_e2m1")
