@@ -369,7 +369,8 @@ def test_fused_weight_gradient_is_unbiased(case):
 
 
 def _conv_step(weight, x, bits, seed=None):
-    policy = hdqt.recipe("hdqt", bits=bits, seed=seed)
+    # 12-bit codes need a 32-bit accumulator (the policy refuses 8 bits for them)
+    policy = hdqt.recipe("hdqt", bits=bits, acc_bits=8 if bits <= 4 else 32, seed=seed)
     layer = hdqt.quantize_model(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), policy)
     layer.weight.data.copy_(weight)
     xi = x.clone().requires_grad_()
