@@ -10,10 +10,10 @@ order and split).
 
 Recipes are names from `hdqt.list_recipes()`, optionally with a Hadamard block rule
 (`hdqt:binary`) and `+fh` for the forward Hadamard rotation (`luq+fh`, `int:binary+fh`).
-`--input-clip 3|none` bounds the feature inputs (part of every run's identity). `--acc-bits` is a list; 0 means unlimited. Recipes whose operands
-are floats (fp134, fp8_*, fp4_e2m1) have no integer accumulator yet: they run at 0
-only and are shown in every accumulator's table with that note; fp32 runs once and
-is the baseline of every table.
+`--input-clip 3|none` bounds the feature inputs (part of every run's identity).
+`--acc-bits` is each recipe's accumulator: integer for `int`, `hdqt` and `luq`'s forward,
+a float accumulator of that many bits for the float recipes (docs/quantization.md); it
+is a list, 0 meaning unlimited. fp32 runs once and is the baseline of every table.
 
     python benchmarks/bench_baselines.py --datasets digits --methods icarl \
         --recipes fp32,int,hdqt,luq,fp134 --epochs 1 --seeds 0 --results /tmp/baselines.md
@@ -85,14 +85,16 @@ def build_points(args) -> list[tuple[int | None, str, GridPoint]]:
         for method in parse_name_list(args.methods, "--methods"):
             for token in parse_name_list(args.recipes, "--recipes"):
                 name, rule, forward_hadamard = recipe_spec(token)
-                shared = name == "fp32" or name in FLOAT_RECIPES
+                shared = name == "fp32"
                 for acc in ([None] if shared else accs):
                     for seed in parse_int_list(args.seeds, "--seeds"):
                         values = {"dataset": dataset, "method": method, "recipe": name, "seed": seed,
                                   "epochs": args.epochs, "backbone": args.backbone, "data_root": args.data_root,
                                   "device": args.device}
-                        if name not in FLOAT_RECIPES and name != "fp32":
-                            values.update(bits=args.bits, acc_bits=acc)
+                        if name != "fp32":
+                            values["acc_bits"] = acc
+                            if name not in FLOAT_RECIPES:
+                                values["bits"] = args.bits
                             if args.tile is not None:
                                 values["tile"] = args.tile
                         if rule:
@@ -150,7 +152,7 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
         f"Written by `benchmarks/bench_baselines.py` on {datetime.date.today().isoformat()}; reproduce with:", "",
         "```", command, "```", "",
         f"- {args.bits}-bit operands for the integer and log recipes (`int`, `hdqt`, `luq`); the float recipes "
-        "use their format's width and float32 sums (no integer accumulator applies to them: marked `float32 acc`).",
+        "use their format's width and a float accumulator of the table's width (marked `float acc`).",
         "- Accuracy: average incremental accuracy (%), forgetting: average forgetting (points), mean ± sample "
         f"std over seeds ({args.seeds}); Δ: per-seed paired difference to `{base}`, mean ± std.",
         ("- Feature inputs not clipped" if str(args.input_clip).lower() == "none" else
@@ -168,14 +170,14 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
                 group = {}
                 for token in tokens:
                     name = token.partition("+")[0].partition(":")[0]
-                    shared = name == "fp32" or name in FLOAT_RECIPES
+                    shared = name == "fp32"
                     group[token] = runs.get((dataset, method, None if shared else acc, token), {})
                 sample = next((r for r in group.values() if r), {})
                 first = next(iter(sample.values()), {})
                 primary = first.get("primary_classifier", "cnn")
                 classifiers = [primary] + sorted(c for c in ("cnn", "nme") if c in first and c != primary)
                 for token in tokens:
-                    label = token + (" (float32 acc)" if token.partition("+")[0].partition(":")[0] in FLOAT_RECIPES
+                    label = token + (" (float acc)" if token.partition("+")[0].partition(":")[0] in FLOAT_RECIPES
                                      else "")
                     for classifier in classifiers:
                         values = group[token].values()
