@@ -401,7 +401,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("grid", metavar="GRID.toml", help="the grid file")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="the sweep's directory: a sub-directory per run, sweep.json, "
-                             "summary.md (default: the grid's out, else runs/sweeps/<grid name>)")
+                             "summary.md (default: the grid's out, else runs/sweeps/<grid "
+                             "name>); with a Ray cluster, a shared path every node writes to "
+                             "at the same place")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the runs (name, parameters, what would happen) and stop")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
