@@ -26,12 +26,14 @@ def test_run_writes_config_metrics_csv_and_checkpoint(reference_run):
     assert config["config"]["bits"] is None
     assert config["quantization"] == {
         "bits": 4, "acc_bits": 8, "tile": 32, "saturate_backward": False,
-        "hadamard_rule": "paper", "forward_hadamard": False, "hadamard": True,
-        "from_recipe": ["bits", "acc_bits", "tile", "saturate_backward", "hadamard_rule", "forward_hadamard"]}
+        "hadamard_rule": "paper", "hadamard_select": "always", "forward_hadamard": False, "hadamard": True,
+        "from_recipe": ["bits", "acc_bits", "tile", "saturate_backward", "hadamard_rule", "hadamard_select",
+                        "forward_hadamard"]}
     toml_text = (reference_run / "config.toml").read_text()
     assert 'recipe = "hdqt"' in toml_text
     assert ("# Not set, so the hdqt recipe's defaults apply: bits = 4, acc_bits = 8, tile = 32, "
-            "saturate_backward = false, hadamard_rule = \"paper\", forward_hadamard = false.") in toml_text
+            "saturate_backward = false, hadamard_rule = \"paper\", hadamard_select = \"always\", "
+            "forward_hadamard = false.") in toml_text
 
     metrics = read_metrics(reference_run)
     assert metrics["complete"] and metrics["num_tasks"] == 5 and metrics["finished_tasks"] == 5
@@ -318,3 +320,26 @@ def test_run_from_other_code_is_refused_unless_force_or_overwrite(tmp_path, caps
     assert run_cli(*args, "--overwrite") == 0
     assert read_metrics(out) == finished  # rerun from scratch by this code: same results
     assert "previous_code" not in json.loads((out / "config.json").read_text())
+
+
+def test_each_task_records_and_shows_its_accumulator_saturation(tmp_path, capsys):
+    from hdqt.experiments.runner import saturation_summary
+
+    assert run_cli("--recipe", "hdqt", "--epochs", "1", "--out", str(tmp_path / "hdqt")) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "hdqt" / "metrics.json").read_text())
+    per_task = metrics["saturation"]
+    assert len(per_task) == metrics["num_tasks"]
+    for task in per_task:
+        layers = task["layers"]
+        assert set(layers) >= {"head"} and 0 <= task["share"] <= 1
+        assert task["share"] == pytest.approx(task["saturated"] / task["tiles"])
+        assert min(s["share"] for s in layers.values()) <= task["share"] <= max(s["share"] for s in layers.values())
+    # the default 8-bit accumulator saturates some of digits' tile sums, and the run says so
+    assert sum(task["saturated"] for task in per_task) > 0
+    assert out.count("accumulator saturation: ") == sum(1 for task in per_task if task["saturated"])
+    # unlimited accumulators and fp32 record none
+    assert run_cli("--recipe", "hdqt", "--acc-bits", "0", "--epochs", "1", "--out", str(tmp_path / "u")) == 0
+    assert "saturation" not in json.loads((tmp_path / "u" / "metrics.json").read_text())
+    import torch.nn as nn
+    assert saturation_summary(nn.Linear(2, 2)) is None
