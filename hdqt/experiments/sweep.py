@@ -357,7 +357,7 @@ def run_state(run: SweepRun, out_dir: Path, code: dict[str, Any], *, overwrite: 
     this code, resume; holding another configuration or results of other code,
     refuse unless overwrite (redo from scratch) or force (go on with them)."""
     from hdqt.experiments import outputs
-    from hdqt.experiments.fingerprint import describe
+    from hdqt.experiments.fingerprint import describe, same_code
     from hdqt.experiments.grid import GridPoint, finished_outcome, has_results, stored_code
     from hdqt.experiments.runner import ConfigMismatchError, StaleRunError, check_out_dir
 
@@ -384,7 +384,7 @@ def run_state(run: SweepRun, out_dir: Path, code: dict[str, Any], *, overwrite: 
         done, total = metrics.get("finished_tasks"), metrics.get("num_tasks")
     except (OSError, ValueError, AttributeError):
         done, total = None, None
-    if force and "made by" in (finished.error or ""):
+    if force and not same_code(stored_code(out_dir), code):
         return RunState("force", "made by other code: goes on with it (--force)")
     if done is not None:
         return RunState("resume", f"resume after task {done}/{total}")
