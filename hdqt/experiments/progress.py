@@ -58,6 +58,14 @@ _EPOCH_BAR = "{desc}: {n}/{total} epochs |{bar}| {elapsed}<{remaining}{postfix}"
 _TASK_BAR = "{desc}: {n}/{total} tasks |{bar}| {elapsed}<{remaining}"
 
 
+def describe_saturation(saturation: Mapping[str, Any]) -> str:
+    """'accumulator saturation: 2.31% of tile sums (mean excess 14.2), most in fc.0 (9.80%)'."""
+    worst, stats = max(saturation["layers"].items(), key=lambda item: item[1]["share"])
+    return (f"accumulator saturation: {100 * saturation['share']:.2f}% of the forward tile sums, "
+            f"{saturation['mean_excess']:.1f} past the limit on average; most in {worst} "
+            f"({100 * stats['share']:.2f}%)")
+
+
 class ConsoleProgress(Progress):
     """What a person reads: a line per finished task (its epochs, the last epoch's
     training loss and accuracy, the test accuracy of each classifier, seconds).
@@ -148,6 +156,9 @@ class ConsoleProgress(Progress):
         self._log(f"task {record['task'] + 1}/{num_tasks} classes {record['classes']}: "
                   f"{training}test accuracy ({record['num_seen_classes']} classes seen): "
                   f"{scores} | {record['seconds']:.1f} s")
+        saturation = record.get("saturation")
+        if saturation and saturation["saturated"]:
+            self._log("  " + describe_saturation(saturation))
         if self._task_bar is not None:
             self._task_bar.update(1)
 

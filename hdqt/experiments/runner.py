@@ -31,6 +31,7 @@ from hdqt.experiments.config import (QUANT_KEYS, ConfigError, RunConfig, data_cl
 from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint, same_code
 from hdqt.experiments.progress import Progress, SilentProgress
 from hdqt.experiments.summary import summarize
+from hdqt.quantization import reset_saturation
 
 DIAGNOSTICS_JSONL = "diagnostics.jsonl"  # --diagnose-every (hdqt.diagnostics.tracking)
 
@@ -257,10 +258,14 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
         progress.task_started(task, scenario.num_tasks)
         started = time.perf_counter()
         learner.before_task(task)
+        reset_saturation(learner.network)  # this task's training: not an earlier task's, not evaluation
         learner.train_task(task, on_epoch=progress.epoch)
+        saturation = saturation_summary(learner.network)
         learner.after_task(task)
         seconds = time.perf_counter() - started
         record = _evaluate(learner, task, scenario, data.class_names, seconds)
+        if saturation is not None:
+            record["saturation"] = saturation
         history.append(record)
         outputs.write_checkpoint(checkpoint_path, {
             "version": CHECKPOINT_VERSION, "config": config.identity(), "code": code,
@@ -274,6 +279,25 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
     result = RunResult(config, out_dir, metrics, history, resumed_after)
     progress.run_finished(result)
     return result
+
+
+def saturation_summary(network) -> dict[str, Any] | None:
+    """The accumulator saturation of a task's training forward products: over all
+    layers and per layer, the share of tile sums that saturated and their mean excess
+    in accumulator units (``hdqt.quantization.saturation_report``, which counts one
+    forward call in a few). None when no layer has a limited accumulator."""
+    from hdqt.quantization import saturation_report
+
+    layers = {name: stats for name, stats in saturation_report(network).items() if stats["tiles"]}
+    if not layers:
+        return None
+    tiles = sum(stats["tiles"] for stats in layers.values())
+    saturated = sum(stats["saturated"] for stats in layers.values())
+    excess = sum(stats["excess"] for stats in layers.values())
+    return {"share": saturated / tiles, "mean_excess": excess / saturated if saturated else 0.0,
+            "tiles": tiles, "saturated": saturated,
+            "layers": {name: {"share": stats["share"], "mean_excess": stats["mean_excess"]}
+                       for name, stats in layers.items()}}
 
 
 def _check_checkpoint(state: Mapping[str, Any], config: RunConfig, scenario,
@@ -355,6 +379,8 @@ def _write_reports(out_dir: Path, config: RunConfig, scenario,
                **metrics}
     if energy is not None:
         metrics["energy_per_step"] = energy
+    if any("saturation" in record for record in history):  # per task: see saturation_summary
+        metrics["saturation"] = [record.get("saturation") for record in history]
     outputs.write_json(out_dir / outputs.METRICS_JSON, metrics)
     classifiers = sorted({name for record in history for name in record["accuracy"]})
     header = ["task", "new_classes", "new_class_names", "num_seen_classes", "train_samples",
