@@ -353,3 +353,19 @@ def test_forward_hadamard_spreads_an_input_outlier():
             errors[rotate] = ((layer(x)[4:] - ref).norm() / ref.norm()).item()
     assert errors[True] < errors[False] / 3, errors
     assert QuantPolicy.from_json(hdqt.recipe("luq", forward_hadamard=True).to_json()).forward_hadamard
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_luq_with_a_tile_as_long_as_the_reduction_clamps_the_whole_sum(kind):
+    """The official code's LUQ limit: one clamp of the whole sum (any tile >= K)."""
+    torch.manual_seed(0)
+    policy = hdqt.recipe("luq", tile=2**30, seed=0)
+    base = nn.Linear(300, 8, bias=False) if kind == "linear" else nn.Conv2d(16, 8, 3, padding=1, bias=False)
+    layer = hdqt.quantize_model(nn.Sequential(base), policy)[0]
+    x = torch.randn(4, 300) if kind == "linear" else torch.randn(2, 16, 8, 8)
+    rt = layer._rt
+    xq = rt.quantize(policy.forward_input, x, "forward input")
+    wq = rt.quantize(policy.forward_weight, layer.weight, "forward weight")
+    full = xq.values @ wq.values.T if kind == "linear" else nn.functional.conv2d(xq.values, wq.values, None, 1, 1)
+    assert (full.abs() > 127).any()  # the clamp matters here
+    assert torch.allclose(layer(x), full.clamp(-127, 127) * (xq.scale * wq.scale), atol=1e-5)
