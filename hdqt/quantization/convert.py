@@ -8,7 +8,7 @@ or says which layers it does not.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import torch.nn as nn
@@ -45,6 +45,7 @@ class LayerDecision:
     action: str  # "convert", "keep" (already quantized), "exclude" (asked) or "refuse"
     policy: str | None = None  # the name of the policy it gets (convert, keep)
     reason: str = ""
+    chosen: QuantPolicy | None = field(default=None, repr=False, compare=False)  # the policy itself (convert)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def _decide(module: nn.Module, name: str, policy: QuantPolicy, layer_policies, e
         return LayerDecision(name, kind, "refuse", reason=why)
     chosen = _policy_for(name, policy, layer_policies)
     note = "" if type(module) in (nn.Linear, nn.Conv2d) else f"{chosen.name} (a {kind} without its own forward)"
-    return LayerDecision(name, kind, "convert", chosen.name, note)
+    return LayerDecision(name, kind, "convert", chosen.name, note, chosen)
 
 
 def _unsafe_subclass(module: nn.Module) -> str | None:
@@ -203,14 +204,12 @@ def quantize_model(
         )
     if verbose:
         print(plan)
-    layer_policies = dict(layer_policies or {})
     for decision in plan.by_action("convert"):
-        chosen = _policy_for(decision.name, policy, layer_policies)
         if decision.name == "":
-            return _converted(model, chosen, "")
+            return _converted(model, decision.chosen, "")
         parent_name, _, child_name = decision.name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, _converted(getattr(parent, child_name), chosen, decision.name))
+        setattr(parent, child_name, _converted(getattr(parent, child_name), decision.chosen, decision.name))
     return model
 
 
