@@ -191,25 +191,14 @@ static void tmm_block_narrow(const tmm_ctx *c, const float *b_strip, const int64
                     for (int q = 0; q < NP; ++q) acc[r][q] += av * b[q];
                 }
             }
-            if (sat == NULL) {
-                for (int r = 0; r < MRN; ++r) {
-                    for (int q = 0; q < NP; ++q) {
-                        float t[NL];
-                        memcpy(t, &acc[r][q], sizeof t);
-                        for (int i = 0; i < NL; ++i) {
-                            float v = t[i] < lim ? t[i] : lim;
-                            total[r][q * NL + i] += v > -lim ? v : -lim;
-                        }
-                    }
-                }
-                continue;
+            if (sat != NULL) {
+                vfn ex[NP]; /* as in tmm_block, on the NP pieces of each row */
+                for (int q = 0; q < NP; ++q) ex[q] = (vfn){0};
+                for (int r = 0; r < MRN; ++r)
+                    for (int q = 0; q < NP; ++q)
+                        SAT_ROW(cnt[q], ex[q], acc[r][q], limit, r < rows ? stored[q] : (vin){0}, magnitude);
+                for (int q = 0; q < NP; ++q) exd[q] += __builtin_convertvector(ex[q], vdn);
             }
-            vfn ex[NP]; /* as in tmm_block, on the NP pieces of each row */
-            for (int q = 0; q < NP; ++q) ex[q] = (vfn){0};
-            for (int r = 0; r < MRN; ++r)
-                for (int q = 0; q < NP; ++q)
-                    SAT_ROW(cnt[q], ex[q], acc[r][q], limit, r < rows ? stored[q] : (vin){0}, magnitude);
-            for (int q = 0; q < NP; ++q) exd[q] += __builtin_convertvector(ex[q], vdn);
             for (int r = 0; r < MRN; ++r) {
                 for (int q = 0; q < NP; ++q) {
                     float t[NL];
