@@ -308,14 +308,20 @@ Format = IntFormat | FloatFormat | LogFormat
 FORMAT_KINDS = {"int": IntFormat, "float": FloatFormat, "log": LogFormat}
 
 
-def format_from_dict(data: dict) -> Format:
+def from_kind_dict(data: dict, kinds: dict, default: str, what: str):
+    """The value object a ``to_dict`` wrote: ``data["kind"]`` (default ``default``) picks
+    the class in ``kinds``; an unknown kind or field is a ValueError naming ``what``."""
     data = dict(data)
-    kind = data.pop("kind", "int")
-    if kind not in FORMAT_KINDS:
-        raise ValueError(f"format kind must be one of {tuple(FORMAT_KINDS)}, got {kind!r}")
-    cls = FORMAT_KINDS[kind]
-    valid = {f for f in cls.__dataclass_fields__}
+    kind = data.pop("kind", default)
+    if kind not in kinds:
+        raise ValueError(f"{what} kind must be one of {tuple(kinds)}, got {kind!r}")
+    cls = kinds[kind]
+    valid = set(cls.__dataclass_fields__)
     unknown = set(data) - valid
     if unknown:
-        raise ValueError(f"unknown {kind} format field(s) {sorted(unknown)}; valid: {sorted(valid)}")
+        raise ValueError(f"unknown {kind} {what} field(s) {sorted(unknown)}; valid: {sorted(valid)}")
     return cls(**data)
+
+
+def format_from_dict(data: dict) -> Format:
+    return from_kind_dict(data, FORMAT_KINDS, "int", "format")

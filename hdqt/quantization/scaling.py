@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hdqt.quantization.formats import from_kind_dict
+
 # (c1, c2) by bit width; 4 bits is LUQ's official constant, the others our fit (see above).
 SAWB_COEFFICIENTS = {2: (2.648, 1.764), 3: (6.673, 5.948), 4: (12.1, 12.2), 5: (16.403, 16.828),
                      6: (22.143, 23.366), 8: (35.498, 38.671)}
@@ -141,12 +143,4 @@ SCALING_KINDS = {"dynamic": DynamicScaling, "sawb": SAWBScaling, "exponent_bias"
 
 
 def scaling_from_dict(data: dict) -> Scaling:
-    data = dict(data)
-    kind = data.pop("kind", "dynamic")
-    if kind not in SCALING_KINDS:
-        raise ValueError(f"scaling kind must be one of {tuple(SCALING_KINDS)}, got {kind!r}")
-    cls = SCALING_KINDS[kind]
-    unknown = set(data) - set(cls.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown {kind} scaling field(s) {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
-    return cls(**data)
+    return from_kind_dict(data, SCALING_KINDS, "dynamic", "scaling")
