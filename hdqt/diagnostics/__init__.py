@@ -12,11 +12,20 @@ plots them. See docs/reports.md.
 """
 from __future__ import annotations
 
-from hdqt.diagnostics.gradients import (BACKWARD_OPERANDS, Diagnostics, GradStats, LayerDiagnostics,
-                                        backward_operand_tensors, cross_entropy_loss, diagnose,
-                                        layer_level_use)
-from hdqt.diagnostics.levels import LevelUse, format_grid, grid_level_use, level_use, operand_level_use
+import importlib
 
-__all__ = ["BACKWARD_OPERANDS", "Diagnostics", "GradStats", "LayerDiagnostics", "LevelUse",
-           "backward_operand_tensors", "cross_entropy_loss", "diagnose", "format_grid", "grid_level_use",
-           "layer_level_use", "level_use", "operand_level_use"]
+# Public name -> defining module, loaded on first use (PEP 562): they import torch, and
+# `hdqt diagnose --help` should answer without it.
+_LAZY_NAMES = {
+    **dict.fromkeys(("BACKWARD_OPERANDS", "Diagnostics", "GradStats", "LayerDiagnostics", "backward_operand_tensors",
+                     "cross_entropy_loss", "diagnose", "layer_level_use"), "hdqt.diagnostics.gradients"),
+    **dict.fromkeys(("LevelUse", "format_grid", "grid_level_use", "level_use", "operand_level_use"),
+                    "hdqt.diagnostics.levels"),
+}
+__all__ = sorted(_LAZY_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+    raise AttributeError(f"module 'hdqt.diagnostics' has no attribute {name!r}")

@@ -9,8 +9,18 @@ sample standard deviation over seeds (``tables``) and drawn with matplotlib
 """
 from __future__ import annotations
 
-from hdqt.reports.report import NoRunsError, ReportResult, build_report, matplotlib_available
-from hdqt.reports.runs import Group, Run, Stat, find_runs, group_runs
+import importlib
 
-__all__ = ["Group", "NoRunsError", "ReportResult", "Run", "Stat", "build_report", "find_runs", "group_runs",
-           "matplotlib_available"]
+# Public name -> defining module, loaded on first use (PEP 562): `hdqt report --help`
+# should answer without torch or matplotlib.
+_LAZY_NAMES = {
+    **dict.fromkeys(("NoRunsError", "ReportResult", "build_report", "matplotlib_available"), "hdqt.reports.report"),
+    **dict.fromkeys(("Group", "Run", "Stat", "find_runs", "group_runs"), "hdqt.reports.runs"),
+}
+__all__ = sorted(_LAZY_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+    raise AttributeError(f"module 'hdqt.reports' has no attribute {name!r}")
