@@ -9,7 +9,7 @@ from hdqt_synth import pamap2_table, write_fashion_mnist, write_pamap2
 from hdqt import data
 from hdqt.data import Dataset
 from hdqt.data.augment import RandomCropFlip
-from hdqt.data.prepare import held_out_subjects, prepare_dataset
+from hdqt.data.preparation import held_out_subjects, prepare_dataset
 
 
 def _har(n_subjects: int = 10, per_subject: int = 30, seed: int = 0) -> Dataset:

@@ -191,7 +191,7 @@ print("torch loaded:", "torch" in sys.modules)
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["--bits", "four"],
-                                  ["--no-such-flag"], ["nosuch"],
+                                  ["--no-such-flag"], ["nosuch"], ["data", "--help"],
                                   ["energy", "--help"], ["info", "--help"], ["sweep", "--help"],
                                   ["report", "--help"], ["diagnose", "--help"]])
 def test_help_and_argument_errors_do_not_import_torch(argv):
