@@ -26,3 +26,16 @@ def subprocess_cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "hdqt", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+# Runs in a fresh interpreter (``python -c NO_TORCH ARGS...``): the hdqt command line on
+# ARGS, then whether torch was imported by it.
+NO_TORCH = """
+import sys
+from hdqt.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as done:
+    print("exit", done.code)
+print("torch loaded:", "torch" in sys.modules)
+"""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import TINY, run_cli
+from run_helpers import NO_TORCH, TINY, run_cli
 from hdqt.cli import build_parser
 from hdqt.experiments.cli import plan_runs
 
@@ -178,16 +178,6 @@ def test_progress_bars_show_no_rates_and_label_their_numbers():
         "train accuracy 50.0% | test accuracy (2 classes seen): cnn 80.00%, nme 90.00% | 1.5 s")
 
 
-# Runs in a fresh interpreter: prints whether torch was imported after the parser ran.
-NO_TORCH = """
-import sys
-from hdqt.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit as done:
-    print("exit", done.code)
-print("torch loaded:", "torch" in sys.modules)
-"""
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["--bits", "four"],

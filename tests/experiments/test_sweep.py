@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from hdqt.cli import main
+from run_helpers import NO_TORCH
 
 REPO = Path(__file__).resolve().parents[2]
 GRIDS = REPO / "examples" / "grids"
@@ -342,16 +343,6 @@ def test_a_second_sweep_in_the_same_directory_is_refused(tmp_path, capsys):
     assert code == 2 and f"another hdqt sweep is running in {out}" in err
     assert not (out / NAMES[0]).exists()
 
-
-NO_TORCH = """
-import sys
-from hdqt.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit as done:
-    print("exit", done.code)
-print("torch loaded:", "torch" in sys.modules)
-"""
 
 
 @pytest.mark.parametrize("argv", [["sweep", "--help"], ["sweep"], ["sweep", "g.toml", "--jobs", "x"]])
