@@ -4,7 +4,8 @@ What is converted, kept or refused is decided first, as a ``QuantizationPlan`` t
 user can print (``plan_quantization``), then applied. A module whose matrix
 multiplications hdqt cannot run is refused with a named error rather than left
 silently in float: a quantized model either trains every product under its policy
-or says which layers it does not.
+or says which layers it does not. A policy with ``float_first_last`` (HadaNets) keeps
+the model's first and last layers float32 (action "float"; ``boundary.py``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Iterable, Mapping
 
 import torch.nn as nn
 
+from hdqt.quantization.boundary import boundary_layers
 from hdqt.quantization.layers import QuantConv2d, QuantLinear
 from hdqt.quantization.policy import QuantPolicy
 from hdqt.quantization.runtime import derive_seed
@@ -42,7 +44,7 @@ class LayerDecision:
 
     name: str  # module path in the model ("" for the model itself)
     kind: str  # the module's class name
-    action: str  # "convert", "keep" (already quantized), "exclude" (asked) or "refuse"
+    action: str  # "convert", "keep" (already quantized), "exclude" (asked), "float" (first/last) or "refuse"
     policy: str | None = None  # the name of the policy it gets (convert, keep)
     reason: str = ""
     chosen: QuantPolicy | None = field(default=None, repr=False, compare=False)  # the policy itself (convert)
@@ -68,7 +70,7 @@ class QuantizationPlan:
         rows += [(d.name or "(model)", d.kind, d.action, d.reason or d.policy or "") for d in self.decisions]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
-        counts = ", ".join(f"{len(self.by_action(a))} {a}" for a in ("convert", "keep", "exclude", "refuse")
+        counts = ", ".join(f"{len(self.by_action(a))} {a}" for a in ("convert", "keep", "exclude", "float", "refuse")
                            if self.by_action(a))
         return "\n".join([*lines, f"({counts})"])
 
@@ -169,7 +171,22 @@ def plan_quantization(
             visit(child, f"{name}.{child_name}" if name else child_name)
 
     visit(model, "")
-    return QuantizationPlan(tuple(decisions))
+    return QuantizationPlan(_float_boundary(model, tuple(decisions)))
+
+
+def _float_boundary(model: nn.Module, decisions: tuple[LayerDecision, ...]) -> tuple[LayerDecision, ...]:
+    """Conversions whose policy keeps the first and last layers float32 become "float" there."""
+    if not any(d.action == "convert" and d.chosen.float_first_last for d in decisions):
+        return decisions
+    first, last, how = boundary_layers(model)
+    out = []
+    for d in decisions:
+        if d.action == "convert" and d.chosen.float_first_last and (d.name in first or d.name in last):
+            which = " and ".join(w for w, names in (("first", first), ("last", last)) if d.name in names)
+            d = LayerDecision(d.name, d.kind, "float", reason=f"the {which} layer ({how}): stays float32 "
+                                                              f"under {d.chosen.name} (float_first_last)")
+        out.append(d)
+    return tuple(out)
 
 
 def quantize_model(

@@ -45,6 +45,9 @@ Formats:
   (x - 2^k) / 2^k) and stochastic underflow below the smallest level (x in (0, 1)
   becomes 1 with probability x, else 0). LUQ's official code keeps 8 levels and
   zero (17 codes with the signs, more than 4 bits hold); we keep a true 4-bit code.
+* ``BinaryFormat()``: one bit, the sign: -1 for x < 0, +1 otherwise (sign(0) = +1,
+  so that every value has one of the two codes a bit can hold; NaN also maps to +1).
+  HadaNets / XNOR-Net binarization, scaled by ``GroupMeanScaling`` (``binary.py``).
 """
 from __future__ import annotations
 
@@ -299,13 +302,40 @@ class LogFormat:
         return {"kind": self.kind, "bits": self.bits}
 
 
+@dataclass(frozen=True)
+class BinaryFormat:
+    """The sign, one bit: -1 for x < 0, +1 otherwise (sign(0) = +1; see the module docstring).
+    Deterministic: rounding is always "nearest" (the sign itself)."""
+
+    kind = "binary"
+    bits = 1
+    signed = "signed"
+    is_integer = True  # codes are +-1: products and their sums are exact integers
+
+    def max_magnitude(self) -> int:
+        return 1
+
+    def values(self) -> torch.Tensor:
+        return torch.tensor([-1.0, 1.0], dtype=torch.float64)
+
+    def round_(self, values: torch.Tensor, rounding: str, generator: torch.Generator | None = None,
+               signed: bool = True) -> torch.Tensor:
+        check_rounding(rounding)
+        if rounding != "nearest":
+            raise ValueError(f"BinaryFormat binarizes deterministically: rounding must be 'nearest', got {rounding!r}")
+        return torch.where(values < 0, -1.0, 1.0).to(values.dtype)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind}
+
+
 FP8_E4M3 = FloatFormat(4, 3, specials="fn")
 FP8_E5M2 = FloatFormat(5, 2, specials="ieee")
 FP4_E2M1 = FloatFormat(2, 1)
 FP134 = FloatFormat(3, 4)
 
-Format = IntFormat | FloatFormat | LogFormat
-FORMAT_KINDS = {"int": IntFormat, "float": FloatFormat, "log": LogFormat}
+Format = IntFormat | FloatFormat | LogFormat | BinaryFormat
+FORMAT_KINDS = {"int": IntFormat, "float": FloatFormat, "log": LogFormat, "binary": BinaryFormat}
 
 
 def from_kind_dict(data: dict, kinds: dict, default: str, what: str):

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hdqt.quantization.binary import binary_conv2d, binary_linear
 from hdqt.quantization.functional import QuantConv2dFunction, QuantLinearFunction
 from hdqt.quantization.hadamard import BlockLayout, block_layout, hadamard_transform
 from hdqt.quantization.policy import QuantPolicy
@@ -120,6 +121,9 @@ class QuantLinear(_QuantMixin, nn.Linear):
         if policy.is_float:
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
+        if policy.is_binary:  # HadaNets: its own product and float backward (binary.py)
+            y = binary_linear(x.reshape(-1, x.shape[-1]), self.weight, self._rt).reshape(*lead, self.out_features)
+            return y if self.bias is None else y + self.bias
         x2, weight, factor = _forward_rotation(self._rt, x.reshape(-1, x.shape[-1]), self.weight, 1)
         y = QuantLinearFunction.apply(x2, weight, self._rt)
         if factor is not None and factor != 1.0:
@@ -181,6 +185,9 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         policy = self._rt.policy
         if policy.is_float:
             return F.conv2d(x, self.weight, self.bias, self.stride, self._explicit_pad, self.dilation)
+        if policy.is_binary:  # HadaNets: its own product and float backward (binary.py)
+            y = binary_conv2d(x, self.weight, self._rt, self.stride, self._explicit_pad, self.dilation)
+            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
         # the input channels are part of the reduction (C_in x kh x kw): rotating them in
         # both operands leaves every position's sum unchanged
         x, weight, factor = _forward_rotation(self._rt, x, self.weight, 1)

@@ -11,6 +11,13 @@ For a layer Y = X W^T with upstream gradient G, training runs three products:
 their reduction dimension before they are quantized (Xi et al. 2023): Y = Q(X H) Q(W H)^T / p
 for a linear layer, along the input channels for a convolution (``layers.py``); it
 combines with any recipe and uses ``hadamard_rule``'s blocks. ``None`` for a quantizer means that operand stays float.
+
+A binary policy (HadaNets, ``BinaryFormat`` on both forward operands) binarizes the
+forward product and trains with float gradients through a clipped straight-through
+estimator (``binary.py``): its backward operands are None, its accumulator is
+unlimited (popcounts are exact) and it takes no Hadamard transform.
+``float_first_last`` keeps the layers that read the model's input and that give its
+output in float32 (``quantize_model``; ``boundary.py`` says how they are found).
 The policy is plain data: frozen, comparable, and round-trips through a dict/JSON.
 """
 from __future__ import annotations
@@ -52,6 +59,7 @@ class QuantPolicy:
     hadamard_select: str = "always"
     forward_hadamard: bool = False  # rotate both forward operands along the reduction before quantizing
     nonfinite: str = "raise"  # "raise" on NaN/Inf in a quantized operand, or "propagate"
+    float_first_last: bool = False  # quantize_model keeps the first and the last layers float32
     seed: int | None = None  # base seed of stochastic rounding; None draws from torch's RNG
     name: str = "custom"
 
@@ -85,7 +93,40 @@ class QuantPolicy:
             q = getattr(self, op)
             if q is not None and q.granularity == "sample":
                 raise ValueError(f"{op} has no sample dimension: granularity='sample' applies to inputs and gradients")
+        if not isinstance(self.float_first_last, bool):
+            raise ValueError(f"float_first_last must be True or False, got {self.float_first_last!r}")
+        self._check_binary()
         self._check_accumulator()
+
+    @property
+    def is_binary(self) -> bool:
+        """True when the forward operands are binarized (HadaNets: ``binary.py`` runs the layers)."""
+        return self.forward_weight is not None and self.forward_weight.format.kind == "binary"
+
+    @property
+    def binary_group(self) -> int | None:
+        """The group of a binary policy's betas (None: one per row)."""
+        return self.forward_weight.scaling.group if self.is_binary else None
+
+    def _check_binary(self) -> None:
+        binary = [op for op in OPERANDS if getattr(self, op) is not None and getattr(self, op).format.kind == "binary"]
+        if not binary:
+            return
+        if binary != ["forward_input", "forward_weight"]:
+            raise ValueError("a binary format (HadaNets) binarizes both forward operands and nothing else; "
+                             f"this policy has it on {binary}")
+        if self.forward_input.scaling != self.forward_weight.scaling:
+            raise ValueError("the binary forward operands must share their groups along the reduction: "
+                             f"{self.forward_input.scaling} against {self.forward_weight.scaling}")
+        quantized_backward = [op for op in OPERANDS[2:] if getattr(self, op) is not None]
+        if quantized_backward:
+            raise ValueError("a binary policy trains with float gradients (a clipped straight-through estimator): "
+                             f"{', '.join(quantized_backward)} must be None")
+        for key, default in (("acc_bits", None), ("hadamard", False), ("forward_hadamard", False),
+                             ("saturate_backward", False)):
+            if getattr(self, key) != default:
+                raise ValueError(f"a binary policy's products are exact popcounts in float32: {key} does not apply "
+                                 f"(must be {default}), got {getattr(self, key)!r}")
 
     def _check_accumulator(self) -> None:
         """Refuse an accumulator that cannot hold one product of two codes: every tile with
@@ -144,6 +185,8 @@ class QuantPolicy:
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = value.to_dict() if isinstance(value, Quantizer) else value
+        if not self.float_first_last:  # the default is left out: older policies read the same
+            del out["float_first_last"]
         return out
 
     @classmethod

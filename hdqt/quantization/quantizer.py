@@ -10,7 +10,10 @@ size, the others are 1).
 
 An integer format with per-tensor dynamic scaling runs on the native kernels where
 they apply (one fused pass); every other combination runs on torch operations
-(``_quantize_general``), which work on any device.
+(``_quantize_general``), which work on any device. ``BinaryFormat`` with
+``GroupMeanScaling`` (HadaNets) gives values +-1 and a scale of the values' shape
+(each element's group beta; ``binarize.py``); the layers of a binary policy run
+their own products (``binary.py``) rather than through this call.
 """
 from __future__ import annotations
 
@@ -22,10 +25,10 @@ from typing import NamedTuple
 import torch
 
 from hdqt.quantization import native
-from hdqt.quantization.formats import FloatFormat, Format, IntFormat, LogFormat, format_from_dict
+from hdqt.quantization.formats import BinaryFormat, FloatFormat, Format, IntFormat, LogFormat, format_from_dict
 from hdqt.quantization.rounding import check_rounding, round_nearest_, round_stochastic_
 from hdqt.quantization.scaling import (  # noqa: F401  (DynamicScaling, scaling_from_dict: re-exported)
-    DynamicScaling, ExponentBiasScaling, SAWBScaling, Scaling, scaling_from_dict,
+    DynamicScaling, ExponentBiasScaling, GroupMeanScaling, SAWBScaling, Scaling, scaling_from_dict,
 )
 
 NONFINITE_MODES = ("raise", "propagate")
@@ -55,11 +58,18 @@ class Quantizer:
 
     def __post_init__(self) -> None:
         check_rounding(self.rounding)
-        if not isinstance(self.format, (IntFormat, FloatFormat, LogFormat)):
-            raise ValueError(f"format must be an IntFormat, FloatFormat or LogFormat, got {type(self.format).__name__}")
-        if not isinstance(self.scaling, (DynamicScaling, SAWBScaling, ExponentBiasScaling)):
-            raise ValueError("scaling must be a DynamicScaling, SAWBScaling or ExponentBiasScaling, "
+        if not isinstance(self.format, (IntFormat, FloatFormat, LogFormat, BinaryFormat)):
+            raise ValueError("format must be an IntFormat, FloatFormat, LogFormat or BinaryFormat, "
+                             f"got {type(self.format).__name__}")
+        if not isinstance(self.scaling, (DynamicScaling, SAWBScaling, ExponentBiasScaling, GroupMeanScaling)):
+            raise ValueError("scaling must be a DynamicScaling, SAWBScaling, ExponentBiasScaling or GroupMeanScaling, "
                              f"got {type(self.scaling).__name__}")
+        if isinstance(self.format, BinaryFormat) != isinstance(self.scaling, GroupMeanScaling):
+            raise ValueError("BinaryFormat and GroupMeanScaling go together (a sign per value, a mean magnitude per "
+                             f"group): got {type(self.format).__name__} with {type(self.scaling).__name__}")
+        if isinstance(self.format, BinaryFormat) and (self.rounding != "nearest" or self.granularity != "tensor"):
+            raise ValueError("BinaryFormat takes rounding='nearest' (the sign) and granularity='tensor' (its groups "
+                             f"are GroupMeanScaling's), got {self.rounding!r}, {self.granularity!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if isinstance(self.scaling, ExponentBiasScaling):
@@ -129,6 +139,8 @@ class Quantizer:
         """Any format, scaling and granularity, on torch operations (any device)."""
         t = tensor.detach()
         fmt = self.format
+        if isinstance(fmt, BinaryFormat):
+            return self._binarize(t, nonfinite, role)
         dims = None
         if self.granularity == "sample" and t.dim() > 1:
             sample_dim %= t.dim()
@@ -162,6 +174,17 @@ class Quantizer:
                 scale = torch.where(clip > 0, clip / qmax, torch.ones_like(clip))
         values = fmt.round_(t / scale, self.rounding, generator, signed=signed)
         return QTensor(values, scale)
+
+    def _binarize(self, t: torch.Tensor, nonfinite: str, role: str) -> QTensor:
+        """Signs and each element's group beta, rows along the first dimension (``binarize.py``)."""
+        from hdqt.quantization import binarize
+
+        rows = t.reshape(t.shape[0] if t.dim() > 1 else 1, -1)
+        betas = binarize.group_betas(rows, self.scaling.group)
+        if not bool(torch.isfinite(betas).all()):
+            return _nonfinite(t, nonfinite, role)
+        scale = binarize.expand(betas, self.scaling.group, rows.shape[1]).reshape(t.shape)
+        return QTensor(self.format.round_(t, "nearest"), scale)
 
     def grid(self, amax: float, lo: float) -> tuple[float, int, int]:
         """(scale, qmin, qmax) for a finite tensor with max|t| = ``amax`` and minimum ``lo``

@@ -17,6 +17,14 @@ name replace fields of the result, so any policy field can be set from a recipe.
 * ``fp8_e4m3``, ``fp8_e5m2``, ``fp4_e2m1``: generic float FQT in that format,
   max-scaled per tensor; forward round to nearest, gradients stochastic.
 
+* ``hadanet`` (Akhauri 2019, HadaNets): both forward operands binarized, sign(x) times
+  beta = mean |x| over groups of ``group`` consecutive values along the reduction
+  (None, the default: one group per row, XNOR-Net), one beta per row of the weight
+  and of the (im2col) input and group; float gradients through a straight-through
+  estimator clipped to |x| <= 1 and through beta (``binary.py``). The first and the
+  last layer stay float32 (``float_first_last``; override it with False to binarize
+  them too). ``acc_bits`` must be None: the binary products are exact popcounts.
+
 ``acc_bits`` of a float recipe is a float accumulator (``accumulate.py``: 16 = IEEE
 half, 12 = e5m6, 8 = e5m2), into which each tile's partial sum is added and rounded.
 Defaults: ``fp134`` 8 bits, the setting of the paper's comparison (every method at
@@ -31,10 +39,14 @@ import inspect
 from dataclasses import fields, replace
 from typing import Callable
 
-from hdqt.quantization.formats import FP4_E2M1, FP8_E4M3, FP8_E5M2, FP134, FloatFormat, IntFormat, LogFormat, check_bits
+from hdqt.quantization.formats import (
+    FP4_E2M1, FP8_E4M3, FP8_E5M2, FP134, BinaryFormat, FloatFormat, IntFormat, LogFormat, check_bits,
+)
 from hdqt.quantization.policy import QuantPolicy
 from hdqt.quantization.quantizer import Quantizer, int_quantizer
-from hdqt.quantization.scaling import DynamicScaling, ExponentBiasScaling, SAWBScaling, sawb_coefficients
+from hdqt.quantization.scaling import (
+    DynamicScaling, ExponentBiasScaling, GroupMeanScaling, SAWBScaling, sawb_coefficients,
+)
 
 FORWARD_CLIP_RATIO = 0.975  # the paper's forward clip: c = 0.975 * max|t|
 
@@ -110,14 +122,23 @@ def _float_recipe(fmt: FloatFormat, name: str, scaling=DynamicScaling(), acc_def
     return build
 
 
+def _hadanet(group: int | None = None, acc_bits: int | None = None) -> QuantPolicy:
+    if acc_bits is not None:
+        raise ValueError(f"the hadanet recipe's products are exact binary dot products (popcounts): acc_bits must be "
+                         f"None (unlimited), got {acc_bits!r}")
+    binary = Quantizer(BinaryFormat(), GroupMeanScaling(group), "nearest")
+    return QuantPolicy(forward_input=binary, forward_weight=binary, float_first_last=True, name="hadanet")
+
+
 _RECIPES: dict[str, Callable[..., QuantPolicy]] = {
     "fp32": _fp32, "hdqt": _hdqt, "int": _int, "luq": _luq,
     "fp134": _float_recipe(FP134, "fp134", ExponentBiasScaling(), acc_default=8),
     "fp8_e4m3": _float_recipe(FP8_E4M3, "fp8_e4m3"),
     "fp8_e5m2": _float_recipe(FP8_E5M2, "fp8_e5m2"),
     "fp4_e2m1": _float_recipe(FP4_E2M1, "fp4_e2m1"),
+    "hadanet": _hadanet,
 }
-_KNOBS = ("bits", "acc_bits", "tile", "clip_ratio")
+_KNOBS = ("bits", "acc_bits", "tile", "clip_ratio", "group")
 
 
 def list_recipes() -> list[str]:
@@ -125,7 +146,7 @@ def list_recipes() -> list[str]:
 
 
 def recipe(name: str, /, **overrides) -> QuantPolicy:
-    """Build the named policy. Overrides: bits, acc_bits, tile, clip_ratio, or any QuantPolicy field.
+    """Build the named policy. Overrides: bits, acc_bits, tile, clip_ratio, group, or any QuantPolicy field.
 
     An override that changes what the recipe computes renames the policy after it
     (``recipe("hdqt", hadamard=False).name == "hdqt[hadamard=False]"``) unless ``name``

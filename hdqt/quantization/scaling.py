@@ -29,6 +29,13 @@
   lptorch flags overflow on the quantized values and we on max|t|: the same but for
   a maximum within rounding of a binade boundary.
 
+* ``GroupMeanScaling(group)``: HadaNets' magnitudes for ``BinaryFormat``. A tensor is
+  read as rows (its first dimension) of K values (the rest, flattened: the reduction
+  dimension of a weight or of an im2col input); each row is cut into groups of
+  ``group`` consecutive values (the last group holds the K mod group left over; None:
+  one group per row, as in XNOR-Net) and each group's scale beta is its mean |t|.
+  The scale is then a tensor, one value per row and group (``betas``).
+
 Granularity (``Quantizer.granularity``) says over what a scale is computed: the
 whole tensor, or each sample (``"sample"``, a scale per index of the operand's
 sample dimension; ``DynamicScaling`` and ``SAWBScaling``).
@@ -138,8 +145,38 @@ class ExponentBiasScaling:
         return {"kind": "exponent_bias", "room": self.room}
 
 
-Scaling = DynamicScaling | SAWBScaling | ExponentBiasScaling
-SCALING_KINDS = {"dynamic": DynamicScaling, "sawb": SAWBScaling, "exponent_bias": ExponentBiasScaling}
+def check_group(group) -> int | None:
+    """None (one group per row) or a power of two >= 2 (groups never straddle a 64-bit word
+    of the packed signs, so the bit-packed kernel sums whole words or whole sub-words)."""
+    if group is None:
+        return None
+    if isinstance(group, bool) or not isinstance(group, int) or group < 2 or group & (group - 1):
+        raise ValueError(f"group must be None (one group per row) or a power of two >= 2, got {group!r}")
+    return group
+
+
+@dataclass(frozen=True)
+class GroupMeanScaling:
+    """One scale per row and group of ``group`` consecutive values: their mean |t| (module docstring)."""
+
+    group: int | None = None
+
+    kind = "group_mean"
+
+    def __post_init__(self) -> None:
+        check_group(self.group)
+
+    def group_size(self, k: int) -> int:
+        """The length of a full group in a row of ``k`` values."""
+        return k if self.group is None or self.group >= k else self.group
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "group": self.group}
+
+
+Scaling = DynamicScaling | SAWBScaling | ExponentBiasScaling | GroupMeanScaling
+SCALING_KINDS = {"dynamic": DynamicScaling, "sawb": SAWBScaling, "exponent_bias": ExponentBiasScaling,
+                 "group_mean": GroupMeanScaling}
 
 
 def scaling_from_dict(data: dict) -> Scaling:

@@ -202,7 +202,7 @@ assert set(hdqt.__all__) <= set(dir(hdqt)), sorted(set(hdqt.__all__) - set(dir(h
 assert "recipe" in dir(hdqt) and "quantization" in dir(hdqt)
 from hdqt import QuantPolicy, quantize_model
 policy = hdqt.recipe("hdqt", bits=4)
-assert isinstance(policy, QuantPolicy) and hdqt.list_recipes() == ["fp134", "fp32", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "hdqt", "int", "luq"]
+assert isinstance(policy, QuantPolicy) and hdqt.list_recipes() == ["fp134", "fp32", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2", "hadanet", "hdqt", "int", "luq"]
 assert hdqt.QuantLinear is hdqt.quantization.QuantLinear
 try:
     hdqt.no_such_name

@@ -1,0 +1,173 @@
+"""HadaNets layers (Akhauri 2019): the forward product of binarized operands, float
+gradients, and the stored size of a binarized model.
+
+Forward: Y = Xb Wb^T with Xb = sign(X) * beta_X, Wb = sign(W) * beta_W, beta the mean
+|.| over groups of ``group`` consecutive values along the reduction (``binarize.py``):
+one beta per weight row and group, one per input row and group. A convolution is
+binarized on its im2col matrix: each output position's receptive field is a row
+(C_in * kh * kw values, in the weight's order), so its betas are per position and
+group. Zero padding is part of those rows: a padded zero is a value of the row, with
+sign +1 and |0| in its group's mean, exactly as the bit-packed kernel sees it.
+
+The product runs on the bit-packed kernel (``binary_kernel.py``: 64 signs a word,
+``K_g - 2 * popcount(a XOR b)`` per group, times the two betas) for CPU float32
+tensors, and as a float product of the dequantized operands elsewhere (GPU, other
+dtypes, HDQT_NATIVE=0, HDQT_BINARY=torch): the same sums up to float rounding.
+
+Backward: float. dXb = G Wb and dWb = G^T Xb, then each through its binarization:
+the straight-through estimator clipped to |x| <= 1, plus the gradient through beta
+(``binarize.binarized_grad``; equal to autograd of the float reference formula).
+
+Why these layers have their own autograd functions rather than per-group scales
+threaded through ``functional.py``: the integer paths' tiled, saturating, Hadamard
+and int8 machinery assumes one scale per tensor (or per sample) factored out of an
+integer product, and is tuned for it; a binary product has a scale per (row, group)
+on BOTH operands, so no single factor leaves the sum, the accumulator is exact (no
+saturation), and the backward is float. Sharing the code would have added a
+per-group branch to every fast path; separate functions keep those paths as they are.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hdqt.quantization import binarize, binary_kernel
+from hdqt.quantization.quantizer import NonFiniteError
+from hdqt.quantization.runtime import LayerRuntime
+
+
+def _betas(t: torch.Tensor, group: int | None, rt: LayerRuntime, role: str) -> torch.Tensor:
+    betas = binarize.group_betas(t, group)
+    if rt.policy.nonfinite == "raise" and not bool(torch.isfinite(betas).all()):
+        raise NonFiniteError(f"{role} of layer {rt.name!r} contains NaN or Inf; set the policy's "
+                             "nonfinite='propagate' to let it flow through instead")
+    return betas
+
+
+def binary_product(a: torch.Tensor, a_betas: torch.Tensor, b: torch.Tensor, b_betas: torch.Tensor,
+                   group: int | None) -> torch.Tensor:
+    """(M, J): sum over groups of a's and b's binarized rows' products, a (M, K), b (J, K).
+    Rows of ``a`` may be strided (an im2col matrix read as rows): see ``binary_kernel``."""
+    y = binary_kernel.product(a, a_betas, b, b_betas, group)
+    if y is None:
+        k = a.shape[-1]
+        y = binarize.binarized(a, group, a_betas) @ binarize.binarized(b, group, b_betas).reshape(-1, k).T
+    return y
+
+
+class BinaryLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, rt: LayerRuntime) -> torch.Tensor:
+        group = rt.policy.binary_group
+        bx = _betas(x, group, rt, "forward input")
+        bw = _betas(weight, group, rt, "forward weight")
+        ctx.save_for_backward(x, weight, bx, bw)
+        ctx.group = group
+        return binary_product(x, bx, weight, bw, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, bx, bw = ctx.saved_tensors
+        group = ctx.group
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_xb = grad @ binarize.binarized(weight, group, bw)
+            grad_x = binarize.binarized_grad(x, grad_xb, bx, group)
+        if ctx.needs_input_grad[1]:
+            grad_wb = grad.T @ binarize.binarized(x, group, bx)
+            grad_w = binarize.binarized_grad(weight, grad_wb, bw, group)
+        return grad_x, grad_w, None
+
+
+def _columns(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """The im2col rows of ``x``: (B, L, K), a transposed view of F.unfold's (B, K, L)."""
+    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+
+
+class BinaryConv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, rt: LayerRuntime, stride, padding, dilation):
+        group = rt.policy.binary_group
+        n, c, kh, kw = weight.shape
+        b = x.shape[0]
+        oh = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        ow = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        rows = _columns(x, (kh, kw), stride, padding, dilation)  # (B, L, K)
+        w2 = weight.reshape(n, -1)
+        bx = _betas(rows, group, rt, "forward input")  # (B, L, G)
+        bw = _betas(w2, group, rt, "forward weight")
+        y = binary_product(rows, bx, w2, bw, group)  # (B, L, N)
+        ctx.save_for_backward(x, weight, bx, bw)
+        ctx.conv = (group, (kh, kw), stride, padding, dilation)
+        # channels-last memory: (B, OH, OW, N) seen as (B, N, OH, OW), no copy
+        return y.reshape(b, oh, ow, n).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bx, bw = ctx.saved_tensors
+        group, kernel, stride, padding, dilation = ctx.conv
+        n = weight.shape[0]
+        w2 = weight.reshape(n, -1)
+        g = grad.reshape(grad.shape[0], n, -1)  # (B, N, L)
+        rows = _columns(x, kernel, stride, padding, dilation)  # recomputed: the input is smaller than its columns
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = g.transpose(1, 2) @ binarize.binarized(w2, group, bw)  # (B, L, K)
+            grad_rows = binarize.binarized_grad(rows, grad_rows, bx, group)
+            grad_x = F.fold(grad_rows.transpose(1, 2), x.shape[2:], kernel, dilation=dilation, padding=padding,
+                            stride=stride)
+        if ctx.needs_input_grad[1]:
+            xb = binarize.binarized(rows, group, bx)  # (B, L, K)
+            grad_wb = g.permute(1, 0, 2).reshape(n, -1) @ xb.reshape(-1, xb.shape[-1])
+            grad_w = binarize.binarized_grad(w2, grad_wb, bw, group).reshape(weight.shape)
+        return grad_x, grad_w, None, None, None, None
+
+
+def binary_linear(x: torch.Tensor, weight: torch.Tensor, rt: LayerRuntime) -> torch.Tensor:
+    """The product of a QuantLinear under a binary policy (x: (B, K)), bias not included."""
+    return BinaryLinearFunction.apply(x, weight, rt)
+
+
+def binary_conv2d(x, weight, rt: LayerRuntime, stride, padding, dilation) -> torch.Tensor:
+    """The convolution of a QuantConv2d under a binary policy, bias not included."""
+    return BinaryConv2dFunction.apply(x, weight, rt, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def model_size_bits(model: nn.Module, policy=None) -> dict[str, int]:
+    """The bits that store ``model`` for inference, by kind, and their total.
+
+    A layer under a binary policy stores one bit per weight (``binary_weights``) and a
+    float32 beta per row and group (``betas``); the other parameters and buffers
+    (float layers: by default the first and last, biases, BatchNorm's weight, bias and
+    running statistics) count 32 bits a value (``float``); BatchNorm's batch counter
+    and other integer buffers are not counted. ``policy`` (a binary policy) counts
+    ``model`` as quantize_model would convert it (its float layers as the policy's
+    binary layers, but for the first and last when ``float_first_last``); None counts
+    the layers as they are.
+    """
+    from hdqt.quantization.boundary import float_boundary
+    from hdqt.quantization.layers import QuantConv2d, QuantLinear
+
+    binary: dict[str, int | None] = {}  # layer name -> group
+    boundary = float_boundary(model) if policy is not None and policy.float_first_last else set()
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)) and module.policy.is_binary:
+            binary[name] = module.policy.binary_group
+        elif (policy is not None and policy.is_binary and isinstance(module, (nn.Linear, nn.Conv2d))
+              and not isinstance(module, (QuantLinear, QuantConv2d)) and name not in boundary):
+            binary[name] = policy.binary_group
+    sizes = {"binary_weights": 0, "betas": 0, "float": 0}
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if name in binary and pname == "weight":
+                rows, k = param.shape[0], param[0].numel()
+                sizes["binary_weights"] += param.numel()
+                sizes["betas"] += 32 * rows * binarize.group_count(k, binary[name])
+            else:
+                sizes["float"] += 32 * param.numel()
+        for _, buf in module.named_buffers(recurse=False):
+            if buf.is_floating_point():
+                sizes["float"] += 32 * buf.numel()
+    sizes["total"] = sum(sizes.values())
+    return sizes
