@@ -10,8 +10,9 @@
  *     and the convolution built on it as an implicit GEMM,
  *   - the weight gradient of a convolution: columns gathered, transformed,
  *     rounded and multiplied in cache, never materialised,
- *   - on AVX512-VNNI, the same products on 8-bit integer dot products where
- *     the operands fit in bytes, with bit-identical results.
+ *   - the same products on 8-bit integer dot products where the operands fit
+ *     in bytes, with bit-identical results (AVX512-VNNI, AVX-VNNI, AVX2 or ARM
+ *     sdot, chosen at run time: csrc/int8_variant.h).
  * Everything else stays in torch.
  *
  * Threads: OpenMP, built against the libgomp.so.1 that torch has already loaded,
@@ -41,6 +42,10 @@
 #include "csrc/rounding.c"
 #include "csrc/hadamard.c"
 #include "csrc/im2col.c"
+#include "csrc/int8_common.c"
+#include "csrc/int8_pack.c"
+#include "csrc/int8_x86.c"
+#include "csrc/int8_arm.c"
 #include "csrc/conv_weight_grad.c"
 #include "csrc/matmul.c"
 #include "csrc/matmul_int8.c"

@@ -122,7 +122,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 _VARIANT_BITS = ((1, "x86-64-v4 (AVX-512)"), (2, "x86-64-v3 (AVX2, FMA)"), (32, "aarch64 (NEON)"),
-                 (4, "int8 dot products (AVX512-VNNI)"), (8, "narrow register blocks"), (16, "OpenMP threads"))
+                 (4, "int8 dot products (AVX512-VNNI)"), (64, "int8 dot products (AVX-VNNI)"),
+                 (128, "int8 dot products (AVX2 vpmaddubsw)"), (256, "int8 dot products (ARM sdot)"),
+                 (8, "narrow register blocks"), (16, "OpenMP threads"))
+_INT8_BITS = 4 | 64 | 128 | 256
 
 
 def describe_variant(bits: int) -> str:
@@ -130,7 +133,7 @@ def describe_variant(bits: int) -> str:
     names = [name for bit, name in _VARIANT_BITS if bits & bit]
     if not bits & (1 | 2 | 32):
         names.insert(0, "baseline (no vector clones)")
-    if not bits & 4:
+    if not bits & _INT8_BITS:
         names.append("float32 products (no int8 dot products)")
     return ", ".join(names)
 
@@ -149,10 +152,55 @@ def load() -> ctypes.CDLL | None:
     return _compiled() if enabled() else None
 
 
+# The int8 dot-product variants, by the id the kernels use (csrc/int8_variant.h), in
+# order of preference, with what each needs.
+INT8_VARIANTS = {"avx512vnni": 1, "avxvnni": 2, "avx2": 3, "sdot": 4}
+_INT8_NEEDS = {"avx512vnni": "an x86-64 CPU with AVX512-VNNI", "avxvnni": "an x86-64 CPU with AVX-VNNI (and AVX2)",
+               "avx2": "an x86-64 CPU with AVX2 and FMA", "sdot": "an aarch64 CPU with the dot product (ARMv8.2 sdot)"}
+
+
+def int8_request() -> str:
+    """What ``HDQT_INT8`` asks for: "0" (no int8 dot products), "auto" (unset, "1" or
+    "auto": the preferred variant this CPU runs) or a variant's name."""
+    value = os.environ.get("HDQT_INT8", "auto").strip().lower() or "auto"
+    value = "auto" if value == "1" else value
+    if value not in ("0", "auto", *INT8_VARIANTS):
+        raise ValueError(f"HDQT_INT8={value!r}: expected 0, 1, auto or one of {', '.join(INT8_VARIANTS)}")
+    return value
+
+
 def int8_dot(lib: ctypes.CDLL) -> bool:
-    """Whether the tiled product may run on 8-bit integer dot products (AVX512-VNNI on
-    this CPU, and not switched off with ``HDQT_INT8=0``)."""
-    return os.environ.get("HDQT_INT8", "1") != "0" and _int8_available(lib)
+    """Whether the tiled product may run on 8-bit integer dot products (a variant this
+    CPU runs, and not switched off with ``HDQT_INT8=0``). A variant forced with
+    ``HDQT_INT8=<name>`` that this CPU cannot run is never used: the kernels take the
+    preferred one instead, and this says so once."""
+    request = int8_request()
+    if request == "0" or not _int8_available(lib):
+        return False
+    if request != "auto":
+        _check_forced(lib, request)
+    return True
+
+
+def int8_variants(lib: ctypes.CDLL) -> list[str]:
+    """The int8 variants this build runs on this CPU, preferred first."""
+    bits = lib.hdqt_int8_variants()
+    return [name for name, v in INT8_VARIANTS.items() if bits >> v & 1]
+
+
+def int8_variant(lib: ctypes.CDLL) -> str | None:
+    """The int8 variant a product uses now (``HDQT_INT8`` applied), or None."""
+    int8_request()  # a misspelt name is an error here too
+    ids = {v: name for name, v in INT8_VARIANTS.items()}
+    return ids.get(lib.hdqt_int8_variant())
+
+
+@functools.lru_cache(maxsize=16)  # once per library and forced name
+def _check_forced(lib: ctypes.CDLL, request: str) -> None:
+    runs = int8_variants(lib)
+    if request not in runs:
+        _say(f"HDQT_INT8={request} needs {_INT8_NEEDS[request]}; this machine runs "
+             f"{', '.join(runs) or 'no int8 variant'}: the int8 products use {runs[0] if runs else 'none'} instead")
 
 
 @functools.lru_cache(maxsize=4)  # a property of the loaded library on this CPU

@@ -53,8 +53,10 @@ int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t 
                         int64_t dw, int64_t OH, int64_t OW, int64_t p, float scale, float qmin, float qmax,
                         uint64_t seed, int use_int8, int threads);
 
-/* common.h: what this build and CPU run */
+/* common.h, int8_variant.h: what this build and CPU run */
 int hdqt_int8_dot_available(void);
+int hdqt_int8_variant(void);
+int hdqt_int8_variants(void);
 int hdqt_kernel_variant(void);
 
 #endif

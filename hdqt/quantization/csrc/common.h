@@ -20,20 +20,18 @@
 
 #define HDQT_MAX_THREADS 64
 
-/* 8-bit integer dot products (AVX512-VNNI vpdpbusd): compiled for x86-64 with GCC
- * or Clang, used where the CPU has them (hdqt_int8_dot_available). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(HDQT_NO_INT8)
-#include <immintrin.h>
-#define HDQT_INT8 1
-#define INT8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#endif
+/* 8-bit integer dot products: the variants this build has and the one a call uses
+ * (hdqt_int8_dot_available, hdqt_int8_variant). */
+#include "int8_variant.h"
 
-#ifdef HDQT_INT8
+#ifdef HDQT_INT8_ANY
 /* Whether a value is an integer in [lo, hi]; NaN is not. */
 static inline int fits(float v, float lo, float hi) {
     return v >= lo && v <= hi && (float)(int32_t)v == v;
 }
+#endif
 
+#ifdef HDQT_INT8
 /* The same for 16 floats v (q = their truncation to int32), as a mask over lanes. */
 INT8_TARGET
 static inline __mmask16 fits16(__m512 v, __m512i q, float lo, float hi, __mmask16 lanes) {
@@ -42,17 +40,6 @@ static inline __mmask16 fits16(__m512 v, __m512i q, float lo, float hi, __mmask1
     return _mm512_mask_cmp_ps_mask(in, _mm512_cvtepi32_ps(q), v, _CMP_EQ_OQ);
 }
 #endif
-
-/* 1 when this build and CPU run the int8 kernels. */
-int hdqt_int8_dot_available(void) {
-#ifdef HDQT_INT8
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-#else
-    return 0;
-#endif
-}
 
 /* 16 floats: one AVX-512 register. Elementwise code on it compiles for any
  * instruction set, but where no register holds 64 bytes (AVX2, NEON) GCC keeps
@@ -109,8 +96,10 @@ static int narrow_vectors(void) {
 
 /* What this build runs on this CPU, as bits (native.kernel_variant() spells them
  * out): 1 the x86-64-v4 clones (AVX-512), 2 the x86-64-v3 clones (AVX2 + FMA),
- * 4 int8 dot products (AVX512-VNNI), 8 narrow register blocks, 16 OpenMP threads,
- * 32 an aarch64 build. Neither 1 nor 2 on x86-64: the baseline code. */
+ * 8 narrow register blocks, 16 OpenMP threads, 32 an aarch64 build; the int8 dot
+ * products that a product uses now (HDQT_INT8 applied; at most one): 4 AVX512-VNNI,
+ * 64 AVX-VNNI, 128 AVX2 (vpmaddubsw), 256 ARM sdot. Neither 1 nor 2 on x86-64: the
+ * baseline code. */
 int hdqt_kernel_variant(void) {
     int v = 0;
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && !defined(HDQT_NO_CLONES)
@@ -121,7 +110,8 @@ int hdqt_kernel_variant(void) {
     else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         v |= 2;
 #endif
-    if (hdqt_int8_dot_available()) v |= 4;
+    static const int int8_bits[I8_VARIANTS] = {0, 4, 64, 128, 256};
+    v |= int8_bits[i8_variant_now()];
     if (narrow_vectors()) v |= 8;
 #ifdef _OPENMP
     v |= 16;

@@ -1,4 +1,6 @@
-/* The tiled, saturating convolution on 8-bit integer dot products (AVX512-VNNI).
+/* The tiled, saturating convolution on 8-bit integer dot products (every variant
+ * of int8_variant.h: AVX-512 code for AVX512-VNNI, portable code around the
+ * variant's register block for the others).
  * Part of the one translation unit that kernels.c includes (static helpers are
  * shared across files); not compiled on its own.
  *
@@ -10,7 +12,7 @@
  * are then computed from those vectors by the int8 product's register block
  * (i8_block), with the same tiles, clamps and float32 totals: the result equals
  * hdqt_conv_tiled_f32's bit for bit. */
-#ifdef HDQT_INT8
+#ifdef HDQT_INT8_ANY
 
 typedef struct {
     const conv_ctx *c;
@@ -21,6 +23,63 @@ typedef struct {
     int32_t offset;
     sat_slot *slots; /* per-worker saturation counts, or NULL: no counting */
 } conv_i8_ctx;
+
+/* A band's input rows (rows.used rows of every channel) as bytes + offset, into the
+ * worker's band; rows outside the image are left at the offset (a zero input). */
+INT8_PACK_TARGET
+static void conv_i8_band_bytes(const conv_i8_ctx *ic, const conv_band *rows, uint8_t *band) {
+    const conv_ctx *c = ic->c;
+    for (int64_t ch = 0; ch < c->C; ++ch) {
+        const float *img = c->x + (rows->b * c->C + ch) * c->H * c->W;
+        for (int64_t r = 0; r < rows->used; ++r) {
+            uint8_t *dst = band + (ch * ic->band_in + r) * ic->row_len + c->pw;
+            int64_t ih = rows->ih0 + r;
+            if (ih < 0 || ih >= c->H) {
+                memset(dst - c->pw, (int)(uint8_t)ic->offset, (size_t)ic->row_len);
+                continue;
+            }
+            const float *src = img + ih * c->W;
+            for (int64_t iw = 0; iw < c->W; ++iw) dst[iw] = (uint8_t)((int32_t)src[iw] + ic->offset);
+        }
+    }
+}
+
+/* conv_i8_range for the variants other than AVX512-VNNI: the same band and panel,
+ * the panel's groups interleaved by i8_interleave4, the product by p->block. */
+static void conv_i8_range_blocks(void *arg, int64_t begin, int64_t end, int worker) {
+    const conv_i8_ctx *ic = (const conv_i8_ctx *)arg;
+    const conv_ctx *c = ic->c;
+    const i8_ctx *p = ic->p;
+    const int64_t L = c->OH * c->OW, row_len = ic->row_len;
+    uint8_t *band = ic->bands + worker * c->C * ic->band_in * row_len;
+    uint8_t *panel = ic->panels + worker * p->groups * 64;
+    static const uint8_t none[NV] = {0}; /* the padding columns of a tile's last group: A's bytes are 0 */
+    sat_slot *sat = ic->slots != NULL ? &ic->slots[worker] : NULL;
+    memset(band, (int)(uint8_t)ic->offset, (size_t)(c->C * ic->band_in * row_len));
+    for (int64_t unit = begin; unit < end; ++unit) {
+        const conv_band rows = band_of(c, unit);
+        conv_i8_band_bytes(ic, &rows, band);
+        for (int64_t oh = rows.oh0; oh < rows.oh1; ++oh) {
+            const uint8_t *base = band + (oh - rows.oh0) * c->sh * row_len;
+            for (int64_t ow0 = 0; ow0 < c->OW; ow0 += NV) {
+                int64_t lanes = c->OW - ow0 < NV ? c->OW - ow0 : NV; /* extra lanes are computed, not stored */
+                for (int64_t t = 0; t < p->tiles; ++t) {
+                    int64_t k0 = t * p->tile, k1 = k0 + p->tile < p->K ? k0 + p->tile : p->K;
+                    for (int64_t k = k0, g = p->tile_group[t]; k < k1; k += 4, ++g) {
+                        const uint8_t *row[4];
+                        for (int i = 0; i < 4; ++i) row[i] = k + i < k1 ? base + ic->koff[k + i] + ow0 : none;
+                        i8_interleave4(row, panel + g * 64);
+                    }
+                }
+                p->block(p, panel, c->y + rows.b * c->N * L, L, oh * c->OW + ow0, lanes, sat);
+            }
+        }
+    }
+}
+
+#endif /* HDQT_INT8_ANY */
+
+#ifdef HDQT_INT8
 
 /* Four 16-byte rows a, b, c, d -> 16 lanes of 4 bytes (a[i], b[i], c[i], d[i]). */
 INT8_TARGET
@@ -90,17 +149,20 @@ static void conv_i8_range(void *arg, int64_t begin, int64_t end, int worker) {
 
 #endif /* HDQT_INT8 */
 
-/* hdqt_conv_tiled_f32 at width stride 1, on int8 dot products (same arguments).
- * Returns 0; 1 when x or the weights are not bytes, or the stride is not 1 along
- * the width (nothing written: use the float32 kernel); 2 without VNNI; -1 if no
+/* hdqt_conv_tiled_f32 at width stride 1, on int8 dot products (same arguments; the
+ * variant of i8_variant_now). Returns 0; 1 when x or the weights are not bytes, the
+ * stride is not 1 along the width, or the variant cannot multiply these operands
+ * exactly (nothing written: use the float32 kernel); 2 without int8 dot products
+ * (or HDQT_INT8=0); -1 if no
  * buffer could be allocated. saturation as in hdqt_conv_tiled_f32 (written only
  * when it returns 0). */
 int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int64_t C, int64_t H, int64_t W,
                        int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                        int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, double *saturation,
                        int threads) {
-#ifdef HDQT_INT8
-    if (!hdqt_int8_dot_available()) return 2;
+#ifdef HDQT_INT8_ANY
+    const int variant = i8_variant_now();
+    if (variant == I8_NONE) return 2;
     if (sw != 1 || B < 1 || C < 1 || N < 1 || OH < 1 || OW < 1) return 1;
     threads = clamp_i8_threads(threads);
     const int64_t K = C * kh * kw;
@@ -109,10 +171,11 @@ int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int
     memset(&p, 0, sizeof p);
     p.A = wt, p.sm = 1, p.sk = N, p.M = N, p.K = K, p.tile = tile, p.B = x;
     p.limit = limit >= 2147483647.0f ? 2147483647 : (int32_t)limit;
-    int used = parallel_for(B * C * H * W, threads, 1 << 16, i8_scan_b, &p); /* x as B, flat */
+    p.variant = variant;
+    const i8_kernels kernels = i8_kernels_for(&p);
+    int used = parallel_for(B * C * H * W, threads, 1 << 16, kernels.scan_b, &p); /* x as B, flat */
     if (any_bad(p.bad, used)) return 1;
-    p.offset = i8_offset(p.lo, p.hi, used);
-    if (p.offset < 0) return 1;
+    if (i8_offset(&p, used) != 0) return 1;
     int status = i8_setup_a(&p, threads);
     /* byte rows: pw zeros, W values, and room for a run's 16 bytes past the last position */
     const int64_t row_len = W + 2 * pw + (kw - 1) * dw + 2 * NV;
@@ -135,7 +198,11 @@ int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int
         ic.koff = koff;
         const int64_t bands = (OH + CONV_BAND - 1) / CONV_BAND;
         int64_t grain = ((int64_t)1 << 20) / (N * K * OW * CONV_BAND + 1) + 1;
-        parallel_for(B * bands, threads, grain, conv_i8_range, &ic);
+        range_fn range = conv_i8_range_blocks;
+#ifdef HDQT_INT8
+        if (variant == I8_AVX512VNNI) range = conv_i8_range;
+#endif
+        parallel_for(B * bands, threads, grain, range, &ic);
         sat_collect(slots, p.limit, saturation);
     }
     free(koff);

@@ -24,6 +24,7 @@ typedef struct {
     int64_t padded_len;
     uint8_t *bytes;
     int narrow; /* dot_rows_narrow (narrow_vectors) */
+    int i8_variant; /* the int8 variant of the byte path (dw_int8_variant) */
     int64_t byte_samples[HDQT_MAX_THREADS]; /* samples multiplied as bytes, per worker */
 } dw_ctx;
 
@@ -283,18 +284,47 @@ static void dot_rows_i8(const uint8_t *gb, int64_t N, const int8_t *r, const int
 }
 #endif
 
-/* Whether pass 2 may multiply bytes: VNNI, columns rounded onto a byte grid, and
- * int32 sums that cannot overflow. */
-static int dw_int8_possible(const dw_ctx *c) {
+/* The int8 variant with which pass 2 may multiply bytes (I8_NONE: none): columns
+ * rounded onto a byte grid, int32 sums that cannot overflow, and on AVX2 16-bit
+ * pair sums that cannot saturate (see i8_dot_avx2): the gradient + 128 (<= 255)
+ * times a column byte, 2 * 255 * max|column| <= 32767, so columns of up to 7 bits. */
+static int dw_int8_variant(const dw_ctx *c) {
 #ifdef HDQT_INT8
     const int64_t L = c->g.OH * c->g.OW;
-    return hdqt_int8_dot_available() && c->qmin >= -128.0f && c->qmax <= 127.0f &&
-           (double)L * 255.0 * 128.0 < 2147483647.0;
+    if (!(c->qmin >= -128.0f && c->qmax <= 127.0f && (double)L * 255.0 * 128.0 < 2147483647.0)) return I8_NONE;
+    const int v = i8_variant_now();
+    const float column_top = -c->qmin > c->qmax ? -c->qmin : c->qmax;
+    if (v == I8_AVX512VNNI || v == I8_AVXVNNI || (v == I8_AVX2 && 2.0f * 255.0f * column_top <= 32767.0f)) return v;
 #else
     (void)c;
-    return 0;
 #endif
+    return I8_NONE;
 }
+
+#ifdef HDQT_INT8
+/* The byte rows of a gradient and a column, and their dot rows, on c->i8_variant. */
+static int dw_gradient_row(const dw_ctx *c, const float *g, int64_t n, uint8_t *dst, int64_t padded) {
+    if (c->i8_variant == I8_AVX512VNNI) return dw_gradient_bytes(g, n, dst, padded);
+    return i8p_gradient_bytes(g, n, dst, padded);
+}
+
+static int32_t dw_column_row(const dw_ctx *c, const float *r, int64_t n, int8_t *dst, int64_t padded) {
+    if (c->i8_variant == I8_AVX512VNNI) return dw_column_bytes(r, n, dst, padded);
+    return i8p_column_bytes(r, n, dst, padded);
+}
+
+static void dw_dot_rows_bytes(const dw_ctx *c, const uint8_t *gb, const int8_t *r, const int32_t *sums,
+                              int64_t padded, int64_t K, int64_t k, int count, float *part) {
+#ifdef HDQT_INT8_AVXVNNI
+    if (c->i8_variant == I8_AVXVNNI) {
+        dot_rows_i8_avxvnni(gb, c->N, r, sums, padded, K, k, count, part);
+        return;
+    }
+#endif
+    if (c->i8_variant == I8_AVX2) dot_rows_i8_avx2(gb, c->N, r, sums, padded, K, k, count, part);
+    else dot_rows_i8(gb, c->N, r, sums, padded, K, k, count, part);
+}
+#endif
 
 static void dw_range(void *arg, int64_t begin, int64_t end, int worker) {
     dw_ctx *c = (dw_ctx *)arg;
@@ -315,7 +345,7 @@ static void dw_range(void *arg, int64_t begin, int64_t end, int worker) {
 #ifdef HDQT_INT8
         if (gbytes) {
             int bad = 0;
-            for (int64_t n = 0; n < c->N; ++n) bad |= dw_gradient_bytes(c->gq + n * B * L + b * L, L, gbytes + n * Lp, Lp);
+            for (int64_t n = 0; n < c->N; ++n) bad |= dw_gradient_row(c, c->gq + n * B * L + b * L, L, gbytes + n * Lp, Lp);
             bytes = !bad;
             c->byte_samples[worker] += bytes;
         }
@@ -329,12 +359,12 @@ static void dw_range(void *arg, int64_t begin, int64_t end, int worker) {
 #ifdef HDQT_INT8
             if (bytes) {
                 for (int64_t i = 0; i < padded; ++i) {
-                    if (i < count) sums[i] = dw_column_bytes(r + i * L, L, cbytes + i * Lp, Lp);
+                    if (i < count) sums[i] = dw_column_row(c, r + i * L, L, cbytes + i * Lp, Lp);
                     else sums[i] = 0, memset(cbytes + i * Lp, 0, (size_t)Lp);
                 }
                 for (int64_t i = 0; i < count; i += DOT_ROWS)
-                    dot_rows_i8(gbytes, c->N, cbytes + i * Lp, sums + i, Lp, K, k0 + i,
-                                count - i < DOT_ROWS ? (int)(count - i) : DOT_ROWS, part);
+                    dw_dot_rows_bytes(c, gbytes, cbytes + i * Lp, sums + i, Lp, K, k0 + i,
+                                      count - i < DOT_ROWS ? (int)(count - i) : DOT_ROWS, part);
                 continue;
             }
 #endif
@@ -386,7 +416,8 @@ static int dw_setup(dw_ctx *c, int threads, const float *x, int64_t B, int64_t C
 /* The byte buffers of pass 2's int8 path, where it applies (grid set before). */
 static void dw_setup_bytes(dw_ctx *c, int threads) {
     c->padded_len = (c->g.OH * c->g.OW + 63) / 64 * 64;
-    if (!dw_int8_possible(c) || c->rows_per_worker > HDQT_MAX_DW_ROWS) return;
+    c->i8_variant = dw_int8_variant(c);
+    if (c->i8_variant == I8_NONE || c->rows_per_worker > HDQT_MAX_DW_ROWS) return;
     /* without memory for them, the float32 path runs */
     c->bytes = (uint8_t *)malloc((size_t)(threads * (c->N + c->rows_per_worker) * c->padded_len));
 }

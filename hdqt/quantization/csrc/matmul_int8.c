@@ -1,4 +1,6 @@
-/* The tiled, saturating product on 8-bit integer dot products (AVX512-VNNI).
+/* The tiled, saturating product on 8-bit integer dot products: the AVX512-VNNI
+ * kernels here, and the entry point for every variant (int8_variant.h; the others'
+ * packing in int8_pack.c, their register blocks in int8_x86.c and int8_arm.c).
  * Part of the one translation unit that kernels.c includes (static helpers are
  * shared across files); not compiled on its own.
  *
@@ -15,28 +17,9 @@
  *   A (M, K) -> (M, groups) int32 words, 4 signed bytes each (broadcast operand);
  *   B (K, J) -> (J / 16 strips, groups, 16 lanes, 4 bytes), unsigned: a signed B
  *   is offset by +128, and each tile's sum starts at -128 * (its part of A's row sum).
- * Operands that do not fit, or a CPU without VNNI, leave the product to the
- * float32 kernel (hdqt_tiled_matmul_i8 returns 1 or 2). */
+ * Operands that do not fit, or a CPU without int8 dot products, leave the product
+ * to the float32 kernel (hdqt_tiled_matmul_i8 returns 1 or 2). */
 #ifdef HDQT_INT8
-
-#define I8_MR 8 /* rows of A per register block */
-
-typedef struct {
-    const float *A, *B;
-    int64_t sm, sk, M, K, J, tile, tiles, groups;
-    int32_t *a;          /* (M, groups) */
-    uint8_t *b;          /* (strips, groups, 16, 4) */
-    int32_t *start;      /* (M, tiles): where each tile's accumulator starts */
-    int64_t *tile_group; /* (tiles + 1): first group of each tile */
-    float *Y;
-    int32_t limit, offset;
-    double sum_bound; /* the largest |tile sum| the operands allow (i8_setup_a) */
-    int b_transposed; /* B given as (J, K) row-major */
-    sat_slot *slots;  /* per-worker saturation counts, or NULL: no counting */
-    int bad[HDQT_MAX_THREADS];
-    int32_t a_max[HDQT_MAX_THREADS]; /* max |A| */
-    float lo[HDQT_MAX_THREADS], hi[HDQT_MAX_THREADS];
-} i8_ctx;
 
 /* A's rows as signed bytes, and each tile's starting sum (the offset correction;
  * 0 without an offset). */
@@ -233,14 +216,12 @@ static void i8_product(void *arg, int64_t begin, int64_t end, int worker) {
     }
 }
 
-static int any_bad(const int *bad, int used) {
-    int b = 0;
-    for (int t = 0; t < used; ++t) b |= bad[t];
-    return b;
-}
+#endif /* HDQT_INT8 */
 
+#ifdef HDQT_INT8_ANY
 /* The tile groups of the reduction, and A packed with its tiles' starting sums
- * (c->offset set before). 0; 1 when A is not signed bytes; -1 without memory. */
+ * (c->variant, c->offset and c->b_top set before). 0; 1 when A is not signed bytes,
+ * or a sum could leave int32 or (AVX2) int16; -1 without memory. */
 static int i8_setup_a(i8_ctx *c, int threads) {
     c->tiles = (c->K + c->tile - 1) / c->tile;
     c->tile_group = (int64_t *)malloc((size_t)(c->tiles + 1) * sizeof(int64_t));
@@ -254,60 +235,72 @@ static int i8_setup_a(i8_ctx *c, int threads) {
     c->a = (int32_t *)malloc((size_t)(c->M * c->groups) * sizeof(int32_t));
     c->start = (int32_t *)malloc((size_t)(c->M * c->tiles) * sizeof(int32_t));
     if (c->a == NULL || c->start == NULL) return -1;
-    int used = parallel_for(c->M, threads, (1 << 14) / c->K + 1, i8_pack_a, c);
+    range_fn pack = i8p_pack_a;
+#ifdef HDQT_INT8
+    if (c->variant == I8_AVX512VNNI) pack = i8_pack_a;
+#endif
+    int used = parallel_for(c->M, threads, (1 << 14) / c->K + 1, pack, c);
     if (any_bad(c->bad, used)) return 1;
-    /* every tile's int32 sum must be exact: |sum| <= tile * max|A| * (255 + offset) */
     int32_t a_max = 0;
     for (int t = 0; t < used; ++t) a_max = c->a_max[t] > a_max ? c->a_max[t] : a_max;
+    c->a_top = a_max;
+    /* AVX2's 16-bit pair sums must not saturate: |pair| <= 2 * max|A| * max(B + offset)
+     * (see i8_dot_avx2) */
+    if (c->variant == I8_AVX2 && 2.0 * a_max * c->b_top > 32767.0) return 1;
+    /* every tile's int32 sum must be exact: it starts at -offset * (A's sum) and adds
+     * products of at most max|A| * max|B + offset| */
     double length = c->tile < c->K ? (double)c->tile : (double)c->K;
-    c->sum_bound = length * a_max * (255.0 + c->offset);
+    c->sum_bound = length * a_max * ((double)c->b_top + abs(c->offset));
     return c->sum_bound < 2147483647.0 ? 0 : 1;
 }
 
-static void i8_release(i8_ctx *c) {
-    free(c->tile_group);
-    free(c->a);
-    free(c->start);
-    free(c->b);
+/* The variant's packing and product: AVX-512 code for AVX512-VNNI, the portable
+ * packing and the variant's register block for the others. */
+typedef struct {
+    range_fn scan_b, pack_b, product;
+} i8_kernels;
+
+static i8_kernels i8_kernels_for(i8_ctx *c) {
+    i8_kernels k = {i8p_scan_b, i8p_pack_b, i8_product_blocks};
+#ifdef HDQT_INT8
+    if (c->variant == I8_AVX512VNNI) k = (i8_kernels){i8_scan_b, i8_pack_b, i8_product};
+    if (c->variant == I8_AVX2) c->block = i8_block_avx2;
+#endif
+#ifdef HDQT_INT8_AVXVNNI
+    if (c->variant == I8_AVXVNNI) c->block = i8_block_avxvnni;
+#endif
+#ifdef HDQT_INT8_SDOT
+    if (c->variant == I8_SDOT) c->block = i8_block_sdot;
+#endif
+    return k;
 }
+#endif /* HDQT_INT8_ANY */
 
-/* The byte offset of B's values: 0 when they are in [0, 255], 128 when in
- * [-128, 127] (their sums then start at -128 * A's sums); -1 when neither. */
-static int32_t i8_offset(const float *lo, const float *hi, int used) {
-    float l = 0.0f, h = 0.0f;
-    for (int t = 0; t < used; ++t) l = lo[t] < l ? lo[t] : l, h = hi[t] > h ? hi[t] : h;
-    if (l < 0.0f && h > 127.0f) return -1;
-    return l < 0.0f ? 128 : 0;
-}
-
-static int clamp_i8_threads(int threads) {
-    return threads < 1 ? 1 : (threads > HDQT_MAX_THREADS ? HDQT_MAX_THREADS : threads);
-}
-
-#endif /* HDQT_INT8 */
-
-/* Y (M, J) as hdqt_tiled_matmul_f32, on int8 dot products; B is (K, J) row-major,
- * or (J, K) with b_transposed. Returns 0; 1 when an operand does not fit in bytes
- * or a tile's sum could leave int32 (nothing written: use the float32 kernel); 2
- * without VNNI; -1 if no buffer could be allocated. tile >= K with limit >= 2^31 - 1
- * is the exact, unsaturated product. saturation: NULL, or 2 doubles that receive
- * the saturation counts as in hdqt_tiled_matmul_f32 (written only when it returns 0). */
+/* Y (M, J) as hdqt_tiled_matmul_f32, on int8 dot products (the variant of
+ * i8_variant_now); B is (K, J) row-major, or (J, K) with b_transposed. Returns 0; 1
+ * when an operand does not fit in bytes, a tile's sum could leave int32, or AVX2's
+ * pair sums could saturate (nothing written: use the float32 kernel); 2 without
+ * int8 dot products (or HDQT_INT8=0); -1 if no buffer could be allocated. tile >= K
+ * with limit >= 2^31 - 1 is the exact, unsaturated product. saturation: NULL, or 2
+ * doubles that receive the saturation counts as in hdqt_tiled_matmul_f32 (written
+ * only when it returns 0). */
 int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B, int b_transposed, float *Y,
                          int64_t M, int64_t K, int64_t J, int64_t tile, float limit, double *saturation,
                          int threads) {
-#ifdef HDQT_INT8
-    if (!hdqt_int8_dot_available()) return 2;
+#ifdef HDQT_INT8_ANY
+    const int variant = i8_variant_now();
+    if (variant == I8_NONE) return 2;
     threads = clamp_i8_threads(threads);
     if (M < 1 || J < 1 || K < 1) return 1; /* nothing to gain: the float kernel handles the edge */
     i8_ctx c;
     memset(&c, 0, sizeof c);
     c.A = A, c.B = B, c.sm = sm, c.sk = sk, c.M = M, c.K = K, c.J = J, c.tile = tile, c.Y = Y;
-    c.b_transposed = b_transposed;
+    c.b_transposed = b_transposed, c.variant = variant;
     c.limit = limit >= 2147483647.0f ? 2147483647 : (int32_t)limit;
-    int used = parallel_for(K * J, threads, 1 << 16, i8_scan_b, &c);
+    const i8_kernels kernels = i8_kernels_for(&c);
+    int used = parallel_for(K * J, threads, 1 << 16, kernels.scan_b, &c);
     if (any_bad(c.bad, used)) return 1;
-    c.offset = i8_offset(c.lo, c.hi, used);
-    if (c.offset < 0) return 1; /* neither unsigned nor signed bytes */
+    if (i8_offset(&c, used) != 0) return 1; /* neither unsigned nor signed bytes */
     int status = i8_setup_a(&c, threads);
     const int64_t strips = (J + NV - 1) / NV;
     if (status == 0) {
@@ -315,11 +308,11 @@ int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B,
         status = c.b == NULL ? -1 : 0;
     }
     if (status == 0) {
-        parallel_for(strips, threads, 1, i8_pack_b, &c);
+        parallel_for(strips, threads, 1, kernels.pack_b, &c);
         sat_slot slots[HDQT_MAX_THREADS];
         if (saturation != NULL) memset(slots, 0, sizeof slots), c.slots = slots;
         int64_t grain = ((int64_t)1 << 20) / (M * K * NV + 1) + 1;
-        parallel_for(strips, threads, grain, i8_product, &c);
+        parallel_for(strips, threads, grain, kernels.product, &c);
         sat_collect(slots, c.limit, saturation);
     }
     i8_release(&c);
