@@ -1,8 +1,7 @@
 """The bit-packed binary product on the native kernels (``csrc/binary.c``).
 
 ``product(a, a_betas, b, b_betas, group)`` packs the signs of a's and b's rows (bit 1 =
-negative, 64 a word, rows padded with zero words to a multiple of 8 words so the
-vector loops need no tail) and sums, per pair of rows and group,
+negative, 64 a word, the last word's unused bits 0) and sums, per pair of rows and group,
 ``beta_a * beta_b * (K_g - 2 * popcount(a XOR b))``. It returns None where the
 kernel does not apply (not CPU float32, no native library, HDQT_BINARY=torch): the
 caller then multiplies the dequantized operands.
@@ -11,9 +10,9 @@ Variants (``HDQT_BINARY``): ``auto`` (default: the best this CPU runs), ``avx512
 (AVX-512 F with VPOPCNTDQ), ``avx2`` (nibble-table popcount with vpshufb), ``neon``
 (vcntq_u8, aarch64), ``portable`` (C with __builtin_popcountll), ``torch`` (the
 float path). Forcing a variant this CPU or build cannot run is an error, never a
-crash. The variants differ in the one-beta-per-row product; with groups, the
-product is the portable C loop (compiled for the CPU's popcount instruction) for
-every variant, since it spends its time in the per-group float multiply-adds.
+crash. With groups, the product spends its time in a float multiply-add per group
+and pair: ``avx512`` runs 16 pairs a register (b's 32-bit words and betas
+transposed first, ``_transposed``), the other variants a portable loop per pair.
 """
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ from hdqt.quantization import native
 VARIANTS = ("auto", "portable", "avx2", "avx512", "neon", "torch")
 _CODES = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3, "neon": 4}
 _NAMES = {code: name for name, code in _CODES.items()}
-WORD_BLOCK = 8  # rows are padded to a multiple of 8 words (one AVX-512 register)
 
 
 def requested() -> str:
@@ -67,9 +65,8 @@ def variant() -> str:
 
 
 def words_for(k: int) -> int:
-    """64-bit words a packed row of ``k`` signs takes, padded to WORD_BLOCK."""
-    words = -(-k // 64)
-    return -(-words // WORD_BLOCK) * WORD_BLOCK
+    """64-bit words a packed row of ``k`` signs takes."""
+    return -(-k // 64)
 
 
 def pack(t: torch.Tensor) -> torch.Tensor:
@@ -90,6 +87,19 @@ def pack(t: torch.Tensor) -> torch.Tensor:
     return bits
 
 
+def _transposed(bits: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """b's packed rows as 32-bit words transposed, (words32, jp), and its betas (G, jp),
+    jp = J padded to a multiple of 16 (one AVX-512 register of rows)."""
+    j = bits.shape[0]
+    jp = -(-j // 16) * 16
+    words32 = bits.view(torch.int32)  # little-endian: word 2w holds elements 64w..64w+31
+    bt = torch.zeros(words32.shape[1], jp, dtype=torch.int32)
+    bt[:, :j] = words32.T
+    bbt = torch.zeros(betas.shape[1], jp, dtype=torch.float32)
+    bbt[:, :j] = betas.T
+    return bt, bbt, jp
+
+
 def product(a: torch.Tensor, a_betas: torch.Tensor, b: torch.Tensor, b_betas: torch.Tensor,
             group: int | None) -> torch.Tensor | None:
     """a (M, K) or (B, L, K), b (J, K): the binary product (..., J), or None (module docstring)."""
@@ -108,7 +118,14 @@ def product(a: torch.Tensor, a_betas: torch.Tensor, b: torch.Tensor, b_betas: to
     a_betas = a_betas.detach().reshape(m, -1).contiguous()
     b_betas = b_betas.detach().reshape(j, -1).contiguous()
     y = torch.empty(m, j, dtype=torch.float32)
+    group = 0 if group is None or group >= k else group
+    if group and code == _CODES["avx512"]:
+        bt, bbt, jp = _transposed(b_bits, b_betas)
+        lib.hdqt_binary_matmul_groups_f32(a_bits.data_ptr(), a_betas.data_ptr(), m, 2 * a_bits.shape[1],
+                                          bt.data_ptr(), bbt.data_ptr(), j, jp, k, group, y.data_ptr(),
+                                          native.threads())
+        return y.reshape(*lead, j)
     lib.hdqt_binary_matmul_f32(a_bits.data_ptr(), a_betas.data_ptr(), m, b_bits.data_ptr(), b_betas.data_ptr(), j,
-                               k, a_bits.shape[1], 0 if group is None or group >= k else group, y.data_ptr(), code,
+                               k, a_bits.shape[1], group, y.data_ptr(), code,
                                native.threads())
     return y.reshape(*lead, j)

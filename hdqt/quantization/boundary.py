@@ -5,7 +5,8 @@ input, whose few channels a binarization would wipe out, and the last gives the 
 A layer (nn.Linear or nn.Conv2d, quantized or not) is *first* when its input comes
 from a model input through no other such layer, and *last* when the model's output
 comes from it through no other such layer. Which layers those are is read from the
-model's data flow, traced symbolically with torch.fx (layers are leaves): every branch
+model's data flow, traced symbolically with torch.fx (layers and modules without
+children are leaves): every branch
 of a network that reads the input has a first layer (DER's extractors), a residual
 network's classifier is last. Layers that ``forward`` does not call (an auxiliary head
 used only by a training loss) are neither. A model that fx cannot trace (data-dependent
@@ -18,8 +19,11 @@ import torch.nn as nn
 
 
 class _LayerTracer(fx.Tracer):
+    """Layers and every module without children are leaves: a leaf cannot hold a layer,
+    and its forward (a packed ReLU, a bias correction) may branch on its input's flags."""
+
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (nn.Linear, nn.Conv2d)) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, (nn.Linear, nn.Conv2d)) or next(module.children(), None) is None
 
 
 def _is_layer(model: nn.Module, node: fx.Node) -> bool:

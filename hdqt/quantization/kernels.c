@@ -51,3 +51,4 @@
 #include "csrc/matmul_int8.c"
 #include "csrc/conv.c"
 #include "csrc/conv_int8.c"
+#include "csrc/binary.c"

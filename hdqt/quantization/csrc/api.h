@@ -53,6 +53,18 @@ int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t 
                         int64_t dw, int64_t OH, int64_t OW, int64_t p, float scale, float qmin, float qmax,
                         uint64_t seed, int use_int8, int threads);
 
+/* binary.c: HadaNets' bit-packed signs and their product (variant: 0 auto, 1 portable,
+ * 2 avx2, 3 avx512, 4 neon; hdqt_binary_variant gives what a request runs, or -1) */
+void hdqt_binary_pack_f32(const float *x, int64_t outer, int64_t inner, int64_t k, int64_t so, int64_t si,
+                          int64_t sk, uint64_t *bits, int64_t words, int threads);
+int hdqt_binary_matmul_f32(const uint64_t *a, const float *a_beta, int64_t m, const uint64_t *b,
+                           const float *b_beta, int64_t j, int64_t k, int64_t words, int64_t group, float *y,
+                           int variant, int threads);
+int hdqt_binary_matmul_groups_f32(const uint32_t *a, const float *a_beta, int64_t m, int64_t a_stride32,
+                                  const uint32_t *bt, const float *bbt, int64_t j, int64_t jp, int64_t k,
+                                  int64_t group, float *y, int threads);
+int hdqt_binary_variant(int requested);
+
 /* common.h, int8_variant.h: what this build and CPU run */
 int hdqt_int8_dot_available(void);
 int hdqt_int8_variant(void);

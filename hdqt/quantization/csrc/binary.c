@@ -1,0 +1,466 @@
+/* HadaNets' bit-packed binary product (binary_kernel.py is the Python side).
+ *
+ * Packing: bit b of word w of a row is 1 when element 64 w + b is negative (so
+ * sign(0) = +1); bits past the row's end are 0 in both operands, so they never
+ * differ and add nothing to a popcount.
+ *
+ * Product: for rows a_i, b_j and each group g of the reduction,
+ *     y_ij = sum_g beta_a[i,g] * beta_b[j,g] * (K_g - 2 * popcount(a_i XOR b_j over g)),
+ * K_g the group's length: the dot product of the two sign vectors, exactly, times
+ * the two betas (one float rounding of their product, one of each term).
+ *
+ * One group per row (group 0) is the fast case, in four variants chosen at run
+ * time (hdqt_binary_variant): 3 AVX-512 F + VPOPCNTDQ (8 words a register, a
+ * masked load for the tail), 2 AVX2 (popcount of each byte by a nibble table,
+ * vpshufb, summed with vpsadbw), 4 NEON (vcntq_u8, pairwise-accumulated), 1 portable
+ * C (__builtin_popcountll). Each computes a 4 x 4 block of outputs, the rows of b
+ * in chunks that stay in L1. Groups (a power of two) spend their time in a float
+ * multiply-add per group and pair: on AVX-512 they run 16 pairs a register
+ * (hdqt_binary_matmul_groups_f32, b's words transposed), elsewhere a portable loop
+ * per pair. Threads split the rows of a.
+ */
+
+#define BIN_R 4        /* rows of a and of b in one register block */
+#define BIN_CHUNK 64   /* rows of b per cache chunk */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HDQT_BIN_X86 1
+#define BIN_AVX512 __attribute__((target("avx512f,avx512vpopcntdq")))
+#define BIN_AVX2 __attribute__((target("avx2,popcnt")))
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+/* ------------------------------------------------------------------ packing */
+
+typedef struct {
+    const float *x;
+    int64_t inner, k, so, si, sk, words;
+    uint64_t *bits;
+} bin_pack_ctx;
+
+/* Rows whose elements are contiguous (sk == 1): one row at a time. */
+HDQT_CLONES
+static void bin_pack_rows(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    const bin_pack_ctx *c = (const bin_pack_ctx *)arg;
+    for (int64_t r = begin; r < end; ++r) {
+        const float *row = c->x + (r / c->inner) * c->so + (r % c->inner) * c->si;
+        uint64_t *out = c->bits + r * c->words;
+        for (int64_t w = 0; w < c->words; ++w) {
+            int64_t k0 = 64 * w, n = c->k - k0 < 64 ? c->k - k0 : 64;
+            uint64_t word = 0;
+            for (int64_t b = 0; b < n; ++b) word |= (uint64_t)(row[k0 + b] < 0.0f) << b;
+            out[w] = word;
+        }
+    }
+}
+
+#define BIN_PACK_BLOCK 256 /* rows packed together along a strided reduction */
+
+/* Rows read across (sk != 1, an im2col matrix (B, K, L) read as rows (B, L, K)):
+ * a block of rows advances together, reading each element's column in order. */
+HDQT_CLONES
+static void bin_pack_columns(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    const bin_pack_ctx *c = (const bin_pack_ctx *)arg;
+    int64_t blocks = (c->inner + BIN_PACK_BLOCK - 1) / BIN_PACK_BLOCK;
+    uint64_t word[BIN_PACK_BLOCK];
+    for (int64_t item = begin; item < end; ++item) {
+        int64_t o = item / blocks, i0 = (item % blocks) * BIN_PACK_BLOCK;
+        int64_t n = c->inner - i0 < BIN_PACK_BLOCK ? c->inner - i0 : BIN_PACK_BLOCK;
+        for (int64_t w = 0; w < c->words; ++w) {
+            memset(word, 0, sizeof(word));
+            int64_t k0 = 64 * w, kn = c->k - k0 < 64 ? c->k - k0 : 64;
+            for (int64_t b = 0; b < kn; ++b) {
+                const float *col = c->x + o * c->so + (k0 + b) * c->sk + i0 * c->si;
+                for (int64_t i = 0; i < n; ++i) word[i] |= (uint64_t)(col[i * c->si] < 0.0f) << b;
+            }
+            for (int64_t i = 0; i < n; ++i) c->bits[(o * c->inner + i0 + i) * c->words + w] = word[i];
+        }
+    }
+}
+
+void hdqt_binary_pack_f32(const float *x, int64_t outer, int64_t inner, int64_t k, int64_t so, int64_t si,
+                          int64_t sk, uint64_t *bits, int64_t words, int threads) {
+    bin_pack_ctx c = {x, inner, k, so, si, sk, words, bits};
+    memset(bits, 0, (size_t)(outer * inner * words) * sizeof(uint64_t)); /* words past the row's end */
+    if (sk == 1) {
+        parallel_for(outer * inner, threads, 64, bin_pack_rows, &c);
+    } else {
+        int64_t blocks = (inner + BIN_PACK_BLOCK - 1) / BIN_PACK_BLOCK;
+        parallel_for(outer * blocks, threads, 1, bin_pack_columns, &c);
+    }
+}
+
+/* ------------------------------------------- popcounts of a 4 x 4 row block */
+
+/* pc[r][c] = popcount(a[r] XOR b[c]) over `words` words. */
+typedef void (*bin_block_fn)(const uint64_t *const *a, const uint64_t *const *b, int64_t words,
+                             uint64_t pc[BIN_R][BIN_R]);
+
+HDQT_CLONES
+static void bin_block_portable(const uint64_t *const *a, const uint64_t *const *b, int64_t words,
+                               uint64_t pc[BIN_R][BIN_R]) {
+    uint64_t acc[BIN_R][BIN_R] = {{0}};
+    for (int64_t w = 0; w < words; ++w)
+        for (int r = 0; r < BIN_R; ++r)
+            for (int c = 0; c < BIN_R; ++c) acc[r][c] += (uint64_t)__builtin_popcountll(a[r][w] ^ b[c][w]);
+    memcpy(pc, acc, sizeof(acc));
+}
+
+#ifdef HDQT_BIN_X86
+/* Sixteen named accumulators: as an array, GCC kept them in memory (a load and a
+ * store around every add), which ran 5x slower. */
+#define BIN_ACC4(r) __m512i s##r##0 = z, s##r##1 = z, s##r##2 = z, s##r##3 = z
+#define BIN_STEP4(r, av)                                                         \
+    s##r##0 = _mm512_add_epi64(s##r##0, _mm512_popcnt_epi64(_mm512_xor_si512(av, b0))); \
+    s##r##1 = _mm512_add_epi64(s##r##1, _mm512_popcnt_epi64(_mm512_xor_si512(av, b1))); \
+    s##r##2 = _mm512_add_epi64(s##r##2, _mm512_popcnt_epi64(_mm512_xor_si512(av, b2))); \
+    s##r##3 = _mm512_add_epi64(s##r##3, _mm512_popcnt_epi64(_mm512_xor_si512(av, b3)))
+#define BIN_OUT4(r)                                  \
+    pc[r][0] = (uint64_t)_mm512_reduce_add_epi64(s##r##0); \
+    pc[r][1] = (uint64_t)_mm512_reduce_add_epi64(s##r##1); \
+    pc[r][2] = (uint64_t)_mm512_reduce_add_epi64(s##r##2); \
+    pc[r][3] = (uint64_t)_mm512_reduce_add_epi64(s##r##3)
+
+BIN_AVX512
+static void bin_block_avx512(const uint64_t *const *a, const uint64_t *const *b, int64_t words,
+                             uint64_t pc[BIN_R][BIN_R]) {
+    const __m512i z = _mm512_setzero_si512();
+    BIN_ACC4(0);
+    BIN_ACC4(1);
+    BIN_ACC4(2);
+    BIN_ACC4(3);
+    const uint64_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+    const uint64_t *q0 = b[0], *q1 = b[1], *q2 = b[2], *q3 = b[3];
+    for (int64_t w = 0; w < words; w += 8) {
+        __mmask8 m = words - w >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (words - w)) - 1);
+        __m512i b0 = _mm512_maskz_loadu_epi64(m, q0 + w), b1 = _mm512_maskz_loadu_epi64(m, q1 + w);
+        __m512i b2 = _mm512_maskz_loadu_epi64(m, q2 + w), b3 = _mm512_maskz_loadu_epi64(m, q3 + w);
+        __m512i v0 = _mm512_maskz_loadu_epi64(m, a0 + w);
+        BIN_STEP4(0, v0);
+        __m512i v1 = _mm512_maskz_loadu_epi64(m, a1 + w);
+        BIN_STEP4(1, v1);
+        __m512i v2 = _mm512_maskz_loadu_epi64(m, a2 + w);
+        BIN_STEP4(2, v2);
+        __m512i v3 = _mm512_maskz_loadu_epi64(m, a3 + w);
+        BIN_STEP4(3, v3);
+    }
+    BIN_OUT4(0);
+    BIN_OUT4(1);
+    BIN_OUT4(2);
+    BIN_OUT4(3);
+}
+
+/* Popcount of each byte of x, by the 16-entry nibble table, summed into four 64-bit lanes. */
+BIN_AVX2
+static inline __m256i bin_popcnt_avx2(__m256i x, __m256i table, __m256i low) {
+    __m256i lo = _mm256_and_si256(x, low), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+    __m256i bytes = _mm256_add_epi8(_mm256_shuffle_epi8(table, lo), _mm256_shuffle_epi8(table, hi));
+    return _mm256_sad_epu8(bytes, _mm256_setzero_si256());
+}
+
+BIN_AVX2
+static void bin_block_avx2(const uint64_t *const *a, const uint64_t *const *b, int64_t words,
+                           uint64_t pc[BIN_R][BIN_R]) {
+    const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                           0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    int64_t vec = words / 4 * 4;
+    /* two rows of a at a time: 8 accumulators, the table and mask fit in 16 registers */
+    for (int r0 = 0; r0 < BIN_R; r0 += 2) {
+        __m256i acc[2][BIN_R];
+        for (int r = 0; r < 2; ++r)
+            for (int c = 0; c < BIN_R; ++c) acc[r][c] = _mm256_setzero_si256();
+        for (int64_t w = 0; w < vec; w += 4) {
+            __m256i a0 = _mm256_loadu_si256((const __m256i *)(a[r0] + w));
+            __m256i a1 = _mm256_loadu_si256((const __m256i *)(a[r0 + 1] + w));
+            for (int c = 0; c < BIN_R; ++c) {
+                __m256i bv = _mm256_loadu_si256((const __m256i *)(b[c] + w));
+                acc[0][c] = _mm256_add_epi64(acc[0][c], bin_popcnt_avx2(_mm256_xor_si256(a0, bv), table, low));
+                acc[1][c] = _mm256_add_epi64(acc[1][c], bin_popcnt_avx2(_mm256_xor_si256(a1, bv), table, low));
+            }
+        }
+        for (int r = 0; r < 2; ++r)
+            for (int c = 0; c < BIN_R; ++c) {
+                uint64_t lanes[4];
+                _mm256_storeu_si256((__m256i *)lanes, acc[r][c]);
+                uint64_t s = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+                for (int64_t w = vec; w < words; ++w) s += (uint64_t)__builtin_popcountll(a[r0 + r][w] ^ b[c][w]);
+                pc[r0 + r][c] = s;
+            }
+    }
+}
+#endif
+
+#if defined(__aarch64__)
+static void bin_block_neon(const uint64_t *const *a, const uint64_t *const *b, int64_t words,
+                           uint64_t pc[BIN_R][BIN_R]) {
+    int64_t vec = words / 2 * 2;
+    for (int r = 0; r < BIN_R; ++r)
+        for (int c = 0; c < BIN_R; ++c) pc[r][c] = 0;
+    /* 16-bit lanes gain at most 16 a step: flushed to 64 bits every 2048 steps */
+    for (int64_t start = 0; start < vec; start += 2 * 2048) {
+        int64_t stop = start + 2 * 2048 < vec ? start + 2 * 2048 : vec;
+        uint16x8_t acc[BIN_R][BIN_R];
+        for (int r = 0; r < BIN_R; ++r)
+            for (int c = 0; c < BIN_R; ++c) acc[r][c] = vdupq_n_u16(0);
+        for (int64_t w = start; w < stop; w += 2) {
+            uint8x16_t av[BIN_R];
+            for (int r = 0; r < BIN_R; ++r) av[r] = vreinterpretq_u8_u64(vld1q_u64(a[r] + w));
+            for (int c = 0; c < BIN_R; ++c) {
+                uint8x16_t bv = vreinterpretq_u8_u64(vld1q_u64(b[c] + w));
+                for (int r = 0; r < BIN_R; ++r) acc[r][c] = vpadalq_u8(acc[r][c], vcntq_u8(veorq_u8(av[r], bv)));
+            }
+        }
+        for (int r = 0; r < BIN_R; ++r)
+            for (int c = 0; c < BIN_R; ++c) pc[r][c] += vaddlvq_u16(acc[r][c]);
+    }
+    for (int r = 0; r < BIN_R; ++r)
+        for (int c = 0; c < BIN_R; ++c)
+            for (int64_t w = vec; w < words; ++w) pc[r][c] += (uint64_t)__builtin_popcountll(a[r][w] ^ b[c][w]);
+}
+#endif
+
+/* ------------------------------------------------------------------ variants */
+
+enum { BIN_AUTO = 0, BIN_PORTABLE = 1, BIN_AVX2_V = 2, BIN_AVX512_V = 3, BIN_NEON = 4 };
+
+static int bin_runs(int variant) {
+    switch (variant) {
+    case BIN_PORTABLE:
+        return 1;
+#ifdef HDQT_BIN_X86
+    case BIN_AVX2_V:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    case BIN_AVX512_V:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
+#endif
+#if defined(__aarch64__)
+    case BIN_NEON:
+        return 1;
+#endif
+    default:
+        return 0;
+    }
+}
+
+/* The variant a request resolves to on this CPU: 0 (auto) gives the best one; a
+ * variant it cannot run gives -1 (the caller says so; it is never run). */
+int hdqt_binary_variant(int requested) {
+    if (requested == BIN_AUTO) {
+        const int order[] = {BIN_AVX512_V, BIN_NEON, BIN_AVX2_V, BIN_PORTABLE};
+        for (int i = 0; i < 4; ++i)
+            if (bin_runs(order[i])) return order[i];
+        return BIN_PORTABLE;
+    }
+    return bin_runs(requested) ? requested : -1;
+}
+
+static bin_block_fn bin_block_for(int variant) {
+#ifdef HDQT_BIN_X86
+    if (variant == BIN_AVX512_V) return bin_block_avx512;
+    if (variant == BIN_AVX2_V) return bin_block_avx2;
+#endif
+#if defined(__aarch64__)
+    if (variant == BIN_NEON) return bin_block_neon;
+#endif
+    (void)variant;
+    return bin_block_portable;
+}
+
+/* ------------------------------------------------------------------- products */
+
+typedef struct {
+    const uint64_t *a, *b;
+    const float *a_beta, *b_beta;
+    int64_t m, j, k, words, group, groups;
+    float *y;
+    bin_block_fn block;
+} bin_product_ctx;
+
+/* One beta per row: blocks of 4 rows of a (the range) against chunks of b's rows. */
+static void bin_rows(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    const bin_product_ctx *c = (const bin_product_ctx *)arg;
+    uint64_t pc[BIN_R][BIN_R];
+    for (int64_t j0 = 0; j0 < c->j; j0 += BIN_CHUNK) {
+        int64_t j1 = j0 + BIN_CHUNK < c->j ? j0 + BIN_CHUNK : c->j;
+        for (int64_t ib = begin; ib < end; ++ib) {
+            int64_t i0 = ib * BIN_R;
+            const uint64_t *ar[BIN_R];
+            for (int r = 0; r < BIN_R; ++r) /* rows past the end repeat the last: computed, not stored */
+                ar[r] = c->a + (i0 + r < c->m ? i0 + r : c->m - 1) * c->words;
+            for (int64_t jb = j0; jb < j1; jb += BIN_R) {
+                const uint64_t *br[BIN_R];
+                for (int s = 0; s < BIN_R; ++s) br[s] = c->b + (jb + s < c->j ? jb + s : c->j - 1) * c->words;
+                c->block(ar, br, c->words, pc);
+                for (int r = 0; r < BIN_R && i0 + r < c->m; ++r)
+                    for (int s = 0; s < BIN_R && jb + s < c->j; ++s)
+                        c->y[(i0 + r) * c->j + jb + s] =
+                            c->a_beta[i0 + r] * c->b_beta[jb + s] * (float)(c->k - 2 * (int64_t)pc[r][s]);
+            }
+        }
+    }
+}
+
+/* Groups of `group` (a power of two) along the row: per pair, per group, one
+ * popcount over the group's bits and one float multiply-add with the betas. */
+HDQT_CLONES
+static void bin_groups(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    const bin_product_ctx *c = (const bin_product_ctx *)arg;
+    const int64_t g = c->group, G = c->groups;
+    const float last_len = (float)(c->k - g * (G - 1)), full_len = (float)g;
+    for (int64_t j0 = 0; j0 < c->j; j0 += BIN_CHUNK) {
+        int64_t j1 = j0 + BIN_CHUNK < c->j ? j0 + BIN_CHUNK : c->j;
+        for (int64_t i = begin; i < end; ++i) {
+            const uint64_t *ar = c->a + i * c->words;
+            const float *ba = c->a_beta + i * G;
+            for (int64_t jj = j0; jj < j1; ++jj) {
+                const uint64_t *br = c->b + jj * c->words;
+                const float *bb = c->b_beta + jj * G;
+                float acc = 0.0f;
+                if (g >= 64) {
+                    int64_t per = g / 64;
+                    for (int64_t q = 0; q < G; ++q) {
+                        int64_t pcount = 0, w1 = (q + 1) * per < c->words ? (q + 1) * per : c->words;
+                        for (int64_t w = q * per; w < w1; ++w) pcount += __builtin_popcountll(ar[w] ^ br[w]);
+                        float len = q == G - 1 ? last_len : full_len;
+                        acc += ba[q] * bb[q] * (len - 2.0f * (float)pcount);
+                    }
+                } else {
+                    const int per = (int)(64 / g);
+                    const uint64_t mask = (1ull << g) - 1;
+                    for (int64_t q0 = 0, w = 0; q0 < G; q0 += per, ++w) {
+                        uint64_t x = ar[w] ^ br[w];
+                        int64_t n = G - q0 < per ? G - q0 : per;
+                        for (int64_t s = 0; s < n; ++s) {
+                            int pcount = __builtin_popcountll((x >> (s * g)) & mask);
+                            float len = q0 + s == G - 1 ? last_len : full_len;
+                            acc += ba[q0 + s] * bb[q0 + s] * (len - 2.0f * (float)pcount);
+                        }
+                    }
+                }
+                c->y[i * c->j + jj] = acc;
+            }
+        }
+    }
+}
+
+#ifdef HDQT_BIN_X86
+/* Groups on AVX-512: 16 rows of b a register (their 32-bit words transposed: bt is
+ * (words32, jp), jp a multiple of 16, and their betas bbt (G, jp)), 4 rows of a
+ * broadcast against them. Per group and 16 pairs: a popcount of each lane's group
+ * bits, then beta_a * beta_b * (K_g - 2 * count) added in float. */
+typedef struct {
+    const uint32_t *a, *bt;
+    const float *a_beta, *bbt;
+    int64_t m, j, jp, k, words32, a_stride32, group, groups;
+    float *y;
+} bin_group_ctx;
+
+BIN_AVX512
+static void bin_groups_avx512(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    const bin_group_ctx *c = (const bin_group_ctx *)arg;
+    const int64_t g = c->group, G = c->groups;
+    const __m512 full = _mm512_set1_ps((float)g), last = _mm512_set1_ps((float)(c->k - g * (G - 1)));
+    const __m512 two = _mm512_set1_ps(2.0f);
+    for (int64_t jv = 0; jv < c->jp; jv += 16) {
+        __mmask16 keep = c->j - jv >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (c->j - jv)) - 1);
+        for (int64_t ib = begin; ib < end; ++ib) {
+            int64_t i0 = ib * BIN_R, rows[BIN_R];
+            for (int r = 0; r < BIN_R; ++r) rows[r] = i0 + r < c->m ? i0 + r : c->m - 1;
+            const uint32_t *ar[BIN_R];
+            const float *ba[BIN_R];
+            for (int r = 0; r < BIN_R; ++r) ar[r] = c->a + rows[r] * c->a_stride32, ba[r] = c->a_beta + rows[r] * G;
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+#define BIN_GROUP_ADD(acc, r, count, q)                                                            \
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(ba[r][q]), bbv),                            \
+                          _mm512_fnmadd_ps(two, _mm512_cvtepi32_ps(count), q == G - 1 ? last : full), acc)
+            if (g <= 32) {
+                const int per = (int)(32 / g);
+                const __m512i mask = _mm512_set1_epi32(g == 32 ? -1 : (int)((1u << g) - 1));
+                for (int64_t w = 0, q0 = 0; q0 < G; ++w, q0 += per) {
+                    __m512i bv = _mm512_loadu_si512(c->bt + w * c->jp + jv);
+                    __m512i x0 = _mm512_xor_si512(_mm512_set1_epi32((int)ar[0][w]), bv);
+                    __m512i x1 = _mm512_xor_si512(_mm512_set1_epi32((int)ar[1][w]), bv);
+                    __m512i x2 = _mm512_xor_si512(_mm512_set1_epi32((int)ar[2][w]), bv);
+                    __m512i x3 = _mm512_xor_si512(_mm512_set1_epi32((int)ar[3][w]), bv);
+                    int64_t n = G - q0 < per ? G - q0 : per;
+                    for (int64_t s = 0; s < n; ++s) {
+                        int64_t q = q0 + s;
+                        unsigned shift = (unsigned)(s * g);
+                        __m512 bbv = _mm512_loadu_ps(c->bbt + q * c->jp + jv);
+                        BIN_GROUP_ADD(acc0, 0, _mm512_popcnt_epi32(_mm512_and_si512(_mm512_srli_epi32(x0, shift), mask)), q);
+                        BIN_GROUP_ADD(acc1, 1, _mm512_popcnt_epi32(_mm512_and_si512(_mm512_srli_epi32(x1, shift), mask)), q);
+                        BIN_GROUP_ADD(acc2, 2, _mm512_popcnt_epi32(_mm512_and_si512(_mm512_srli_epi32(x2, shift), mask)), q);
+                        BIN_GROUP_ADD(acc3, 3, _mm512_popcnt_epi32(_mm512_and_si512(_mm512_srli_epi32(x3, shift), mask)), q);
+                    }
+                }
+            } else {
+                const int64_t per = g / 32;
+                for (int64_t q = 0; q < G; ++q) {
+                    __m512i p0 = _mm512_setzero_si512(), p1 = p0, p2 = p0, p3 = p0;
+                    int64_t w1 = (q + 1) * per < c->words32 ? (q + 1) * per : c->words32;
+                    for (int64_t w = q * per; w < w1; ++w) {
+                        __m512i bv = _mm512_loadu_si512(c->bt + w * c->jp + jv);
+                        p0 = _mm512_add_epi32(p0, _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_set1_epi32((int)ar[0][w]), bv)));
+                        p1 = _mm512_add_epi32(p1, _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_set1_epi32((int)ar[1][w]), bv)));
+                        p2 = _mm512_add_epi32(p2, _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_set1_epi32((int)ar[2][w]), bv)));
+                        p3 = _mm512_add_epi32(p3, _mm512_popcnt_epi32(_mm512_xor_si512(_mm512_set1_epi32((int)ar[3][w]), bv)));
+                    }
+                    __m512 bbv = _mm512_loadu_ps(c->bbt + q * c->jp + jv);
+                    BIN_GROUP_ADD(acc0, 0, p0, q);
+                    BIN_GROUP_ADD(acc1, 1, p1, q);
+                    BIN_GROUP_ADD(acc2, 2, p2, q);
+                    BIN_GROUP_ADD(acc3, 3, p3, q);
+                }
+            }
+#undef BIN_GROUP_ADD
+            __m512 accs[BIN_R] = {acc0, acc1, acc2, acc3};
+            for (int r = 0; r < BIN_R && i0 + r < c->m; ++r)
+                _mm512_mask_storeu_ps(c->y + (i0 + r) * c->j + jv, keep, accs[r]);
+        }
+    }
+}
+#endif
+
+/* The grouped product on AVX-512 (b's words transposed: see bin_groups_avx512);
+ * -1 where this CPU or build lacks AVX-512 F with VPOPCNTDQ. */
+int hdqt_binary_matmul_groups_f32(const uint32_t *a, const float *a_beta, int64_t m, int64_t a_stride32,
+                                  const uint32_t *bt, const float *bbt, int64_t j, int64_t jp, int64_t k,
+                                  int64_t group, float *y, int threads) {
+#ifdef HDQT_BIN_X86
+    if (!bin_runs(BIN_AVX512_V)) return -1;
+    if (m <= 0 || j <= 0) return 0;
+    bin_group_ctx c = {a, bt, a_beta, bbt, m, j, jp, k, (k + 31) / 32, a_stride32, group, (k + group - 1) / group, y};
+    parallel_for((m + BIN_R - 1) / BIN_R, threads, 1, bin_groups_avx512, &c);
+    return 0;
+#else
+    (void)a, (void)a_beta, (void)m, (void)a_stride32, (void)bt, (void)bbt, (void)j, (void)jp, (void)k, (void)group,
+        (void)y, (void)threads;
+    return -1;
+#endif
+}
+
+int hdqt_binary_matmul_f32(const uint64_t *a, const float *a_beta, int64_t m, const uint64_t *b,
+                           const float *b_beta, int64_t j, int64_t k, int64_t words, int64_t group, float *y,
+                           int variant, int threads) {
+    int resolved = hdqt_binary_variant(variant);
+    if (resolved < 0) return -1;
+    if (m <= 0 || j <= 0) return 0;
+    int64_t g = group > 0 && group < k ? group : 0;
+    bin_product_ctx c = {a, b, a_beta, b_beta, m, j, k, words, g, g ? (k + g - 1) / g : 1, y,
+                         bin_block_for(resolved)};
+    if (g == 0)
+        parallel_for((m + BIN_R - 1) / BIN_R, threads, 1, bin_rows, &c);
+    else
+        parallel_for(m, threads, 4, bin_groups, &c);
+    return 0;
+}
