@@ -8,23 +8,38 @@ activation memory one forward keeps for the backward.
 Targets (issue 2): hdqt <= 2x fp32 for FCNet, <= 3x for the conv.
 
     python benchmarks/bench_engine.py [--rounds 15] [--steps 5] [--recipes fp32,hdqt,int] [--threads N]
+                                      [--int8 VARIANT] [--vectors narrow] [--emulate-avx2]
 
 A recipe name with the suffix ``:noint8`` (say ``hdqt:noint8``) runs that recipe with
 the 8-bit integer kernels switched off (``HDQT_INT8=0`` during its steps), so the
-float32 kernels' time can be compared in the same run.
+float32 kernels' time can be compared in the same run. ``--int8`` forces an int8
+variant (avx512vnni, avxvnni, avx2, sdot; one this CPU lacks falls back, saying so) and
+``--vectors narrow`` the float kernels' AVX2/NEON register blocks. ``--emulate-avx2``
+times an AVX2-only x86 CPU on a newer one: hdqt's int8 on avx2 with narrow blocks, and
+torch's own kernels (the fp32 baseline) held to AVX2 too (ATEN_CPU_CAPABILITY=avx2,
+MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2, set before torch loads). hdqt's
+other loops (rounding, transforms) still take the CPU's best clones.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import sys
 import time
 
-import torch
+# torch and its libraries read these once, when loaded: before the import below
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "HDQT_INT8": "avx2", "HDQT_VECTORS": "narrow"}
+if "--emulate-avx2" in sys.argv[1:]:
+    os.environ.update(AVX2_ENV)
+
+import torch  # noqa: E402
 import torch.nn as nn
 import torch.nn.functional as F
 
-import hdqt
+import hdqt  # noqa: E402
+from hdqt.quantization import native  # noqa: E402
 
 
 def fcnet() -> nn.Module:
@@ -98,7 +113,17 @@ def main() -> None:
     parser.add_argument("--recipes", default="fp32,hdqt,int")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--int8", default=None, choices=["0", "auto", *native.INT8_VARIANTS],
+                        help="HDQT_INT8 for the run: the int8 variant (default: the environment's, else auto)")
+    parser.add_argument("--vectors", default=None, choices=["narrow", "wide"],
+                        help="HDQT_VECTORS for the run: the float kernels' register blocks")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="an AVX2-only x86 CPU: --int8 avx2 --vectors narrow, torch held to AVX2 (see above)")
     args = parser.parse_args()
+    if args.int8 is not None:
+        os.environ["HDQT_INT8"] = args.int8
+    if args.vectors is not None:
+        os.environ["HDQT_VECTORS"] = args.vectors
     if args.threads:
         torch.set_num_threads(args.threads)
     recipes = [r for r in args.recipes.split(",") if r != "fp32"]
@@ -112,8 +137,11 @@ def main() -> None:
         "fcnet 405-405-405-19": (fcnet, x_fc, lambda out: F.cross_entropy(out, y_fc), 2.0),
         "conv 16->16 3x3 @32x32": (conv, x_cv, lambda out: out.square().mean(), 3.0),
     }
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {dev}, batch 128; "
+    print(f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}), "
+          f"threads {torch.get_num_threads()}, device {dev}, batch 128; "
           f"{args.rounds} rounds x {args.steps} steps, recipes interleaved")
+    print(f"hdqt kernels: {native.kernel_variant()}" +
+          (f"; HDQT_VECTORS={os.environ['HDQT_VECTORS']}" if "HDQT_VECTORS" in os.environ else ""))
     print(f"{'case':<26}{'recipe':<13}{'ms/step':>9}{'x fp32':>8}{'ratio IQR':>14}{'target':>8}{'saved MB':>10}")
     for case, (build, x, loss_fn, target) in cases.items():
         steps, memory = {}, {}

@@ -1,7 +1,8 @@
 """The `hdqt info` sub-command: what this installation runs on.
 
-Versions, the kernel variant this CPU uses (AVX-512, AVX2 or baseline clones; int8
-dot products or float32 products; or the pure-torch path and why), torch's threads
+Versions, the kernel variant this CPU uses (AVX-512, AVX2 or baseline clones; which
+int8 dot products (AVX512-VNNI, AVX-VNNI, AVX2, ARM sdot) or float32 products; or the
+pure-torch path and why) and the int8 variants it could run, torch's threads
 and devices, and where datasets are looked for. A slow training step usually has its
 reason here.
 """
@@ -31,6 +32,11 @@ def info_command(args: argparse.Namespace) -> int:
     print(f"hdqt {hdqt.__version__}, torch {torch.__version__}, Python {platform.python_version()} "
           f"on {platform.machine()}")
     print(f"kernels: {native.kernel_variant()}")
+    lib = native.load()
+    if lib is not None:
+        runs = native.int8_variants(lib)
+        print(f"int8 variants this CPU runs: {', '.join(runs) or 'none'} (preferred first; "
+              f"HDQT_INT8=0, auto or a name chooses)")
     print(f"torch threads: {torch.get_num_threads()}; devices: {', '.join(devices)}")
     print("data roots: " + ", ".join(str(root) for root in data_roots()))
     return 0

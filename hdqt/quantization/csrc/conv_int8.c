@@ -39,6 +39,12 @@ static void conv_i8_band_bytes(const conv_i8_ctx *ic, const conv_band *rows, uin
                 continue;
             }
             const float *src = img + ih * c->W;
+#ifdef HDQT_INT8_AVX2
+            if (ic->p->variant == I8_AVX2 || ic->p->variant == I8_AVXVNNI) {
+                i8x_row_bytes(src, c->W, ic->offset, dst);
+                continue;
+            }
+#endif
             for (int64_t iw = 0; iw < c->W; ++iw) dst[iw] = (uint8_t)((int32_t)src[iw] + ic->offset);
         }
     }

@@ -305,7 +305,7 @@ static int dw_int8_variant(const dw_ctx *c) {
 /* The byte rows of a gradient and a column, and their dot rows, on c->i8_variant. */
 static int dw_gradient_row(const dw_ctx *c, const float *g, int64_t n, uint8_t *dst, int64_t padded) {
     if (c->i8_variant == I8_AVX512VNNI) return dw_gradient_bytes(g, n, dst, padded);
-    return i8p_gradient_bytes(g, n, dst, padded);
+    return i8x_gradient_bytes(g, n, dst, padded);
 }
 
 static int32_t dw_column_row(const dw_ctx *c, const float *r, int64_t n, int8_t *dst, int64_t padded) {

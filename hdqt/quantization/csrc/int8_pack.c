@@ -139,16 +139,6 @@ static inline void i8_interleave4(const uint8_t *const r[4], uint8_t *dst) {
 }
 
 #ifdef HDQT_INT8 /* used by the x86 variants' conv weight gradient only */
-/* dw_gradient_bytes in portable C: a gradient row + 128 as unsigned bytes (padding
- * 0); 1 when a value is not an integer in [-128, 127]. */
-INT8_PACK_TARGET
-static int i8p_gradient_bytes(const float *g, int64_t n, uint8_t *dst, int64_t padded) {
-    int bad = 0;
-    for (int64_t i = 0; i < n; ++i) dst[i] = (uint8_t)(i8p_int(g[i], -128.0f, 127.0f, &bad) + 128);
-    memset(dst + n, 0, (size_t)(padded - n));
-    return bad;
-}
-
 /* dw_column_bytes in portable C: a rounded column row as signed bytes (padding 0);
  * returns its sum. */
 INT8_PACK_TARGET

@@ -238,6 +238,7 @@ static int i8_setup_a(i8_ctx *c, int threads) {
     range_fn pack = i8p_pack_a;
 #ifdef HDQT_INT8
     if (c->variant == I8_AVX512VNNI) pack = i8_pack_a;
+    if (c->variant == I8_AVX2 || c->variant == I8_AVXVNNI) pack = i8x_pack_a;
 #endif
     int used = parallel_for(c->M, threads, (1 << 14) / c->K + 1, pack, c);
     if (any_bad(c->bad, used)) return 1;
@@ -264,6 +265,7 @@ static i8_kernels i8_kernels_for(i8_ctx *c) {
     i8_kernels k = {i8p_scan_b, i8p_pack_b, i8_product_blocks};
 #ifdef HDQT_INT8
     if (c->variant == I8_AVX512VNNI) k = (i8_kernels){i8_scan_b, i8_pack_b, i8_product};
+    if (c->variant == I8_AVX2 || c->variant == I8_AVXVNNI) k = (i8_kernels){i8x_scan_b, i8x_pack_b, i8_product_blocks};
     if (c->variant == I8_AVX2) c->block = i8_block_avx2;
 #endif
 #ifdef HDQT_INT8_AVXVNNI
