@@ -1,5 +1,6 @@
 """The quantization engine: formats, quantizers, Hadamard transforms, tiled
 integer matmuls, quantized layers, policies, recipes and saturation counts."""
+from hdqt.quantization.compact_bn import CompactBatchNorm2d
 from hdqt.quantization.convert import (
     QuantizationPlan, UnsupportedLayerError, plan_quantization, policy_from_state_dict, quant_layers, quantize_model,
     reseed_quantizers,
@@ -7,6 +8,7 @@ from hdqt.quantization.convert import (
 from hdqt.quantization.formats import FP4_E2M1, FP8_E4M3, FP8_E5M2, FP134, FloatFormat, IntFormat, LogFormat
 from hdqt.quantization.hadamard import HADAMARD_RULES, block_layout, hadamard_transform
 from hdqt.quantization.layers import QuantConv2d, QuantLinear
+from hdqt.quantization.mask_relu import PackedMaskReLU
 from hdqt.quantization.policy import OPERANDS, QuantPolicy
 from hdqt.quantization.quantizer import DynamicScaling, NonFiniteError, QTensor, Quantizer, int_quantizer
 from hdqt.quantization.recipes import list_recipes, recipe
@@ -15,7 +17,8 @@ from hdqt.quantization.scaling import ExponentBiasScaling, SAWBScaling
 
 __all__ = [
     "ExponentBiasScaling", "FP134", "FP4_E2M1", "FP8_E4M3", "FP8_E5M2", "FloatFormat", "LogFormat", "SAWBScaling",
-    "DynamicScaling", "HADAMARD_RULES", "IntFormat", "NonFiniteError", "OPERANDS", "QTensor", "QuantConv2d",
+    "CompactBatchNorm2d", "DynamicScaling", "HADAMARD_RULES", "IntFormat", "NonFiniteError", "OPERANDS",
+    "PackedMaskReLU", "QTensor", "QuantConv2d",
     "QuantLinear", "QuantPolicy", "QuantizationPlan", "Quantizer", "SaturationStats", "UnsupportedLayerError",
     "block_layout", "hadamard_transform", "int_quantizer", "list_recipes", "plan_quantization",
     "policy_from_state_dict", "quant_layers", "quantize_model", "recipe", "reseed_quantizers", "reset_saturation",

@@ -6,6 +6,17 @@ multiplications hdqt cannot run is refused with a named error rather than left
 silently in float: a quantized model either trains every product under its policy
 or says which layers it does not. A policy with ``float_first_last`` (HadaNets) keeps
 the model's first and last layers float32 (action "float"; ``boundary.py``).
+
+With ``pack_activations=True`` (the default) every plain ``nn.ReLU`` and
+``nn.BatchNorm2d`` under a quantized policy is swapped for ``PackedMaskReLU`` (keeps a
+1-bit mask for its backward instead of its float output) and ``CompactBatchNorm2d``
+(keeps a quantized convolution's output as its int16 integer sums instead of float32):
+both compute the same values and gradients bit for bit. FQT is about the memory of
+training, and the swap changes no number. It is an argument
+of the conversion rather than a policy field because it says how a model keeps its
+activations, not how a product is quantized (a policy's JSON, name and checkpoints
+stay as they were). Functional ``F.relu``/``torch.relu`` calls inside a ``forward``
+cannot be swapped; hdqt's own models use ``nn.ReLU`` modules.
 """
 from __future__ import annotations
 
@@ -15,11 +26,16 @@ from typing import Iterable, Mapping
 import torch.nn as nn
 
 from hdqt.quantization.boundary import boundary_layers
+from hdqt.quantization.compact_bn import CompactBatchNorm2d
 from hdqt.quantization.layers import QuantConv2d, QuantLinear
+from hdqt.quantization.mask_relu import PackedMaskReLU
 from hdqt.quantization.policy import QuantPolicy
 from hdqt.quantization.runtime import derive_seed
 
 QUANT_LAYERS = (QuantLinear, QuantConv2d)
+
+# pack_activations: float module (exactly this type) -> its version that keeps less for the backward
+PACKED_ACTIVATIONS = {nn.ReLU: PackedMaskReLU, nn.BatchNorm2d: CompactBatchNorm2d}
 
 # Layers with matrix products that hdqt has no quantized version of. Each would
 # otherwise stay float without a word.
@@ -55,6 +71,8 @@ class QuantizationPlan:
     """The decisions of quantize_model for every module that holds a matrix product."""
 
     decisions: tuple[LayerDecision, ...]
+    # the activations swapped for their memory-saving versions (action "swap"; pack_activations)
+    swaps: tuple[LayerDecision, ...] = ()
 
     def by_action(self, action: str) -> list[LayerDecision]:
         return [d for d in self.decisions if d.action == action]
@@ -72,7 +90,18 @@ class QuantizationPlan:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
         counts = ", ".join(f"{len(self.by_action(a))} {a}" for a in ("convert", "keep", "exclude", "float", "refuse")
                            if self.by_action(a))
-        return "\n".join([*lines, f"({counts})"])
+        return "\n".join([*lines, f"({counts})", *self._swap_lines()])
+
+    def _swap_lines(self) -> list[str]:
+        if not self.swaps:
+            return []
+        lines = []
+        for kind, packed in ((k.__name__, v.__name__) for k, v in PACKED_ACTIVATIONS.items()):
+            names = [d.name or "(model)" for d in self.swaps if d.kind == kind]
+            if names:
+                lines.append(f"{len(names)} nn.{kind} swapped for {packed} (keeps less for the backward): "
+                             f"{', '.join(names)}")
+        return lines
 
 
 def _policy_for(name: str, policy: QuantPolicy, layer_policies: Mapping[str, QuantPolicy]) -> QuantPolicy:
@@ -153,16 +182,26 @@ def plan_quantization(
     *,
     layer_policies: Mapping[str, QuantPolicy] | None = None,
     exclude: Iterable[str] = (),
+    pack_activations: bool = True,
 ) -> QuantizationPlan:
     """What ``quantize_model`` would do with each module of ``model``, without changing it.
 
     ``print(plan_quantization(model, policy))`` shows one row per layer: converted
-    (and under which policy), kept (already quantized), excluded, or refused and why.
+    (and under which policy), kept (already quantized), excluded, or refused and why,
+    then the activations it swaps (``pack_activations``).
     """
     layer_policies, exclude = _check_arguments(policy, layer_policies, exclude)
-    decisions = []
+    if not isinstance(pack_activations, bool):
+        raise ValueError(f"pack_activations must be True or False, got {pack_activations!r}")
+    decisions, swaps = [], []
 
     def visit(module: nn.Module, name: str) -> None:
+        packed = PACKED_ACTIVATIONS.get(type(module)) if pack_activations else None
+        if packed is not None:
+            if not any(_under(name, prefix) for prefix in exclude) and \
+                    not _policy_for(name, policy, layer_policies).is_float:
+                swaps.append(LayerDecision(name, type(module).__name__, "swap", packed.__name__))
+            return
         decision = _decide(module, name, policy, layer_policies, exclude)
         if decision is not None:  # decided as a whole: its children are its own business
             decisions.append(decision)
@@ -171,7 +210,7 @@ def plan_quantization(
             visit(child, f"{name}.{child_name}" if name else child_name)
 
     visit(model, "")
-    return QuantizationPlan(_float_boundary(model, tuple(decisions)))
+    return QuantizationPlan(_float_boundary(model, tuple(decisions)), tuple(swaps))
 
 
 def _float_boundary(model: nn.Module, decisions: tuple[LayerDecision, ...]) -> tuple[LayerDecision, ...]:
@@ -196,6 +235,7 @@ def quantize_model(
     layer_policies: Mapping[str, QuantPolicy] | None = None,
     exclude: Iterable[str] = (),
     verbose: bool = False,
+    pack_activations: bool = True,
 ) -> nn.Module:
     """Convert every nn.Linear and nn.Conv2d in ``model`` (in place) and return it.
 
@@ -211,8 +251,14 @@ def quantize_model(
     ``layer_policies`` maps module-name prefixes to policies that override ``policy``
     for those layers (for example a higher-precision classifier). ``verbose=True``
     prints the plan (see ``plan_quantization``).
+
+    ``pack_activations=True`` also swaps every plain ``nn.ReLU`` and ``nn.BatchNorm2d``
+    (not excluded, under a policy that quantizes) for ``PackedMaskReLU`` and
+    ``CompactBatchNorm2d``: the same values and gradients, with less kept for the
+    backward (a 1-bit mask; int16 sums of a quantized convolution; module docstring).
     """
-    plan = plan_quantization(model, policy, layer_policies=layer_policies, exclude=exclude)
+    plan = plan_quantization(model, policy, layer_policies=layer_policies, exclude=exclude,
+                             pack_activations=pack_activations)
     if plan.refused:
         rows = "\n".join(f"  {d.name or '(model)'} ({d.kind}): {d.reason}" for d in plan.refused)
         raise UnsupportedLayerError(
@@ -221,6 +267,13 @@ def quantize_model(
         )
     if verbose:
         print(plan)
+    for decision in plan.swaps:
+        if decision.name == "":
+            return PACKED_ACTIVATIONS[type(model)].from_float(model)
+        parent_name, _, child_name = decision.name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, child_name)
+        setattr(parent, child_name, PACKED_ACTIVATIONS[type(child)].from_float(child))
     for decision in plan.by_action("convert"):
         if decision.name == "":
             return _converted(model, decision.chosen, "")

@@ -10,16 +10,29 @@ The weight and input operands of the backward products are the *quantized*
 forward operands (straight-through estimator). Operands are laid out with the
 reduction dimension last where that is cheap, so that the transform runs along
 contiguous rows (the native kernel's fast case).
+
+What the forward keeps for the backward goes through ``ctx.save_for_backward`` (so
+``saved_tensors_hooks``, offloading and checkpointing tools see it) and only what the
+backward will use: the quantized input when the weight needs a gradient, the
+quantized weight when the input does. Both are stored compactly and losslessly
+(``packing.py``: two 4-bit codes per byte at <= 4 bits); the scales stay beside them
+as Python floats. A convolution's output that is an exact integer sum times one scale
+is marked so, for a ``CompactBatchNorm2d`` after it to keep the sums (``compact_bn.py``).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from hdqt.quantization.accumulate import FloatBounds, float_conv2d
+from hdqt.quantization.compact_bn import mark_integer_output
+from hdqt.quantization.formats import IntFormat
 from hdqt.quantization.hadamard import BlockLayout, block_layout, hadamard_transform_amax
 from hdqt.quantization.im2col import exact_input_grad, fused_weight_grad, tiled_conv2d, unfold_channel_major
 from hdqt.quantization.matmul import Bounds, exact_dtype, sum_bound, tiled_matmul, tiled_matmul_batched, tiled_matmul_kj
+from hdqt.quantization.packing import holds_codes, pack_operand, unpack_operand
 from hdqt.quantization.quantizer import QTensor, Quantizer
 from hdqt.quantization.runtime import LayerRuntime
 from hdqt.quantization.selection import relative_rounding_error, transform_helps
@@ -90,6 +103,39 @@ def backward_operands(
     return rt.quantize(qa, a, a_name, amax_a), rt.quantize(qb, b, b_name, amax_b), extra
 
 
+def _integer_output_bound(policy, reduction: int, xq: QTensor, wq: QTensor) -> float | None:
+    """A bound on |Y / scale| when the forward output is an exact integer sum times one
+    scale (integer codes, per-tensor scales), else None."""
+    operands = (policy.forward_input, policy.forward_weight)
+    if not all(holds_codes(q) and isinstance(q.format, IntFormat) for q in operands):
+        return None
+    bounds = integer_bounds(*operands)
+    scale = xq.scale * wq.scale
+    if isinstance(scale, torch.Tensor) or not math.isfinite(scale):
+        return None
+    return sum_bound(reduction, bounds, policy.tile, policy.acc_bits)
+
+
+def save_operands(ctx, xq: QTensor, wq: QTensor, policy) -> None:
+    """Keep, compactly, the forward operands the backward will need: the quantized
+    input for dW (when the weight needs a gradient), the quantized weight for dX."""
+    input_needs_grad, weight_needs_grad = ctx.needs_input_grad[:2]
+    x_tensors, x_layout = pack_operand(xq, policy.forward_input) if weight_needs_grad else ((), None)
+    w_tensors, w_layout = pack_operand(wq, policy.forward_weight) if input_needs_grad else ((), None)
+    ctx.save_for_backward(*x_tensors, *w_tensors)
+    ctx.layouts = (x_layout, len(x_tensors), w_layout)
+    ctx.scales = (xq.scale, wq.scale)
+
+
+def saved_operands(ctx) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The quantized input and weight ``save_operands`` kept (None where not kept)."""
+    saved = ctx.saved_tensors
+    x_layout, x_count, w_layout = ctx.layouts
+    x = unpack_operand(saved[:x_count], x_layout) if x_layout is not None else None
+    w = unpack_operand(saved[x_count:], w_layout) if w_layout is not None else None
+    return x, w
+
+
 class QuantLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, rt: LayerRuntime) -> torch.Tensor:
@@ -107,15 +153,14 @@ class QuantLinearFunction(torch.autograd.Function):
             counts = rt.saturation if rt.saturation.sample() else None  # one call in `every`
             y = tiled_matmul_kj(wv, xv.T, policy.tile, policy.acc_bits, saturation=counts,
                                 bounds=_float_bounds(policy)).T
-        ctx.save_for_backward(xq.values, wq.values)
-        ctx.scales = (xq.scale, wq.scale)
+        save_operands(ctx, xq, wq, policy)
         ctx.rt = rt
         ctx.input_transposed = not x.is_contiguous() and x.T.is_contiguous()
         return y.to(x.dtype).mul_(xq.scale * wq.scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x_values, w_values = ctx.saved_tensors
+        x_values, w_values = saved_operands(ctx)
         x_scale, w_scale = ctx.scales
         rt: LayerRuntime = ctx.rt
         policy = rt.policy
@@ -170,22 +215,26 @@ class QuantConv2dFunction(torch.autograd.Function):
                  tiled_conv2d(xv, wv, stride, padding, dilation, policy.tile, policy.acc_bits, counts))
         # The quantized input is kept, not its columns: 1/(kh*kw) of the memory, and
         # the backward builds the columns it needs (transformed) in one pass anyway.
-        ctx.save_for_backward(xq.values, wq.values)
-        ctx.scales = (xq.scale, wq.scale)
+        save_operands(ctx, xq, wq, policy)
         ctx.rt = rt
         ctx.conv = (stride, padding, dilation)
-        return y.to(x.dtype).mul_(xq.scale * wq.scale)
+        ctx.shapes = (x.shape, weight.shape)
+        out = y.to(x.dtype).mul_(xq.scale * wq.scale)
+        bound = _integer_output_bound(policy, c * kh * kw, xq, wq)
+        # a BatchNorm after it may keep the integer sums instead of this float tensor (compact_bn.py)
+        return out if bound is None else mark_integer_output(out, xq.scale * wq.scale, bound)
 
     @staticmethod
     def backward(ctx, grad):
-        x_values, w_values = ctx.saved_tensors
+        x_values, w_values = saved_operands(ctx)
+        x_shape, w_shape = ctx.shapes
         x_scale, w_scale = ctx.scales
         rt: LayerRuntime = ctx.rt
         policy = rt.policy
         stride, padding, dilation = ctx.conv
         acc = policy.acc_bits if policy.saturate_backward else None
         b, n = grad.shape[:2]
-        _, c, kh, kw = w_values.shape
+        _, c, kh, kw = w_shape
         grad_cols = grad.reshape(b, n, -1).contiguous()  # (B, N, L)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -200,15 +249,15 @@ class QuantConv2dFunction(torch.autograd.Function):
                 # Unlimited accumulators: the col2im of W^T G is exactly a transposed conv,
                 # on int8 dot products where they apply, else on torch's float conv.
                 w4, g4 = w.values.reshape(n, c, kh, kw), g.values.reshape(grad.shape)
-                grad_x = exact_input_grad(g4, w4, x_values.shape, stride, padding, dilation) if bounds else None
+                grad_x = exact_input_grad(g4, w4, x_shape, stride, padding, dilation) if bounds else None
                 if grad_x is None:
                     # a position of dX sums at most N*kh*kw products
                     wide = exact_dtype(sum_bound(n * kh * kw, bounds), g4.dtype) if bounds else g4.dtype
-                    grad_x = torch.nn.grad.conv2d_input(x_values.shape, w4.to(wide), g4.to(wide), stride=stride,
+                    grad_x = torch.nn.grad.conv2d_input(x_shape, w4.to(wide), g4.to(wide), stride=stride,
                                                         padding=padding, dilation=dilation).to(g4.dtype)
             else:
                 cols_dx = tiled_matmul_batched(w.values.T.contiguous(), g.values, policy.tile, acc, bounds=bounds)
-                grad_x = F.fold(cols_dx, x_values.shape[2:], (kh, kw), dilation=dilation, padding=padding,
+                grad_x = F.fold(cols_dx, x_shape[2:], (kh, kw), dilation=dilation, padding=padding,
                                 stride=stride)
             grad_x.mul_(scale)
         if ctx.needs_input_grad[1]:
