@@ -54,7 +54,8 @@ _FLAGS = [
      "bound of the normalised feature inputs, in standard deviations, or none (default: 3; "
      "images are not clipped)"),
     ("--seed", "seed", int, "seed for class order, data split, init and rounding (default: 0)"),
-    ("--epochs", "epochs", int, "epochs per task (default: the dataset's)"),
+    ("--epochs", "epochs", int, "epochs per task (default: the dataset's); with --schedule, "
+     "the task's total, split over the schedule's steps"),
     ("--lr", "lr", float, "learning rate (default: the dataset's)"),
     ("--batch-size", "batch_size", int, "batch size (default: the dataset's)"),
     ("--milestones", "milestones", str, "comma-separated epochs where lr decays by gamma"),
@@ -64,11 +65,24 @@ _FLAGS = [
     ("--data-root", "data_root", str, "directory with the datasets (default: HDQT_DATA)"),
     ("--device", "device", str, "torch device, e.g. cpu, cuda or cuda:1; must exist on this "
      "machine (default: cpu)"),
+    ("--schedule", "schedule", str,
+     "schedule of each task's training. none: one stage under the recipe (default); ctmq: "
+     "CTMQ's chain from --ctmq-start-bits down to the run's width (--bits, or hadanet's 1), "
+     "one bit a step, each step starting from the weights of the one before, repeated "
+     "--ctmq-cycles times; --epochs is split evenly over the steps (the remainder to the "
+     "last ones), so a run with and without the schedule trains as many epochs"),
+    ("--ctmq-start-bits", "ctmq_start_bits", int,
+     "width of CTMQ's first step, wider than the target, up to 16 (default 8)"),
+    ("--ctmq-cycles", "ctmq_cycles", int,
+     "descents from --ctmq-start-bits to the target, >= 1 (default 2)"),
+    ("--ctmq-recipe", "ctmq_recipe", str,
+     "integer recipe of the steps wider than the target (default: --recipe; give one, e.g. "
+     "int, with --recipe hadanet). Their accumulator is --acc-bits plus 2 bits per extra bit"),
     ("--diagnose-every", "diagnose_every", int, "gradient diagnostics every N training steps "
      "into diagnostics.jsonl; they do not change the results (default: 0, off)"),
 ]
 
-_METAVARS = {"hadamard_rule": "{paper,binary}", "hadamard_select": "{always,noise}", "input_clip": "{STD,none}"}
+_METAVARS = {"schedule": "{none,ctmq}", "hadamard_rule": "{paper,binary}", "hadamard_select": "{always,noise}", "input_clip": "{STD,none}"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

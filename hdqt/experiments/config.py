@@ -62,6 +62,13 @@ class RunConfig:
     bic_steps: int | None = None
     aux_loss_weight: float | None = None
     balanced_finetune_epochs: int | None = None
+    # A schedule of each task's main stage (hdqt.experiments.scheduling): "none", or
+    # "ctmq" with its start width, cycles and the recipe of the wider steps (filled in
+    # with their defaults when ctmq is chosen; None otherwise).
+    schedule: str = "none"
+    ctmq_start_bits: int | None = None
+    ctmq_cycles: int | None = None
+    ctmq_recipe: str | None = None
     # Where the run happens, not what it computes: ignored when checking that a
     # resumed run has the same configuration (see ``identity``).
     data_root: str | None = field(default=None, compare=False)
@@ -96,11 +103,11 @@ RUN_KEYS = ("compare", "out")
 
 _INT_KEYS = {"epochs", "memory", "init_classes", "increment", "seed", "bits",
              "acc_bits", "tile", "batch_size", "bic_steps", "balanced_finetune_epochs",
-             "diagnose_every"}
+             "diagnose_every", "ctmq_start_bits", "ctmq_cycles"}
 _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "temperature", "test_fraction",
                "bic_val_fraction", "aux_loss_weight"}
 _STR_KEYS = {"dataset", "method", "recipe", "backbone", "selection", "data_root", "device",
-             "hadamard_rule", "hadamard_select"}
+             "hadamard_rule", "hadamard_select", "schedule", "ctmq_recipe"}
 _BOOL_KEYS = {"saturate_backward", "forward_hadamard"}
 # Keys without a command-line flag; every other key X has the flag --X (with - for _).
 FILE_ONLY_KEYS = frozenset({"momentum", "weight_decay", "gamma", "selection", "temperature",
@@ -296,6 +303,9 @@ def resolve_config(file_values: Mapping[str, Any] | None = None,
         merged.setdefault(key, value)
     merged.setdefault("method", DEFAULT_METHOD)
     merged.setdefault("recipe", DEFAULT_RECIPE)
+    from hdqt.experiments.scheduling import fill_schedule_defaults
+
+    fill_schedule_defaults(merged)
     missing = [f.name for f in _FIELDS if f.default is dataclasses.MISSING and f.name not in merged]
     if missing:
         raise ConfigError(f"dataset {dataset!r} has no default for {', '.join(missing)}; "
@@ -486,4 +496,7 @@ def validate(config: RunConfig, choices: Choices, origin: Mapping[str, str] | No
                           f"got {config.test_fraction}")
     check_quantization(config, origin)
     train_config(config, origin)
+    from hdqt.experiments.scheduling import check_schedule
+
+    check_schedule(config, choices.recipes, origin)
     check_device(config.device, choices.devices, origin)

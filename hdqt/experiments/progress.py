@@ -14,6 +14,9 @@ class Progress:
 
     def task_started(self, task, num_tasks: int) -> None: ...
 
+    def steps_resumed(self, steps_done: int, num_steps: int) -> None:
+        """The task just started continues after ``steps_done`` finished schedule steps."""
+
     def epoch(self, epoch: int, total: int, logs: Mapping[str, Any] | None = None) -> None:
         """``epoch`` counts from 1 to ``total`` over all training stages of the task."""
 
@@ -100,7 +103,9 @@ class ConsoleProgress(Progress):
     def run_started(self, config, num_tasks: int, resumed_after: int) -> None:
         self._log(f"{config.dataset} | {config.method} | {config.recipe} | "
                   f"{config.backbone} | seed {config.seed}: {num_tasks} tasks, "
-                  f"{config.epochs} epochs each")
+                  f"{config.epochs} epochs each"
+                  + (f", schedule {config.schedule} ({config.ctmq_start_bits} bits down, "
+                     f"{config.ctmq_cycles} cycles)" if config.schedule == "ctmq" else ""))
         if resumed_after >= num_tasks:
             self._log(f"already complete ({num_tasks} tasks); reporting stored results")
         elif resumed_after:
@@ -115,6 +120,10 @@ class ConsoleProgress(Progress):
         self._epochs = 0
         self._stage_logs = {}
         self._stage_epochs = {}
+
+    def steps_resumed(self, steps_done: int, num_steps: int) -> None:
+        self._log(f"{self._task_label}: resuming after schedule step {steps_done}/{num_steps} "
+                  f"from the checkpoint")
 
     def epoch(self, epoch: int, total: int, logs: Mapping[str, Any] | None = None) -> None:
         self._epochs = epoch

@@ -7,6 +7,12 @@ truth: a rerun in the same directory loads it and continues with the next task,
 and because the learner state and every RNG state are restored, the final
 metrics equal those of an uninterrupted run.
 
+With a schedule (``--schedule ctmq``) the runner also writes the checkpoint after
+every finished step of a task: the learner's state from before the task, plus the
+task's progress (``Learner.schedule_state``, and the saturation counts so far) under
+``in_progress``. A rerun then repeats ``before_task``, loads that progress and trains
+the remaining steps, with the same final metrics as an uninterrupted run.
+
 Both ``config.json`` and the checkpoint record the code version (a hash of the
 package source, see ``fingerprint``). Resuming a run, or reporting a finished
 one, made by other code is refused (``StaleRunError``) unless ``force=True``,
@@ -30,8 +36,10 @@ from hdqt.experiments.config import (QUANT_KEYS, ConfigError, RunConfig, data_cl
                                      train_config)
 from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint, same_code
 from hdqt.experiments.progress import Progress, SilentProgress
+from hdqt.experiments.scheduling import describe_steps, schedule_steps
 from hdqt.experiments.summary import summarize
-from hdqt.quantization import reset_saturation
+from hdqt.quantization import reset_saturation, saturation_report
+from hdqt.quantization.runtime import restore_saturation
 
 DIAGNOSTICS_JSONL = "diagnostics.jsonl"  # --diagnose-every (hdqt.diagnostics.tracking)
 
@@ -138,6 +146,9 @@ def claim_out_dir(config: RunConfig, out_dir: Path, overwrite: bool, code: dict[
     quantization = resolved_quantization(config, policy)
     payload = {"config": config.to_dict(), "quantization": quantization,
                "policy": policy.to_dict(), "code": code}
+    steps = schedule_steps(config)
+    if steps:  # each step's width, epochs and policy (the last of a descent: the run's own)
+        payload["schedule"] = describe_steps(steps)
     if previous:
         payload["previous_code"] = previous
     outputs.write_json(out_dir / outputs.CONFIG_JSON, payload)
@@ -165,8 +176,10 @@ def resolved_quantization(config: RunConfig, policy) -> dict[str, Any]:
               "tile": policy.tile, "saturate_backward": policy.saturate_backward,
               "hadamard_rule": policy.hadamard_rule, "hadamard_select": policy.hadamard_select,
               "forward_hadamard": policy.forward_hadamard}
+    if policy.is_binary:  # hadanet's group (0: one per row); other recipes have none
+        values["group"] = policy.binary_group or 0
     return {**values, "hadamard": policy.hadamard,
-            "from_recipe": [key for key in QUANT_KEYS if getattr(config, key) is None]}
+            "from_recipe": [key for key in QUANT_KEYS if getattr(config, key) is None and key in values]}
 
 
 def prepare_out_dir(config: RunConfig, out_dir: Path, overwrite: bool,
@@ -231,12 +244,14 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
         learner = create_learner(
             config.method, backbone=config.backbone, input_shape=data.input_shape,
             num_classes=num_classes, policy=build_policy(config),
-            config=build_train_config(config), seed=config.seed, augment=data.augment)
+            config=build_train_config(config), seed=config.seed, augment=data.augment,
+            schedule=schedule_steps(config))
     except ValueError as error:  # e.g. a memory too small for the classes
         raise ConfigError(f"method {config.method!r}: {error}") from None
     claim_out_dir(config, out_dir, overwrite, code, previous)
 
     history: list[dict[str, Any]] = []
+    in_progress = None  # a task stopped between two schedule steps
     checkpoint_path = out_dir / outputs.CHECKPOINT
     if checkpoint_path.exists():
         try:
@@ -250,6 +265,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
         learner.load_state_dict(state["learner"])
         _restore_rng_states(state["rng"])
         history = list(state["history"])
+        in_progress = state.get("in_progress")
     resumed_after = len(history)
     _track_diagnostics(learner, config, out_dir / DIAGNOSTICS_JSONL, resumed_after)
 
@@ -257,8 +273,26 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
     for task in scenario.tasks[resumed_after:]:
         progress.task_started(task, scenario.num_tasks)
         started = time.perf_counter()
+        # A schedule checkpoints between its steps: the learner as it was before the task,
+        # plus the task's progress.
+        before_task = learner.state_dict() if learner.schedule else None
         learner.before_task(task)
         reset_saturation(learner.network)  # this task's training: not an earlier task's, not evaluation
+        if in_progress is not None:
+            learner.load_schedule_state(in_progress["learner"])
+            restore_saturation(learner.network, in_progress["saturation"])
+            progress.steps_resumed(in_progress["learner"]["steps_done"], len(learner.schedule))
+            in_progress = None
+
+        def save_step(learner, task_index, steps_done, before_task=before_task):
+            outputs.write_checkpoint(checkpoint_path, {
+                "version": CHECKPOINT_VERSION, "config": config.identity(), "code": code,
+                "class_order": [int(c) for c in scenario.class_order], "learner": before_task,
+                "rng": _rng_states(), "history": history,
+                "in_progress": {"learner": learner.schedule_state(),
+                                "saturation": saturation_report(learner.network)}})
+
+        learner.on_schedule_step = save_step
         learner.train_task(task, on_epoch=progress.epoch)
         saturation = saturation_summary(learner.network)
         learner.after_task(task)

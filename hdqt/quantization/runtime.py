@@ -187,3 +187,18 @@ def reset_saturation(model: nn.Module, every: int | None = None) -> None:
         rt.saturation.reset()
         if every is not None:
             rt.saturation.every = every
+
+
+def restore_saturation(model: nn.Module, report: dict[str, dict]) -> None:
+    """Set the saturation counts of ``model``'s quantized layers to those of a
+    ``saturation_report`` of the same model (a run resumed mid-task goes on counting
+    where it stopped, including which forward call is counted next)."""
+    for name, rt in _runtimes(model):
+        if name not in report:
+            raise ValueError(f"the saturation report has no layer {name!r}")
+        counts = report[name]
+        stats = rt.saturation
+        stats.every = _check_every(int(counts["every"]))
+        stats.tiles, stats.saturated = int(counts["tiles"]), int(counts["saturated"])
+        stats.excess, stats.steps = float(counts["excess"]), int(counts["steps"])
+        stats.counted = int(counts["counted"])

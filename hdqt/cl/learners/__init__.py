@@ -30,9 +30,11 @@ def list_learners() -> list[str]:
 
 
 def create_learner(name: str, *, backbone: str, input_shape: tuple, num_classes: int, policy,
-                   config: TrainConfig, seed: int, augment=None) -> Learner:
-    """Build the learner called ``name`` (see ``list_learners()``)."""
+                   config: TrainConfig, seed: int, augment=None, schedule=None) -> Learner:
+    """Build the learner called ``name`` (see ``list_learners()``); ``schedule``: the
+    steps of its main training stage (``hdqt.cl.schedules``), or None for one stage."""
     if name not in _LEARNERS:
         raise ValueError(f"unknown learner {name!r}; choose one of {list_learners()}")
     return _LEARNERS[name](backbone=backbone, input_shape=input_shape, num_classes=num_classes,
-                           policy=policy, config=config, seed=seed, augment=augment)
+                           policy=policy, config=config, seed=seed, augment=augment,
+                           schedule=schedule)

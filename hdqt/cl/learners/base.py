@@ -14,6 +14,12 @@ Subclasses override small hooks (``_loss``, ``_grow``, ``_training_data``,
 ``torch.Generator`` with a derived seed, and the quantizers are reseeded at
 every task. Nothing depends on the global RNG history, so a learner restored
 with ``load_state_dict`` after task t continues exactly like the original.
+
+A learner built with ``schedule`` (``hdqt.cl.schedules``: CTMQ's chain of bit widths)
+trains its main stage as the schedule's steps, each under its own policy
+(``_fit_main``). Between two steps, ``schedule_state`` holds what a resumed run needs
+on top of the state before the task; ``load_schedule_state`` (after ``before_task``)
+continues after the last finished step, exactly like the original.
 """
 from __future__ import annotations
 
@@ -31,7 +37,9 @@ from hdqt.cl.learners.config import TrainConfig
 from hdqt.cl.learners.networks import IncrementalNet
 from hdqt.cl.memory import ExemplarMemory
 from hdqt.cl.scenario import Task
+from hdqt.cl.schedules import TrainingStep, check_steps, step_milestones
 # The engine's seed derivation, shared: one function for both layers.
+from hdqt.quantization import quant_layers
 from hdqt.quantization.runtime import derive_seed
 
 __all__ = ["Learner", "TrainConfig", "derive_seed", "EpochCallback"]
@@ -56,10 +64,19 @@ class Learner:
     # the batch about to be trained on (hdqt run --diagnose-every); it must leave the
     # learner as it found it. None: nothing is called.
     on_step: Callable[..., None] | None = None
+    # Called after every finished step of a schedule as on_schedule_step(learner,
+    # task_index, steps_done) (hdqt run writes its checkpoint there). None: nothing is called.
+    on_schedule_step: Callable[..., None] | None = None
 
     def __init__(self, *, backbone: str, input_shape: tuple, num_classes: int, policy,
-                 config: TrainConfig, seed: int, augment=None):
+                 config: TrainConfig, seed: int, augment=None,
+                 schedule: "tuple[TrainingStep, ...] | None" = None):
         _check_args(backbone, input_shape, num_classes, policy, config, seed, augment)
+        if schedule is not None and policy is None:
+            raise ValueError("a schedule sets quantization policies: it needs a quantized "
+                             "learner (policy=None trains float layers)")
+        self.schedule: tuple[TrainingStep, ...] = (
+            () if schedule is None else check_steps(schedule, config.epochs))
         if self.uses_memory and config.memory < num_classes:
             raise ValueError(
                 f"memory={config.memory} cannot keep one exemplar for each of the "
@@ -80,6 +97,7 @@ class Learner:
         self.known_classes = 0  # classes of finished tasks
         self.finished_tasks = 0
         self._current_task: int | None = None
+        self._steps_done = 0  # schedule steps finished in the current task
         self.memory = (ExemplarMemory(self.config.memory, self.config.selection)
                        if self.uses_memory else None)
         self.old_network: nn.Module | None = None
@@ -153,6 +171,7 @@ class Learner:
                              f"{self.known_classes + len(classes)}, more than "
                              f"num_classes={self.num_classes}")
         self._current_task = task.index
+        self._steps_done = 0
         self.task_sizes.append(len(classes))
         with self._seeded("grow", task.index):
             self._grow(task.index, len(classes))
@@ -163,8 +182,8 @@ class Learner:
         """Train on the task; returns the last epoch's logs."""
         self._check_current(task)
         x, y = self._training_data(task)
-        return self._fit(x, y, self._loss, self.network.parameters(), task_index=task.index,
-                         stage="main", on_epoch=on_epoch)
+        return self._fit_main(x, y, self._loss, self.network.parameters(),
+                              task_index=task.index, on_epoch=on_epoch)
 
     def after_task(self, task: Task) -> None:
         self._check_current(task)
@@ -242,19 +261,83 @@ class Learner:
             # which is exactly the network just loaded.
             self._snapshot_old_network()
 
+    def schedule_state(self) -> dict[str, Any]:
+        """Mid-task state between two schedule steps: the task, the steps finished, and
+        the networks as they stand (weights, BatchNorm statistics, the quantizers'
+        policies, generator and scaling states). Training changes nothing else of a
+        learner (memory and snapshots change in ``after_task``), so this plus the
+        ``state_dict`` from before the task is all a resumed run needs."""
+        if self._current_task is None:
+            raise RuntimeError("schedule_state is only defined during a task")
+        return _to_cpu({
+            "task": self._current_task, "steps_done": self._steps_done,
+            "network": self.network.state_dict(),
+            "old_network": None if self.old_network is None else self.old_network.state_dict(),
+        })
+
+    def load_schedule_state(self, state: dict[str, Any]) -> None:
+        """Continue the current task (``before_task`` called) after the schedule steps
+        that ``state`` (from ``schedule_state``) had finished."""
+        if self._current_task is None or state.get("task") != self._current_task:
+            raise ValueError(f"schedule state of task {state.get('task')!r} cannot continue "
+                             f"task {self._current_task!r}: call before_task on its task first")
+        steps_done = state.get("steps_done")
+        if not isinstance(steps_done, int) or not 0 <= steps_done <= len(self.schedule):
+            raise ValueError(f"schedule state has steps_done={steps_done!r}; this learner's "
+                             f"schedule has {len(self.schedule)} steps")
+        self.network.load_state_dict(state["network"])
+        if (state["old_network"] is None) != (self.old_network is None):
+            raise ValueError("schedule state and learner disagree on the old network")
+        if self.old_network is not None:
+            self.old_network.load_state_dict(state["old_network"])
+        self._steps_done = steps_done
+
     # ------------------------------------------------------------------ machinery
+    def _fit_main(self, x, y, loss_fn, parameters, *, task_index: int,
+                  on_epoch: EpochCallback | None, total_epochs: int | None = None) -> dict:
+        """The task's main training stage: one ``_fit``, or with a schedule its steps in
+        turn from the first not yet finished. Before a step every quantized layer takes
+        the step's policy; after it, ``on_schedule_step`` is called."""
+        if not self.schedule:
+            return self._fit(x, y, loss_fn, parameters, task_index=task_index, stage="main",
+                             on_epoch=on_epoch, total_epochs=total_epochs)
+        parameters = list(parameters)  # iterated once per step
+        total_epochs = self.config.epochs if total_epochs is None else total_epochs
+        logs: dict = {}
+        for index in range(self._steps_done, len(self.schedule)):
+            step = self.schedule[index]
+            self._set_policy(step.policy)
+            logs = self._fit(x, y, loss_fn, parameters, task_index=task_index, stage="main",
+                             on_epoch=on_epoch, step=index, total_epochs=total_epochs,
+                             epoch_offset=sum(s.epochs for s in self.schedule[:index]),
+                             epochs=step.epochs,
+                             milestones=step_milestones(self.config.milestones,
+                                                        self.config.epochs, step.epochs))
+            self._steps_done = index + 1
+            if self.on_schedule_step is not None:
+                self.on_schedule_step(self, task_index, self._steps_done)
+        return logs
+
+    def _set_policy(self, policy) -> None:
+        """Every quantized layer of the network (old branches included) under ``policy``;
+        the old network, a teacher, keeps the policy it was trained under last."""
+        for _, layer in quant_layers(self.network):
+            layer.set_policy(policy)
+
     def _fit(self, x, y, loss_fn, parameters, *, task_index: int, stage: str,
              on_epoch: EpochCallback | None, epoch_offset: int = 0,
              total_epochs: int | None = None, weight_decay: float | None = None,
              set_mode: Callable[[], None] | None = None, augment: bool = True,
-             epochs: int | None = None, milestones: tuple[int, ...] | None = None) -> dict:
+             epochs: int | None = None, milestones: tuple[int, ...] | None = None,
+             step: int | None = None) -> dict:
         """SGD + MultiStepLR over (x, y) for ``epochs`` epochs (default: the config's,
         with the config's milestones; a stage with its own ``epochs`` passes its own
         ``milestones``, since the config's are validated against ``config.epochs``).
 
         Batches are shuffled (and augmented) by a generator seeded by
-        (seed, task, stage); anything else random in training (dropout) runs under
-        a forked global RNG seeded the same way.
+        (seed, task, stage), and (seed, task, stage, step) for a schedule's step
+        (0-based; its logs carry ``step`` 1-based and ``bits``); anything else random
+        in training (dropout) runs under a forked global RNG seeded the same way.
         """
         cfg = self.config
         params = [p for p in parameters if p.requires_grad]
@@ -267,14 +350,14 @@ class Learner:
             epochs, milestones = cfg.epochs, cfg.milestones
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones or ()),
                                                          gamma=cfg.gamma)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "batches", task_index,
-                                                              stage))
+        keys = (task_index, stage) if step is None else (task_index, stage, step)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "batches", *keys))
         x_all = _as_float_tensor(x)
         y_all = torch.as_tensor(np.asarray(y), dtype=torch.long)
         total_epochs = epochs if total_epochs is None else total_epochs
         set_mode = set_mode or self._set_train_mode
         logs: dict = {}
-        with self._seeded("train", task_index, stage):
+        with self._seeded("train", *keys):
             for epoch in range(epochs):
                 set_mode()
                 loss_sum, correct = 0.0, 0
@@ -293,6 +376,8 @@ class Learner:
                     correct += int((logits.detach().argmax(dim=1) == yb).sum())
                 logs = {"loss": loss_sum / len(y_all), "accuracy": 100.0 * correct / len(y_all),
                         "lr": optimizer.param_groups[0]["lr"], "stage": stage}
+                if step is not None:
+                    logs.update(step=step + 1, bits=self.schedule[step].bits)
                 scheduler.step()
                 if on_epoch is not None:
                     on_epoch(epoch_offset + epoch + 1, total_epochs, logs)

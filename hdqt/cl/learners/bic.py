@@ -107,8 +107,8 @@ class BiC(Learner):
         (x_train, y_train), (x_val, y_val) = self._split(task)
         backbone_and_head = [p for n, p in self.network.named_parameters()
                              if not n.startswith("bias_layers.")]
-        self._fit(x_train, y_train, self._loss, backbone_and_head, task_index=task.index,
-                  stage="main", on_epoch=on_epoch, total_epochs=epochs + 1)
+        self._fit_main(x_train, y_train, self._loss, backbone_and_head, task_index=task.index,
+                       on_epoch=on_epoch, total_epochs=epochs + 1)
         return self._train_bias(x_val, y_val, task.index, on_epoch)
 
     def _split(self, task):

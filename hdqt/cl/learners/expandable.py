@@ -116,8 +116,9 @@ class ExpandingLearner(Learner):
         cfg = self.config
         balanced = cfg.balanced_finetune_epochs if self.known_classes else 0
         x, y = self._training_data(task)
-        logs = self._fit(x, y, self._loss, self.network.parameters(), task_index=task.index,
-                         stage="main", on_epoch=on_epoch, total_epochs=cfg.epochs + balanced)
+        logs = self._fit_main(x, y, self._loss, self.network.parameters(),
+                              task_index=task.index, on_epoch=on_epoch,
+                              total_epochs=cfg.epochs + balanced)
         if balanced:
             logs = self._train_balanced_head(task, on_epoch)
         return logs
