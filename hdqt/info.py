@@ -37,6 +37,14 @@ def info_command(args: argparse.Namespace) -> int:
         runs = native.int8_variants(lib)
         print(f"int8 variants this CPU runs: {', '.join(runs) or 'none'} (preferred first; "
               f"HDQT_INT8=0, auto or a name chooses)")
+    from hdqt.quantization import binary_kernel
+
+    try:
+        binary = binary_kernel.variant()
+    except (RuntimeError, ValueError) as error:
+        binary = f"none ({error})"
+    print(f"binary (hadanet) product: {binary}; this CPU runs: {', '.join(binary_kernel.available())} "
+          "(HDQT_BINARY=auto or a name chooses)")
     print(f"torch threads: {torch.get_num_threads()}; devices: {', '.join(devices)}")
     print("data roots: " + ", ".join(str(root) for root in data_roots()))
     return 0

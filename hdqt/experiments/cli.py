@@ -50,6 +50,9 @@ _FLAGS = [
      "which backward products run in the Hadamard domain. always: every one (the paper); "
      "noise: a product only when its operands' expected rounding error is smaller there, "
      "decided at every step (default: the recipe's, always; see docs/quantization.md)"),
+    ("--group", "group", int,
+     "hadanet: values per beta along the reduction, a power of two >= 2, or 0 = one beta "
+     "per row (default: the recipe's, one per row)"),
     ("--input-clip", "input_clip", str,
      "bound of the normalised feature inputs, in standard deviations, or none (default: 3; "
      "images are not clipped)"),

@@ -46,6 +46,7 @@ class RunConfig:
     hadamard_rule: str | None = None
     hadamard_select: str | None = None  # None: the recipe's ("always")
     forward_hadamard: bool | None = None  # None: the recipe's (off)
+    group: int | None = None  # hadanet's betas: values per group; None (or 0): one group per row
     # Bound of the normalised feature inputs in standard deviations: None is the
     # default (prepare's 3.0; also what 3 is stored as), 0 is unbounded ("none").
     input_clip: float | None = None
@@ -102,7 +103,7 @@ CONFIG_KEYS = tuple(f.name for f in _FIELDS)
 RUN_KEYS = ("compare", "out")
 
 _INT_KEYS = {"epochs", "memory", "init_classes", "increment", "seed", "bits",
-             "acc_bits", "tile", "batch_size", "bic_steps", "balanced_finetune_epochs",
+             "acc_bits", "tile", "group", "batch_size", "bic_steps", "balanced_finetune_epochs",
              "diagnose_every", "ctmq_start_bits", "ctmq_cycles"}
 _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "temperature", "test_fraction",
                "bic_val_fraction", "aux_loss_weight"}
@@ -115,7 +116,7 @@ FILE_ONLY_KEYS = frozenset({"momentum", "weight_decay", "gamma", "selection", "t
                             "aux_loss_weight", "balanced_finetune_epochs"})
 # The quantization options: recipe overrides; None keeps the recipe's default.
 QUANT_KEYS = ("bits", "acc_bits", "tile", "saturate_backward", "hadamard_rule", "hadamard_select",
-              "forward_hadamard")
+              "forward_hadamard", "group")
 # The options TrainConfig validates (and the learners use); the optional ones are
 # passed only when set, so that unset ones keep the learner's default.
 TRAIN_KEYS = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "milestones", "gamma",
@@ -397,6 +398,15 @@ def _check_acc_bits(value: int) -> None:
             raise ValueError(str(error).replace("None (unlimited)", "0 (unlimited)")) from None
 
 
+def _check_group(value: int) -> None:
+    from hdqt.quantization.scaling import check_group
+
+    try:
+        check_group(value)
+    except ValueError:
+        raise ValueError(f"must be 0 (one group per row) or a power of two >= 2, got {value}") from None
+
+
 def _check_policy_field(key: str, value: Any) -> None:
     from hdqt.quantization import QuantPolicy
 
@@ -411,6 +421,8 @@ def policy_overrides(config: RunConfig) -> dict[str, Any]:
                  if getattr(config, key) is not None}
     if overrides.get("acc_bits") == 0:
         overrides["acc_bits"] = None
+    if overrides.get("group") == 0:  # 0: one group per row, the engine's None
+        overrides["group"] = None
     if config.recipe == "fp32":
         overrides = {key: value for key, value in overrides.items() if key == "bits"}
     return overrides
@@ -428,6 +440,8 @@ def check_quantization(config: RunConfig, origin: Mapping[str, str] | None = Non
         _under_name("bits", origin, check_bits, config.bits)
     if config.acc_bits is not None:
         _under_name("acc_bits", origin, _check_acc_bits, config.acc_bits)
+    if config.group:
+        _under_name("group", origin, _check_group, config.group)
     for key in ("tile", "saturate_backward", "hadamard_rule", "hadamard_select", "forward_hadamard"):
         if getattr(config, key) is not None:
             _under_name(key, origin, _check_policy_field, key, getattr(config, key))

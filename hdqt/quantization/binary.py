@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hdqt.quantization import binarize, binary_kernel
+from hdqt.quantization.im2col import unfold_channel_major
 from hdqt.quantization.quantizer import NonFiniteError
 from hdqt.quantization.runtime import LayerRuntime
 
@@ -81,8 +82,10 @@ class BinaryLinearFunction(torch.autograd.Function):
 
 
 def _columns(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
-    """The im2col rows of ``x``: (B, L, K), a transposed view of F.unfold's (B, K, L)."""
-    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    """The im2col rows of ``x``: (B, L, K), a permuted view of the (K, B, L) columns
+    (the native im2col where it applies: torch's unfold took 20x longer on CPU)."""
+    cols, _ = unfold_channel_major(x, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
+    return cols.permute(1, 2, 0)
 
 
 class BinaryConv2dFunction(torch.autograd.Function):

@@ -215,3 +215,16 @@ def test_a_tiny_binarized_model_learns_a_separable_problem():
     model.eval()
     accuracy = (model(x).argmax(1) == y).float().mean().item()
     assert accuracy > 0.9, accuracy
+
+
+def test_hdqt_run_group_flag_is_validated_and_reaches_the_recipe():
+    from hdqt.experiments.config import ConfigError, policy_overrides, resolve_config
+
+    config = resolve_config(None, {"recipe": "hadanet", "group": 16})
+    assert hdqt.recipe(config.recipe, **policy_overrides(config)).binary_group == 16
+    per_row = resolve_config(None, {"recipe": "hadanet", "group": 0})
+    assert hdqt.recipe(per_row.recipe, **policy_overrides(per_row)).binary_group is None
+    with pytest.raises(ConfigError, match="--group must be 0 .one group per row. or a power of two >= 2, got 3"):
+        resolve_config(None, {"recipe": "hadanet", "group": 3})
+    with pytest.raises(ConfigError, match="the hdqt recipe takes no group"):
+        resolve_config(None, {"recipe": "hdqt", "group": 16})
