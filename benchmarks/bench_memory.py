@@ -14,7 +14,8 @@ Two measures, at batch 128:
   backward + SGD. On CUDA ``torch.cuda.max_memory_allocated`` (allocator bytes); on
   CPU the resident set: each case runs in a child process (after two warm-up steps),
   which resets the kernel's high-water mark (``/proc/self/clear_refs``, "5") and reads
-  ``VmHWM - VmRSS`` from ``/proc/self/status``. The RSS peak includes the allocator's
+  ``VmHWM - VmRSS`` from ``/proc/self/status``, with glibc's mmap threshold fixed at
+  128 KiB (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the resident set. The RSS peak includes the allocator's
   slack and the step's temporaries (gradients, the backward's working tensors), so it
   falls less than the saved bytes do.
 
@@ -185,7 +186,10 @@ def _child_peak(model_name: str, recipe: str, device: str, pack_activations: boo
     cmd = [sys.executable, os.path.abspath(__file__), "--child", model_name, recipe, "--device", device]
     if not pack_activations:
         cmd.append("--no-pack-activations")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    # glibc keeps freed blocks resident once its mmap threshold has grown; a fixed threshold
+    # returns every tensor over 128 KiB to the system when freed, so RSS follows live memory
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         print(done.stderr, file=sys.stderr)
         return None

@@ -72,12 +72,16 @@ def memory_order(t: torch.Tensor) -> tuple[int, ...]:
 
 def flat_in_order(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
     """The elements of ``t`` permuted by ``order``, flat (a view when ``t`` is dense in that order)."""
+    if order == tuple(range(t.dim())) and t.is_contiguous():
+        return t.view(-1)
     return t.permute(order).reshape(-1)
 
 
 def restore_order(flat: torch.Tensor, shape, order: tuple[int, ...]) -> torch.Tensor:
     """The inverse of ``flat_in_order``: ``flat`` viewed as ``shape`` (a contiguous
     tensor permuted back, i.e. with the strides the dense original had)."""
+    if order == tuple(range(len(order))):
+        return flat.view(shape)
     permuted = flat.view([shape[d] for d in order])
     inverse = [0] * len(order)
     for position, d in enumerate(order):
@@ -113,7 +117,7 @@ def unpack_nibbles(packed: torch.Tensor, n: int, signed: bool, dtype: torch.dtyp
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """One bit per element: a bool tensor (any shape, read in row-major order of a
     contiguous copy) -> uint8 of ceil(n/8) bytes, element 8i+j in bit j of byte i."""
-    flat = mask.reshape(-1)
+    flat = mask if mask.dim() == 1 else mask.reshape(-1)
     n = flat.numel()
     if n % 8 or flat.storage_offset() % 8:  # an int64 view needs whole, aligned words
         padded = torch.zeros(n + 8 - n % 8, dtype=torch.bool, device=flat.device)
