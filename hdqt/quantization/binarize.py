@@ -6,7 +6,10 @@ groups of ``group`` consecutive values (None: the whole row is one group; a last
 group holds what is left when ``group`` does not divide the row). Leading
 dimensions are rows.
 
-* ``signs(t)``: -1 where t < 0, +1 elsewhere (sign(0) = +1: a bit has two states).
+* ``signs(t)``: +1 where t > 0, -1 elsewhere (sign(0) = -1: a bit has two states, and
+  this way the signs of a ReLU's output are the signs of its input, the pre-activation
+  pattern that XNOR-Net binarizes; with sign(0) = +1 every input of a layer after a
+  ReLU binarized to +1, see ``binary.py``).
 * ``group_betas(t, group)``: beta = mean |t| over each group, shape (..., G).
 * ``expand(betas, group, k)``: beta per element, shape (..., k).
 * ``binarized(t, group)``: sign(t) * beta, the float tensor the products see.
@@ -50,7 +53,7 @@ def _grouped(t: torch.Tensor, group: int | None) -> torch.Tensor:
 
 
 def signs(t: torch.Tensor) -> torch.Tensor:
-    return torch.where(t < 0, -1.0, 1.0).to(t.dtype)
+    return torch.where(t > 0, 1.0, -1.0).to(t.dtype)
 
 
 def group_betas(t: torch.Tensor, group: int | None) -> torch.Tensor:

@@ -7,7 +7,14 @@ one beta per weight row and group, one per input row and group. A convolution is
 binarized on its im2col matrix: each output position's receptive field is a row
 (C_in * kh * kw values, in the weight's order), so its betas are per position and
 group. Zero padding is part of those rows: a padded zero is a value of the row, with
-sign +1 and |0| in its group's mean, exactly as the bit-packed kernel sees it.
+sign -1 and |0| in its group's mean, exactly as the bit-packed kernel sees it.
+
+sign(0) = -1 (``binarize.signs``) matters: the layers of hdqt's models read ReLU
+outputs, and with sign(0) = +1 all their inputs binarized to +1, so every output
+channel of a convolution was one map (the betas of its input rows) times a constant;
+BatchNorm then divided each channel by a spread proportional to that constant (0
+for a weight row with as many - as + signs) and the gradients grew ~100x a layer
+(1e20 at ResNet-32's stem at initialisation: issue 10's follow-up).
 
 The product runs on the bit-packed kernel (``binary_kernel.py``: 64 signs a word,
 ``K_g - 2 * popcount(a XOR b)`` per group, times the two betas) for CPU float32

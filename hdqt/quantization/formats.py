@@ -45,8 +45,9 @@ Formats:
   (x - 2^k) / 2^k) and stochastic underflow below the smallest level (x in (0, 1)
   becomes 1 with probability x, else 0). LUQ's official code keeps 8 levels and
   zero (17 codes with the signs, more than 4 bits hold); we keep a true 4-bit code.
-* ``BinaryFormat()``: one bit, the sign: -1 for x < 0, +1 otherwise (sign(0) = +1,
-  so that every value has one of the two codes a bit can hold; NaN also maps to +1).
+* ``BinaryFormat()``: one bit, the sign: +1 for x > 0, -1 otherwise (sign(0) = -1,
+  so that every value has one of the two codes a bit can hold and a ReLU's zeros are
+  -1, its pattern kept; NaN also maps to -1).
   HadaNets / XNOR-Net binarization, scaled by ``GroupMeanScaling`` (``binary.py``).
 """
 from __future__ import annotations
@@ -304,7 +305,7 @@ class LogFormat:
 
 @dataclass(frozen=True)
 class BinaryFormat:
-    """The sign, one bit: -1 for x < 0, +1 otherwise (sign(0) = +1; see the module docstring).
+    """The sign, one bit: +1 for x > 0, -1 otherwise (sign(0) = -1; see the module docstring).
     Deterministic: rounding is always "nearest" (the sign itself)."""
 
     kind = "binary"
@@ -323,7 +324,7 @@ class BinaryFormat:
         check_rounding(rounding)
         if rounding != "nearest":
             raise ValueError(f"BinaryFormat binarizes deterministically: rounding must be 'nearest', got {rounding!r}")
-        return torch.where(values < 0, -1.0, 1.0).to(values.dtype)
+        return torch.where(values > 0, 1.0, -1.0).to(values.dtype)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind}

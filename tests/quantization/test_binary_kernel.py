@@ -39,7 +39,7 @@ def test_product_equals_the_float_reference_up_to_beta_rounding(monkeypatch, var
     monkeypatch.setenv("HDQT_BINARY", variant)
     gen = torch.Generator().manual_seed(m * 1000 + k)
     a, b = torch.randn(m, k, generator=gen), torch.randn(j, k, generator=gen)
-    a[0, :3] = 0.0  # sign(0) = +1 in both
+    a[0, :3] = 0.0  # sign(0) = -1 in both
     ba, bb = binarize.group_betas(a, group), binarize.group_betas(b, group)
     y = binary_kernel.product(a, ba, b, bb, group).double()
     ref = _reference(a, ba, b, bb, group)
@@ -63,8 +63,9 @@ def test_strided_im2col_rows_pack_as_contiguous_ones(monkeypatch, variant):
 
 
 def test_packing_layout():
-    t = torch.zeros(1, 70)
+    t = torch.ones(1, 70)
     t[0, [0, 5, 63, 64, 69]] = -1.0
+    t[0, 5] = 0.0  # sign(0) = -1
     bits = binary_kernel.pack(t)
     assert bits.shape == (1, 2)
     assert bits[0, 0].item() == (1 | 1 << 5 | -(1 << 63))  # bit 63: the int64's sign bit

@@ -1,7 +1,7 @@
 /* HadaNets' bit-packed binary product (binary_kernel.py is the Python side).
  *
- * Packing: bit b of word w of a row is 1 when element 64 w + b is negative (so
- * sign(0) = +1); bits past the row's end are 0 in both operands, so they never
+ * Packing: bit b of word w of a row is 1 when element 64 w + b is not positive (so
+ * sign(0) = -1, and a ReLU's output keeps its input's signs); bits past the row's end are 0 in both operands, so they never
  * differ and add nothing to a popcount.
  *
  * Product: for rows a_i, b_j and each group g of the reduction,
@@ -51,7 +51,7 @@ static void bin_pack_rows(void *arg, int64_t begin, int64_t end, int worker) {
         for (int64_t w = 0; w < c->words; ++w) {
             int64_t k0 = 64 * w, n = c->k - k0 < 64 ? c->k - k0 : 64;
             uint64_t word = 0;
-            for (int64_t b = 0; b < n; ++b) word |= (uint64_t)(row[k0 + b] < 0.0f) << b;
+            for (int64_t b = 0; b < n; ++b) word |= (uint64_t)!(row[k0 + b] > 0.0f) << b;
             out[w] = word;
         }
     }
@@ -75,7 +75,7 @@ static void bin_pack_columns(void *arg, int64_t begin, int64_t end, int worker) 
             int64_t k0 = 64 * w, kn = c->k - k0 < 64 ? c->k - k0 : 64;
             for (int64_t b = 0; b < kn; ++b) {
                 const float *col = c->x + o * c->so + (k0 + b) * c->sk + i0 * c->si;
-                for (int64_t i = 0; i < n; ++i) word[i] |= (uint64_t)(col[i * c->si] < 0.0f) << b;
+                for (int64_t i = 0; i < n; ++i) word[i] |= (uint64_t)!(col[i * c->si] > 0.0f) << b;
             }
             for (int64_t i = 0; i < n; ++i) c->bits[(o * c->inner + i0 + i) * c->words + w] = word[i];
         }
