@@ -29,14 +29,21 @@ Targets (issue 13): hdqt saved bytes <= 0.3x fp32 for FCNet and the two convs, <
 
     python benchmarks/bench_memory.py [--recipes fp32,hdqt,int,luq] [--models fcnet,twoconv,resnet32]
                                       [--device cpu] [--no-peak] [--detail]
+    python benchmarks/bench_memory.py --speed [--recipes hdqt] [--models fcnet,twoconv] [--threads 1] [--cpu-time]
+
+``--speed`` times a training step (forward, backward, SGD) with everything packed against
+the float-saving path in the same process (``HDQT_PACK=0`` and ``pack_activations=False``),
+the two taking turns in every round: what packing costs.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -196,6 +203,54 @@ def _child_peak(model_name: str, recipe: str, device: str, pack_activations: boo
     return json.loads(done.stdout.strip().splitlines()[-1])["peak"]
 
 
+def _train_step(model: nn.Module, x: torch.Tensor, loss_fn, env: dict[str, str]):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # read by the engine at every forward
+        try:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x)).backward()
+            opt.step()
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    return step
+
+
+def speed(model_name: str, recipe: str, device: torch.device, rounds: int, steps: int, clock) -> dict:
+    """Step time with everything packed (the default) over the float-saving path
+    (``HDQT_PACK=0``, ``pack_activations=False``), the two taking turns in every round;
+    the ratio of each round, its median and quartiles."""
+    variants = {}
+    for name, packed in (("packed", True), ("float", False)):
+        model, x, loss_fn = build(model_name, recipe, device, packed)
+        variants[name] = _train_step(model, x, loss_fn, {} if packed else {"HDQT_PACK": "0"})
+    for step in variants.values():
+        for _ in range(3):
+            step()
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, step in variants.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = clock()
+            for _ in range(steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((clock() - t0) / steps)
+    ratios = sorted(p / f for p, f in zip(times["packed"], times["float"]))
+    median = statistics.median
+    return {"packed_ms": 1e3 * median(times["packed"]), "float_ms": 1e3 * median(times["float"]),
+            "ratio": median(ratios), "q1": ratios[len(ratios) // 4], "q3": ratios[(3 * len(ratios)) // 4]}
+
+
 def measure(model_name: str, recipes: list[str], device: torch.device, pack_activations: bool = True,
             detail: bool = False) -> dict[str, dict]:
     """{recipe: {"model": bytes, "step": bytes, "by_node": {...} (detail)}} for one model,
@@ -220,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pack-activations", action="store_true",
                         help="keep nn.ReLU and nn.BatchNorm2d (quantize_model(pack_activations=False))")
     parser.add_argument("--detail", action="store_true", help="saved bytes per autograd node kind")
+    parser.add_argument("--speed", action="store_true",
+                        help="instead: step time packed / float-saving (HDQT_PACK=0, pack_activations=False)")
+    parser.add_argument("--rounds", type=int, default=15, help="--speed: rounds, the two paths taking turns")
+    parser.add_argument("--steps", type=int, default=5, help="--speed: steps per path and round")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="--speed: time by process CPU time (steadier than wall time on a shared machine)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -235,6 +296,18 @@ def main(argv: list[str] | None = None) -> int:
     for m in models:
         if m not in MODELS:
             parser.error(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
+    if args.speed:
+        clock = time.process_time if args.cpu_time else time.perf_counter
+        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, batch {BATCH}; "
+              f"{args.rounds} rounds x {args.steps} steps, {'CPU' if args.cpu_time else 'wall'} time; packed: "
+              f"the default, float: HDQT_PACK=0 and pack_activations=False (the path before issue 13)")
+        print(f"{'model':<10}{'recipe':<10}{'packed ms':>11}{'float ms':>10}{'ratio':>8}{'IQR':>13}")
+        for m in models:
+            for r in recipes[1:]:
+                res = speed(m, r, device, args.rounds, args.steps, clock)
+                print(f"{m:<10}{r:<10}{res['packed_ms']:>11.2f}{res['float_ms']:>10.2f}{res['ratio']:>8.3f}"
+                      f"{res['q1']:>7.3f}-{res['q3']:.3f}")
+        return 0
     peak_how = ("allocator (max_memory_allocated)" if device.type == "cuda"
                 else "RSS high-water mark, one process a case")
     print(f"torch {torch.__version__}, device {device}, batch {BATCH}, pack_activations={pack_activations}; "

@@ -22,6 +22,7 @@ is marked so, for a ``CompactBatchNorm2d`` after it to keep the sums (``compact_
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from hdqt.quantization.formats import IntFormat
 from hdqt.quantization.hadamard import BlockLayout, block_layout, hadamard_transform_amax
 from hdqt.quantization.im2col import exact_input_grad, fused_weight_grad, tiled_conv2d, unfold_channel_major
 from hdqt.quantization.matmul import Bounds, exact_dtype, sum_bound, tiled_matmul, tiled_matmul_batched, tiled_matmul_kj
-from hdqt.quantization.packing import holds_codes, pack_operand, unpack_operand
+from hdqt.quantization.packing import holds_codes, keep_operand, pack_operand, unpack_operand
 from hdqt.quantization.quantizer import QTensor, Quantizer
 from hdqt.quantization.runtime import LayerRuntime
 from hdqt.quantization.selection import relative_rounding_error, transform_helps
@@ -120,8 +121,10 @@ def save_operands(ctx, xq: QTensor, wq: QTensor, policy) -> None:
     """Keep, compactly, the forward operands the backward will need: the quantized
     input for dW (when the weight needs a gradient), the quantized weight for dX."""
     input_needs_grad, weight_needs_grad = ctx.needs_input_grad[:2]
-    x_tensors, x_layout = pack_operand(xq, policy.forward_input) if weight_needs_grad else ((), None)
-    w_tensors, w_layout = pack_operand(wq, policy.forward_weight) if input_needs_grad else ((), None)
+    # HDQT_PACK=0 keeps the float codes (faster for small layers, 2-8x the memory; README)
+    pack = pack_operand if os.environ.get("HDQT_PACK", "1") != "0" else keep_operand
+    x_tensors, x_layout = pack(xq, policy.forward_input) if weight_needs_grad else ((), None)
+    w_tensors, w_layout = pack(wq, policy.forward_weight) if input_needs_grad else ((), None)
     ctx.save_for_backward(*x_tensors, *w_tensors)
     ctx.layouts = (x_layout, len(x_tensors), w_layout)
     ctx.scales = (xq.scale, wq.scale)

@@ -6,11 +6,11 @@ the kernels; this module stores them in as few bytes as the format allows and gi
 back the same float tensor (bit for bit, with the same strides) at the backward:
 
 * integer formats of at most 4 bits (``IntFormat``, per-tensor scale): two codes per
-  byte. The flat tensor (in memory order) is cut in two halves; byte ``i`` holds code
-  ``i`` in its low nibble and code ``i + ceil(n/2)`` in its high nibble, as 4-bit
-  two's complement. Halves rather than neighbours keep every pack and unpack
-  operation on contiguous memory (a strided byte op is several times slower in
-  torch). Whether the nibbles are signed ([-7, 7]) or unsigned ([0, 15]) is the
+  byte. The flat tensor (in memory order) is cut in two halves; byte ``i`` is
+  ``code[i] + 16 * code[i + ceil(n/2)]`` modulo 256 (code ``i`` in its low nibble, in
+  two's complement when signed). Halves rather than neighbours keep every pack and
+  unpack operation on contiguous memory (a strided byte op is several times slower in
+  torch), and the sum packs in one integer operation. Whether the nibbles are signed ([-7, 7]) or unsigned ([0, 15]) is the
   format's ``signed``, or for ``"auto"`` whether the tensor held a negative code;
 * other integer formats: the smallest integer dtype that holds the codes (int8 or
   uint8 up to 8 bits, int16 or int32 above);
@@ -90,24 +90,30 @@ def restore_order(flat: torch.Tensor, shape, order: tuple[int, ...]) -> torch.Te
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte: a flat int8 tensor of codes in [-8, 15] -> uint8 of
-    ceil(n/2) bytes (low nibble: the first half, high nibble: the second half)."""
+    """Two 4-bit codes per byte: a flat int8 tensor of codes, all in [-8, 7] or all in
+    [0, 15] -> uint8 of ceil(n/2) bytes, byte i = code i + 16 * code (i + ceil(n/2)),
+    modulo 256 (one integer add: the low nibble is code i's, two's complement when signed)."""
     n = codes.numel()
     half = (n + 1) // 2
-    packed = codes[:half] & 15
-    packed[: n - half] |= codes[half:] << 4
+    if n == 2 * half:
+        packed = torch.add(codes[:half], codes[half:], alpha=16)
+    else:
+        packed = torch.empty(half, dtype=codes.dtype, device=codes.device)
+        torch.add(codes[: n - half], codes[half:], alpha=16, out=packed[: n - half])
+        packed[n - half:] = codes[n - half: half]
     return packed.view(torch.uint8)
 
 
 def unpack_nibbles(packed: torch.Tensor, n: int, signed: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The ``n`` codes that ``pack_nibbles`` stored, as a flat tensor of ``dtype``
-    (signed: 4-bit two's complement, [-8, 7]; else [0, 15])."""
+    (signed: codes in [-8, 7]; else [0, 15])."""
     half = packed.numel()
     out = torch.empty(n, dtype=dtype, device=packed.device)
     if signed:
         b = packed.view(torch.int8)
-        out[:half].copy_((b << 4) >> 4)  # arithmetic shifts sign-extend the low nibble
-        out[half:].copy_((b[: n - half] >> 4))
+        low = (b << 4) >> 4  # arithmetic shifts sign-extend the low nibble
+        out[:half].copy_(low)
+        out[half:].copy_((b[: n - half] - low[: n - half]) >> 4)  # 16 * high code, in int8, / 16
     else:
         out[:half].copy_(packed & 15)
         out[half:].copy_(packed[: n - half] >> 4)
@@ -208,6 +214,11 @@ def pack_operand(q: QTensor, quantizer: Quantizer | None) -> tuple[tuple[torch.T
     if dtype is None or dtype.itemsize >= values.element_size():
         return raw
     return (flat.to(dtype),), PackedLayout("float", shape, order, values.dtype)
+
+
+def keep_operand(q: QTensor, quantizer: Quantizer | None) -> tuple[tuple[torch.Tensor, ...], PackedLayout]:
+    """``pack_operand``'s signature, keeping ``q.values`` as they are (``HDQT_PACK=0``)."""
+    return (q.values,), PackedLayout("raw")
 
 
 def unpack_operand(tensors: tuple[torch.Tensor, ...], layout: PackedLayout) -> torch.Tensor:

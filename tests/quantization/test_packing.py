@@ -36,11 +36,13 @@ def test_nibbles_round_trip_odd_lengths_and_edge_codes(device, n, signed):
 
 
 def test_nibbles_hold_the_first_half_low_and_the_second_half_high():
-    packed = pack_nibbles(torch.tensor([1, 2, 3, -1, 15, 4], dtype=torch.int8))
-    # byte i = code i (low nibble) | code i + 3 (high nibble), 4-bit two's complement
-    assert packed.tolist() == [0xF1, 0xF2, 0x43]
-    assert unpack_nibbles(packed, 6, signed=True).tolist() == [1, 2, 3, -1, -1, 4]
-    assert unpack_nibbles(packed, 6, signed=False).tolist() == [1, 2, 3, 15, 15, 4]
+    signed = pack_nibbles(torch.tensor([1, 2, -3, -1, 7, -8], dtype=torch.int8))
+    # byte i = code i + 16 * code i+3 (mod 256): the low nibble is code i in two's complement
+    assert signed.tolist() == [(1 - 16) % 256, (2 + 112) % 256, (-3 - 128) % 256]
+    assert unpack_nibbles(signed, 6, signed=True).tolist() == [1, 2, -3, -1, 7, -8]
+    unsigned = pack_nibbles(torch.tensor([1, 15, 0, 15, 4, 9], dtype=torch.int8).to(torch.int8))
+    assert unsigned.tolist() == [0xF1, 0x4F, 0x90]
+    assert unpack_nibbles(unsigned, 6, signed=False).tolist() == [1, 15, 0, 15, 4, 9]
 
 
 @pytest.mark.parametrize("device", DEVICES)
