@@ -146,8 +146,12 @@ def test_every_learner_trains_each_step_at_its_width_from_the_previous_steps_wei
     assert set(accuracy) >= {"cnn"}
 
 
-@pytest.mark.parametrize("method", ["icarl", "der", "bic"])
-def test_resuming_between_two_steps_equals_the_uninterrupted_learner(method, scenario):
+@pytest.mark.parametrize("method, stop_after", [("icarl", 2), ("der", 2), ("bic", 2),
+                                                ("der", 3), ("bic", 3)])
+def test_resuming_between_two_steps_equals_the_uninterrupted_learner(method, stop_after,
+                                                                     scenario):
+    """Stopped after step 2 of 3, or after the last (before BiC's bias correction and
+    DER's balanced classifier stage), then resumed in a new learner."""
     steps = CTMQSchedule(start_bits=4, target_bits=2, cycles=1).plan(SCHEDULE_CONFIG.epochs,
                                                                      int_policy)
     reference = build(method, SCHEDULE_CONFIG, steps)
@@ -158,17 +162,17 @@ def test_resuming_between_two_steps_equals_the_uninterrupted_learner(method, sce
     before = through_torch_save(learner.state_dict())
     saved = {}
 
-    def stop_after_step_2(learner, task_index, steps_done):
-        if steps_done == 2:
+    def stop(learner, task_index, steps_done):
+        if steps_done == stop_after:
             saved["state"] = through_torch_save(learner.schedule_state())
             raise KeyboardInterrupt
 
-    learner.on_schedule_step = stop_after_step_2
+    learner.on_schedule_step = stop
     task = scenario.tasks[1]
     learner.before_task(task)
     with pytest.raises(KeyboardInterrupt):
         learner.train_task(task)
-    assert saved["state"]["steps_done"] == 2 and saved["state"]["task"] == 1
+    assert saved["state"]["steps_done"] == stop_after and saved["state"]["task"] == 1
 
     resumed = build(method, SCHEDULE_CONFIG, steps)
     resumed.load_state_dict(before)
@@ -178,7 +182,10 @@ def test_resuming_between_two_steps_equals_the_uninterrupted_learner(method, sce
     resumed.train_task(task, on_epoch=lambda epoch, total, logs: trained.append(
         (epoch, logs.get("step"))))
     resumed.after_task(task)
-    assert [e for e in trained if e[1] is not None] == [(3, 3), (4, 3)]  # only the last step
+    # only the steps left: the last step's two epochs, or none
+    assert [e for e in trained if e[1] is not None] == [(3, 3), (4, 3)][:2 * (3 - stop_after)]
+    if method in ("bic", "der"):  # the later stage ran
+        assert any(e[1] is None for e in trained)
     assert torch.equal(weights(resumed), weights(reference))
     x = scenario.tasks[1].x_test
     for name, preds in reference.evaluate(x).items():
