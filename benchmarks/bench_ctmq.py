@@ -15,7 +15,7 @@ direct (mean ± std over seeds) next to each side's mean ± std.
 
 Runs live under --out and resume like `hdqt run` (rerun the same command); runs made
 by other code are rerun from scratch. The section printed (and written to --results)
-is the one in docs/results.md, "CTMQ against direct low-bit training".
+is the one in docs/results-ctmq.md (its own page: bench_cl.py rewrites docs/results.md whole).
 
     python benchmarks/bench_ctmq.py --datasets dsads --epochs 28 --jobs 2
     python benchmarks/bench_ctmq.py --datasets fashion_mnist --epochs 16 --jobs 2
