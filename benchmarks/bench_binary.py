@@ -4,8 +4,11 @@ For each shape (M rows of activations, K the reduction, J rows of weights), one 
 per row and groups of 16, 1 thread and all threads:
 
 * float32: ``a @ b.T`` (torch, its BLAS)
-* binary, end to end: what a hadanet layer's forward does: the betas (torch), packing
-  both operands' signs, and the popcount product (``binary.binary_product``)
+* binary, end to end: what a hadanet layer's forward does (``binary._forward``): one
+  native pass over each operand that packs its signs and computes its betas, then the
+  popcount product
+* binary, unfused: the betas in torch, then packing, then the product (the layers'
+  forward before the betas moved into the packing pass; ``binary.binary_product``)
 * binary, product only: the popcount product on operands packed beforehand (the
   packing overhead is the difference; a deployed model packs its weights once)
 
@@ -27,7 +30,7 @@ import time
 import torch
 
 from hdqt.quantization import binarize, binary_kernel, native
-from hdqt.quantization.binary import binary_product, model_size_bits
+from hdqt.quantization.binary import _forward, binary_product, model_size_bits
 
 SHAPES = {
     "4096^3": (4096, 4096, 4096),
@@ -53,7 +56,16 @@ def bench_shape(m: int, k: int, j: int, group, repeat: int) -> dict:
     a, b = torch.randn(m, k, generator=gen), torch.randn(j, k, generator=gen)
     t_float = timed(lambda: a @ b.T, repeat)
 
+    import types
+
+    import hdqt
+
+    rt = types.SimpleNamespace(policy=hdqt.recipe("hadanet", group=group), name="bench")
+
     def end_to_end():
+        _forward(a, b, group, rt)
+
+    def unfused():
         binary_product(a, binarize.group_betas(a, group), b, binarize.group_betas(b, group), group)
 
     ba, bb = binarize.group_betas(a, group), binarize.group_betas(b, group)
@@ -73,7 +85,8 @@ def bench_shape(m: int, k: int, j: int, group, repeat: int) -> dict:
         def product_only():
             lib.hdqt_binary_matmul_f32(a_bits.data_ptr(), ba.data_ptr(), m, b_bits.data_ptr(), bb.data_ptr(), j, k,
                                        a_bits.shape[1], g, y.data_ptr(), code, native.threads())
-    return {"float": t_float, "end_to_end": timed(end_to_end, repeat), "product": timed(product_only, repeat)}
+    return {"float": t_float, "end_to_end": timed(end_to_end, repeat), "unfused": timed(unfused, repeat),
+            "product": timed(product_only, repeat)}
 
 
 def model_sizes() -> list[tuple[str, dict, dict, dict]]:
@@ -110,15 +123,16 @@ def main() -> None:
     print(f"commit {commit or '?'}; binary variant {binary_kernel.variant()}; {native.kernel_variant()}; "
           f"torch {torch.__version__}, {cores} threads available")
     print(f"{'shape (M x K x J)':<44} {'group':>5} {'thr':>3} {'float32 ms':>10} {'binary ms':>10} "
-          f"{'product ms':>10} {'speed-up':>8} {'product':>8}")
+          f"{'unfused ms':>10} {'product ms':>10} {'speed-up':>8} {'unfused':>8} {'product':>8}")
     for label, (m, k, j) in shapes.items():
         for group in (None, 16):
             for t in threads:
                 torch.set_num_threads(t)
                 r = bench_shape(m, k, j, group, args.repeat)
                 print(f"{label + f' ({m}x{k}x{j})':<44} {group or 'row':>5} {t:>3} {1e3 * r['float']:>10.2f} "
-                      f"{1e3 * r['end_to_end']:>10.2f} {1e3 * r['product']:>10.2f} "
-                      f"{r['float'] / r['end_to_end']:>7.2f}x {r['float'] / r['product']:>7.2f}x", flush=True)
+                      f"{1e3 * r['end_to_end']:>10.2f} {1e3 * r['unfused']:>10.2f} {1e3 * r['product']:>10.2f} "
+                      f"{r['float'] / r['end_to_end']:>7.2f}x {r['float'] / r['unfused']:>7.2f}x "
+                      f"{r['float'] / r['product']:>7.2f}x", flush=True)
     torch.set_num_threads(cores)
     print("\nstored size for inference (bits; float32 = every parameter and BN buffer at 32 bits)")
     print(f"{'model':<30} {'float32':>10} {'hadanet row':>12} {'ratio':>6} {'hadanet g16':>12} {'ratio':>6}")

@@ -69,16 +69,30 @@ def expand(betas: torch.Tensor, group: int | None, k: int) -> torch.Tensor:
     return full[..., :k]
 
 
+def _ungrouped(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., G, size) -> (..., k): the inverse of ``_grouped``."""
+    full = t.reshape(*t.shape[:-2], -1)
+    return full if full.shape[-1] == k else full[..., :k]
+
+
 def binarized(t: torch.Tensor, group: int | None, betas: torch.Tensor | None = None) -> torch.Tensor:
     """sign(t) * beta (the dequantized binary tensor)."""
     if betas is None:
         betas = group_betas(t, group)
-    return signs(t) * expand(betas, group, t.shape[-1])
+    beta = betas.unsqueeze(-1)  # (..., G, 1), broadcast over each group: no copy of beta per element
+    return _ungrouped(torch.where(_grouped(t, group) > 0, beta, -beta), t.shape[-1])
 
 
 def binarized_grad(t: torch.Tensor, grad: torch.Tensor, betas: torch.Tensor, group: int | None) -> torch.Tensor:
-    """d loss / d t from d loss / d binarized(t) (module docstring)."""
+    """d loss / d t from d loss / d binarized(t) (module docstring).
+
+    Computed on the (..., G, size) views of ``t`` and ``grad``, each beta broadcast
+    over its group, and ``grad * signs(t)`` as a select: the same values, in the same
+    order of operations, as ``grad * expand(betas) * (|t| <= 1) + sgn(t) *
+    expand(mean(grad * signs(t)))``, with fewer passes over the (B, L, K) rows of a
+    convolution."""
     k = t.shape[-1]
-    direct = grad * expand(betas, group, k) * (t.abs() <= 1)
-    through_beta = _grouped(grad * signs(t), group).sum(-1) / group_lengths(k, group, t.device, t.dtype)
-    return direct + torch.sign(t) * expand(through_beta, group, k)
+    tg, gg = _grouped(t, group), _grouped(grad, group)
+    direct = gg * betas.unsqueeze(-1) * (tg.abs() <= 1)
+    through_beta = torch.where(tg > 0, gg, -gg).sum(-1) / group_lengths(k, group, t.device, t.dtype)
+    return _ungrouped(direct + torch.sign(tg) * through_beta.unsqueeze(-1), k)

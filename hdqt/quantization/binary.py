@@ -45,12 +45,28 @@ from hdqt.quantization.quantizer import NonFiniteError
 from hdqt.quantization.runtime import LayerRuntime
 
 
-def _betas(t: torch.Tensor, group: int | None, rt: LayerRuntime, role: str) -> torch.Tensor:
-    betas = binarize.group_betas(t, group)
+def _checked(betas: torch.Tensor, rt: LayerRuntime, role: str) -> torch.Tensor:
     if rt.policy.nonfinite == "raise" and not bool(torch.isfinite(betas).all()):
         raise NonFiniteError(f"{role} of layer {rt.name!r} contains NaN or Inf; set the policy's "
                              "nonfinite='propagate' to let it flow through instead")
     return betas
+
+
+def _forward(a: torch.Tensor, b: torch.Tensor, group: int | None, rt: LayerRuntime):
+    """(a's betas, b's betas, the product (..., J)) of a (M, K) or (B, L, K) and b (J, K).
+
+    On the kernel, one native pass over each operand packs its signs and computes its
+    betas (``binary_kernel.pack_with_betas``); elsewhere torch computes the betas and
+    multiplies the dequantized operands."""
+    if binary_kernel.applies(a, b):
+        a_bits, a_betas = binary_kernel.pack_with_betas(a, group)
+        b_bits, b_betas = binary_kernel.pack_with_betas(b, group)
+        _checked(a_betas, rt, "forward input"), _checked(b_betas, rt, "forward weight")
+        y = binary_kernel.product_packed(a_bits, a_betas, b_bits, b_betas, a.shape[-1], group)
+        return a_betas, b_betas, y.reshape(*a.shape[:-1], b.shape[0])
+    a_betas = _checked(binarize.group_betas(a, group), rt, "forward input")
+    b_betas = _checked(binarize.group_betas(b, group), rt, "forward weight")
+    return a_betas, b_betas, binary_product(a, a_betas, b, b_betas, group)
 
 
 def binary_product(a: torch.Tensor, a_betas: torch.Tensor, b: torch.Tensor, b_betas: torch.Tensor,
@@ -68,11 +84,10 @@ class BinaryLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, rt: LayerRuntime) -> torch.Tensor:
         group = rt.policy.binary_group
-        bx = _betas(x, group, rt, "forward input")
-        bw = _betas(weight, group, rt, "forward weight")
+        bx, bw, y = _forward(x, weight, group, rt)
         ctx.save_for_backward(x, weight, bx, bw)
         ctx.group = group
-        return binary_product(x, bx, weight, bw, group)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -103,11 +118,15 @@ class BinaryConv2dFunction(torch.autograd.Function):
         b = x.shape[0]
         oh = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
         ow = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        rows = _columns(x, (kh, kw), stride, padding, dilation)  # (B, L, K)
         w2 = weight.reshape(n, -1)
-        bx = _betas(rows, group, rt, "forward input")  # (B, L, G)
-        bw = _betas(w2, group, rt, "forward weight")
-        y = binary_product(rows, bx, w2, bw, group)  # (B, L, N)
+        if binary_kernel.applies(x, weight):  # the rows packed straight from x, no column matrix
+            x_bits, bx = binary_kernel.pack_conv_with_betas(x, (kh, kw), stride, padding, dilation, group)
+            w_bits, bw = binary_kernel.pack_with_betas(w2, group)
+            _checked(bx, rt, "forward input"), _checked(bw, rt, "forward weight")
+            y = binary_kernel.product_packed(x_bits, bx, w_bits, bw, w2.shape[1], group).reshape(b, -1, n)
+        else:
+            rows = _columns(x, (kh, kw), stride, padding, dilation)  # (B, L, K)
+            bx, bw, y = _forward(rows, w2, group, rt)  # betas (B, L, G) and (N, G); y (B, L, N)
         ctx.save_for_backward(x, weight, bx, bw)
         ctx.conv = (group, (kh, kw), stride, padding, dilation)
         # channels-last memory: (B, OH, OW, N) seen as (B, N, OH, OW), no copy
@@ -120,7 +139,9 @@ class BinaryConv2dFunction(torch.autograd.Function):
         n = weight.shape[0]
         w2 = weight.reshape(n, -1)
         g = grad.reshape(grad.shape[0], n, -1)  # (B, N, L)
-        rows = _columns(x, kernel, stride, padding, dilation)  # recomputed: the input is smaller than its columns
+        # recomputed (the input is smaller than its columns), and made contiguous: the
+        # elementwise backward on the strided view read across K and ran ~20x slower
+        rows = _columns(x, kernel, stride, padding, dilation).contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_rows = g.transpose(1, 2) @ binarize.binarized(w2, group, bw)  # (B, L, K)
@@ -129,7 +150,9 @@ class BinaryConv2dFunction(torch.autograd.Function):
                             stride=stride)
         if ctx.needs_input_grad[1]:
             xb = binarize.binarized(rows, group, bx)  # (B, L, K)
-            grad_wb = g.permute(1, 0, 2).reshape(n, -1) @ xb.reshape(-1, xb.shape[-1])
+            # K-major, as the strided rows gave it before: the product's summation order, so dW, is unchanged
+            xb_k = xb.permute(2, 0, 1).reshape(xb.shape[-1], -1).contiguous()  # (K, B * L)
+            grad_wb = g.permute(1, 0, 2).reshape(n, -1) @ xb_k.T
             grad_w = binarize.binarized_grad(w2, grad_wb, bw, group).reshape(weight.shape)
         return grad_x, grad_w, None, None, None, None
 

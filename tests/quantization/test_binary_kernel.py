@@ -86,3 +86,39 @@ def test_forcing(monkeypatch):
     monkeypatch.setenv("HDQT_NATIVE", "0")
     monkeypatch.setenv("HDQT_BINARY", "auto")
     assert binary_kernel.variant() == "torch" and not native.enabled()
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)  # avx512 packs contiguous rows with AVX-512 F
+@pytest.mark.parametrize("group", [None, 2, 4, 16, 64, 128])
+@pytest.mark.parametrize("shape", [(5, 37), (3, 200), (4, 64), (2, 7, 577), (1, 1), (3, 16)])
+def test_packing_computes_the_betas_of_the_float64_formula(monkeypatch, variant, group, shape):
+    monkeypatch.setenv("HDQT_BINARY", variant)
+    gen = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
+    t = torch.randn(*shape, generator=gen) * 3
+    t.view(-1)[::7] = 0.0
+    bits, betas = binary_kernel.pack_with_betas(t, group)
+    assert torch.equal(bits, binary_kernel.pack(t))
+    assert torch.equal(betas, binarize.group_betas(t.double(), group).float())  # the float64 mean, rounded once
+    assert torch.allclose(betas, binarize.group_betas(t, group), rtol=4 * 2.0**-23, atol=0)  # torch's float32 sums
+
+
+@pytest.mark.parametrize("group", [None, 4, 16])
+def test_strided_im2col_rows_pack_with_their_betas(group):
+    x = torch.randn(2, 5, 13, 13)
+    x[:, :, :3] = torch.relu(x[:, :, :3])
+    rows = torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2)  # (B, L, K) strided view
+    bits, betas = binary_kernel.pack_with_betas(rows, group)
+    assert torch.equal(bits, binary_kernel.pack(rows.contiguous()))
+    assert torch.equal(betas, binarize.group_betas(rows.double(), group).float())
+    cm = rows.transpose(0, 1).contiguous().permute(1, 0, 2)  # another stride pattern: (L, B, K) memory
+    assert torch.equal(binary_kernel.pack_with_betas(cm, group)[1], betas)
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_a_nonfinite_value_gives_its_group_a_nonfinite_beta(monkeypatch, variant):
+    monkeypatch.setenv("HDQT_BINARY", variant)
+    t = torch.randn(2, 40)
+    t[0, 3], t[1, 39] = float("nan"), float("inf")
+    bits, betas = binary_kernel.pack_with_betas(t, 16)
+    assert betas[0, 0].isnan() and betas[1, 2].isinf() and torch.isfinite(betas[0, 1:]).all()
+    assert (bits[0, 0].item() >> 3) & 1 == 1 and (bits[1, 0].item() >> 39) & 1 == 0  # NaN: -1, inf: +1

@@ -289,3 +289,28 @@ def test_a_binarized_resnet_trains_like_the_reference_formula_and_its_gradients_
         assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-4 * q.grad.abs().max().item()), name
     # binarizing costs some gradient fidelity, not orders of magnitude (it was 1e8x with sign(0) = +1)
     assert norms["hadanet"] < 30 * norms["fp32"], norms
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_the_grouped_backward_computes_the_expanded_formula(group):
+    """binarize.py works on (..., G, size) views with broadcast betas: the same values as the
+    formula written with a beta per element (for strided rows, the float32 sum of each group
+    may run in another order: equal up to its rounding)."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 5, 9, 9) * 1.3
+    strided = nn.functional.unfold(x, 3, padding=1).transpose(1, 2)  # (B, L, K), K = 45
+    for t in (strided, strided.contiguous(), torch.randn(6, 37)):
+        t = t.clone() if t.dim() == 2 else t
+        grad = torch.randn(t.shape)
+        betas = binarize.group_betas(t, group)
+        k = t.shape[-1]
+        e = binarize.expand(betas, group, k)
+        signs = torch.where(t > 0, 1.0, -1.0)
+        mean = binarize._grouped(grad * signs, group).sum(-1) / binarize.group_lengths(k, group)
+        expected = grad * e * (t.abs() <= 1) + torch.sign(t) * binarize.expand(mean, group, k)
+        ours = binarize.binarized_grad(t, grad, betas, group)
+        if t.is_contiguous():
+            assert torch.equal(ours, expected)
+        else:
+            assert torch.allclose(ours, expected, rtol=0, atol=1e-6)
+        assert torch.equal(binarize.binarized(t, group, betas), signs * e)

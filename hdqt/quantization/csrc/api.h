@@ -55,6 +55,12 @@ int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t 
 
 /* binary.c: HadaNets' bit-packed signs and their product (variant: 0 auto, 1 portable,
  * 2 avx2, 3 avx512, 4 neon; hdqt_binary_variant gives what a request runs, or -1) */
+void hdqt_binary_pack_betas_f32(const float *x, int64_t outer, int64_t inner, int64_t k, int64_t so, int64_t si,
+                                int64_t sk, int64_t group, uint64_t *bits, int64_t words, float *betas,
+                                int variant, int threads);
+void hdqt_binary_pack_conv_f32(const float *x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                               int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t OH,
+                               int64_t OW, int64_t group, uint64_t *bits, int64_t words, float *betas, int threads);
 void hdqt_binary_pack_f32(const float *x, int64_t outer, int64_t inner, int64_t k, int64_t so, int64_t si,
                           int64_t sk, uint64_t *bits, int64_t words, int threads);
 int hdqt_binary_matmul_f32(const uint64_t *a, const float *a_beta, int64_t m, const uint64_t *b,

@@ -34,24 +34,94 @@
 
 /* ------------------------------------------------------------------ packing */
 
+int hdqt_binary_variant(int requested);
+enum { BIN_AUTO = 0, BIN_PORTABLE = 1, BIN_AVX2_V = 2, BIN_AVX512_V = 3, BIN_NEON = 4 };
+
+/* Packing reads each float once and, when `betas` is not NULL, also writes each row's
+ * betas: mean |x| over each group of `group` values (0: the whole row is one group),
+ * (rows, G) floats. The sums run in double (exact for any group whose magnitudes span
+ * less than ~2^(29 - log2 group) of range, so the order of the adds does not matter),
+ * then one division and one rounding to float: the float64 formula rounded once. */
 typedef struct {
     const float *x;
-    int64_t inner, k, so, si, sk, words;
+    int64_t inner, k, so, si, sk, words, group, groups;
     uint64_t *bits;
+    float *betas;
+    int avx512; /* contiguous rows, groups a multiple of 16 (or one): bin_pack_row_avx512 */
 } bin_pack_ctx;
 
-/* Rows whose elements are contiguous (sk == 1): one row at a time. */
+#ifdef HDQT_BIN_X86
+/* One contiguous row on AVX-512 F: 16 floats a step, their "not positive" mask is 16
+ * bits of the word, their magnitudes added in double (two registers of 8); a group
+ * (a multiple of 16, or the whole row) ends on a step. */
+__attribute__((target("avx512f")))
+static void bin_pack_row_avx512(const float *row, const bin_pack_ctx *c, uint64_t *out, float *beta) {
+    const int64_t k = c->k, gs = c->group;
+    const __m512 zero = _mm512_setzero_ps();
+    __m512d acc0 = _mm512_setzero_pd(), acc1 = acc0;
+    for (int64_t w = 0; w < c->words; ++w) {
+        uint64_t word = 0;
+        for (int64_t e0 = 64 * w, s = 0; s < 4 && e0 < k; ++s, e0 += 16) {
+            int64_t n = k - e0 < 16 ? k - e0 : 16;
+            __mmask16 m = n == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(m, row + e0);
+            word |= (uint64_t)_mm512_mask_cmp_ps_mask(m, v, zero, _CMP_NGT_UQ) << (16 * s);
+            if (!beta) continue;
+            __m512 a = _mm512_abs_ps(v);
+            acc0 = _mm512_add_pd(acc0, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
+            acc1 = _mm512_add_pd(acc1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))));
+            int64_t done = e0 + n;
+            if (done % gs == 0 || done == k) {
+                int64_t q = (done - 1) / gs;
+                beta[q] = (float)(_mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1)) / (double)(done - q * gs));
+                acc0 = acc1 = _mm512_setzero_pd();
+            }
+        }
+        out[w] = word;
+    }
+}
+#endif
+
+/* Rows whose elements are contiguous (sk == 1): one row at a time, in segments that
+ * end at a word or a group boundary. */
 HDQT_CLONES
 static void bin_pack_rows(void *arg, int64_t begin, int64_t end, int worker) {
     (void)worker;
     const bin_pack_ctx *c = (const bin_pack_ctx *)arg;
+    const int64_t gs = c->group;
     for (int64_t r = begin; r < end; ++r) {
         const float *row = c->x + (r / c->inner) * c->so + (r % c->inner) * c->si;
         uint64_t *out = c->bits + r * c->words;
+        float *beta = c->betas ? c->betas + r * c->groups : NULL;
+#ifdef HDQT_BIN_X86
+        if (c->avx512) {
+            bin_pack_row_avx512(row, c, out, beta);
+            continue;
+        }
+#endif
+        double acc = 0.0;
         for (int64_t w = 0; w < c->words; ++w) {
             int64_t k0 = 64 * w, n = c->k - k0 < 64 ? c->k - k0 : 64;
             uint64_t word = 0;
-            for (int64_t b = 0; b < n; ++b) word |= (uint64_t)!(row[k0 + b] > 0.0f) << b;
+            for (int64_t s0 = 0; s0 < n;) {
+                int64_t s1 = gs < 64 ? s0 + gs - (k0 + s0) % gs : n; /* gs is a power of two or k */
+                if (s1 > n) s1 = n;
+                double sum = 0.0;
+#pragma omp simd reduction(| : word) reduction(+ : sum)
+                for (int64_t b = s0; b < s1; ++b) {
+                    float v = row[k0 + b];
+                    word |= (uint64_t)!(v > 0.0f) << b;
+                    sum += (double)fabsf(v);
+                }
+                acc += sum;
+                int64_t done = k0 + s1;
+                if (beta && (done % gs == 0 || done == c->k)) {
+                    int64_t q = (done - 1) / gs;
+                    beta[q] = (float)(acc / (double)(done - q * gs));
+                    acc = 0.0;
+                }
+                s0 = s1;
+            }
             out[w] = word;
         }
     }
@@ -65,33 +135,159 @@ HDQT_CLONES
 static void bin_pack_columns(void *arg, int64_t begin, int64_t end, int worker) {
     (void)worker;
     const bin_pack_ctx *c = (const bin_pack_ctx *)arg;
+    const int64_t gs = c->group;
     int64_t blocks = (c->inner + BIN_PACK_BLOCK - 1) / BIN_PACK_BLOCK;
     uint64_t word[BIN_PACK_BLOCK];
+    double acc[BIN_PACK_BLOCK];
     for (int64_t item = begin; item < end; ++item) {
         int64_t o = item / blocks, i0 = (item % blocks) * BIN_PACK_BLOCK;
         int64_t n = c->inner - i0 < BIN_PACK_BLOCK ? c->inner - i0 : BIN_PACK_BLOCK;
+        int64_t row0 = o * c->inner + i0;
+        memset(acc, 0, sizeof(acc));
         for (int64_t w = 0; w < c->words; ++w) {
             memset(word, 0, sizeof(word));
             int64_t k0 = 64 * w, kn = c->k - k0 < 64 ? c->k - k0 : 64;
             for (int64_t b = 0; b < kn; ++b) {
                 const float *col = c->x + o * c->so + (k0 + b) * c->sk + i0 * c->si;
-                for (int64_t i = 0; i < n; ++i) word[i] |= (uint64_t)!(col[i * c->si] > 0.0f) << b;
+                if (c->si == 1) {
+#pragma omp simd
+                    for (int64_t i = 0; i < n; ++i) {
+                        word[i] |= (uint64_t)!(col[i] > 0.0f) << b;
+                        acc[i] += (double)fabsf(col[i]);
+                    }
+                } else {
+                    for (int64_t i = 0; i < n; ++i) {
+                        word[i] |= (uint64_t)!(col[i * c->si] > 0.0f) << b;
+                        acc[i] += (double)fabsf(col[i * c->si]);
+                    }
+                }
+                int64_t done = k0 + b + 1;
+                if (c->betas && (done % gs == 0 || done == c->k)) {
+                    int64_t q = (done - 1) / gs;
+                    double len = (double)(done - q * gs);
+                    for (int64_t i = 0; i < n; ++i) {
+                        c->betas[(row0 + i) * c->groups + q] = (float)(acc[i] / len);
+                        acc[i] = 0.0;
+                    }
+                }
             }
-            for (int64_t i = 0; i < n; ++i) c->bits[(o * c->inner + i0 + i) * c->words + w] = word[i];
+            for (int64_t i = 0; i < n; ++i) c->bits[(row0 + i) * c->words + w] = word[i];
         }
     }
 }
 
-void hdqt_binary_pack_f32(const float *x, int64_t outer, int64_t inner, int64_t k, int64_t so, int64_t si,
-                          int64_t sk, uint64_t *bits, int64_t words, int threads) {
-    bin_pack_ctx c = {x, inner, k, so, si, sk, words, bits};
-    memset(bits, 0, (size_t)(outer * inner * words) * sizeof(uint64_t)); /* words past the row's end */
+/* Signs of the (outer x inner) rows of k floats (strides so, si, sk) packed into
+ * `bits` (rows, words); with `betas` not NULL, also each row's betas (rows, G) for
+ * groups of `group` (0 or >= k: one per row). `variant` as hdqt_binary_variant: the
+ * avx512 variant packs contiguous rows with AVX-512 F (the same bits and betas). */
+void hdqt_binary_pack_betas_f32(const float *x, int64_t outer, int64_t inner, int64_t k, int64_t so, int64_t si,
+                                int64_t sk, int64_t group, uint64_t *bits, int64_t words, float *betas,
+                                int variant, int threads) {
+    int64_t gs = group > 0 && group < k ? group : k;
+    int avx512 = hdqt_binary_variant(variant) == BIN_AVX512_V && sk == 1 && (gs == k || gs % 16 == 0);
+    bin_pack_ctx c = {x, inner, k, so, si, sk, words, gs, (k + gs - 1) / gs, bits, betas, avx512};
+    if (outer * inner <= 0 || k <= 0) return;
     if (sk == 1) {
         parallel_for(outer * inner, threads, 64, bin_pack_rows, &c);
     } else {
         int64_t blocks = (inner + BIN_PACK_BLOCK - 1) / BIN_PACK_BLOCK;
         parallel_for(outer * blocks, threads, 1, bin_pack_columns, &c);
     }
+}
+
+void hdqt_binary_pack_f32(const float *x, int64_t outer, int64_t inner, int64_t k, int64_t so, int64_t si,
+                          int64_t sk, uint64_t *bits, int64_t words, int threads) {
+    hdqt_binary_pack_betas_f32(x, outer, inner, k, so, si, sk, 0, bits, words, NULL, 0, threads);
+}
+
+/* A convolution's im2col rows packed straight from its input x (B, C, H, W), without
+ * the column matrix: row (b, oh, ow) holds x[b, c, oh*sh - ph + i*dh, ow*sw - pw + j*dw]
+ * for c, i, j in the weight's order (0 outside x: the zero padding). A block of up to
+ * BIN_PACK_BLOCK positions along ow advances together, as bin_pack_columns. */
+typedef struct {
+    const float *x;
+    int64_t C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, k, words, group, groups;
+    uint64_t *bits;
+    float *betas;
+} bin_conv_ctx;
+
+HDQT_CLONES
+static void bin_pack_conv(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    const bin_conv_ctx *c = (const bin_conv_ctx *)arg;
+    const int64_t gs = c->group, taps = c->kh * c->kw;
+    int64_t blocks = (c->OW + BIN_PACK_BLOCK - 1) / BIN_PACK_BLOCK;
+    uint64_t word[BIN_PACK_BLOCK];
+    double acc[BIN_PACK_BLOCK];
+    for (int64_t item = begin; item < end; ++item) {
+        int64_t bo = item / blocks, ow0 = (item % blocks) * BIN_PACK_BLOCK; /* bo = b * OH + oh */
+        int64_t b = bo / c->OH, oh = bo % c->OH;
+        int64_t n = c->OW - ow0 < BIN_PACK_BLOCK ? c->OW - ow0 : BIN_PACK_BLOCK;
+        int64_t row0 = bo * c->OW + ow0;
+        memset(acc, 0, sizeof(acc));
+        for (int64_t w = 0; w < c->words; ++w) {
+            memset(word, 0, sizeof(word));
+            int64_t k0 = 64 * w, kn = c->k - k0 < 64 ? c->k - k0 : 64;
+            for (int64_t e = 0; e < kn; ++e) {
+                int64_t kk = k0 + e, ch = kk / taps, i = (kk % taps) / c->kw, j = kk % c->kw;
+                int64_t ih = oh * c->sh - c->ph + i * c->dh, off = j * c->dw - c->pw;
+                uint64_t bit = (uint64_t)1 << e;
+                /* positions o in [lo, hi) read x; the others are padding (0: sign bit set) */
+                int64_t lo = 0, hi = 0;
+                if (ih >= 0 && ih < c->H) {
+                    lo = n, hi = 0;
+                    for (int64_t o = 0; o < n; ++o) {
+                        int64_t iw = (ow0 + o) * c->sw + off;
+                        if (iw >= 0 && iw < c->W) {
+                            if (o < lo) lo = o;
+                            hi = o + 1;
+                        }
+                    }
+                    if (hi < lo) lo = hi = 0;
+                }
+                for (int64_t o = 0; o < lo; ++o) word[o] |= bit;
+                for (int64_t o = hi; o < n; ++o) word[o] |= bit;
+                if (hi > lo) {
+                    const float *src = c->x + ((b * c->C + ch) * c->H + ih) * c->W + (ow0 * c->sw + off);
+                    if (c->sw == 1) {
+#pragma omp simd
+                        for (int64_t o = lo; o < hi; ++o) {
+                            word[o] |= (uint64_t)!(src[o] > 0.0f) << e;
+                            acc[o] += (double)fabsf(src[o]);
+                        }
+                    } else {
+                        for (int64_t o = lo; o < hi; ++o) {
+                            float v = src[o * c->sw];
+                            word[o] |= (uint64_t)!(v > 0.0f) << e;
+                            acc[o] += (double)fabsf(v);
+                        }
+                    }
+                }
+                int64_t done = kk + 1;
+                if (c->betas && (done % gs == 0 || done == c->k)) {
+                    int64_t q = (done - 1) / gs;
+                    double len = (double)(done - q * gs);
+                    for (int64_t o = 0; o < n; ++o) {
+                        c->betas[(row0 + o) * c->groups + q] = (float)(acc[o] / len);
+                        acc[o] = 0.0;
+                    }
+                }
+            }
+            for (int64_t o = 0; o < n; ++o) c->bits[(row0 + o) * c->words + w] = word[o];
+        }
+    }
+}
+
+/* x (B, C, H, W) contiguous; bits (B * OH * OW, words), betas (B * OH * OW, G) as
+ * hdqt_binary_pack_betas_f32 on the im2col rows (K = C * kh * kw). */
+void hdqt_binary_pack_conv_f32(const float *x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                               int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t OH,
+                               int64_t OW, int64_t group, uint64_t *bits, int64_t words, float *betas, int threads) {
+    int64_t k = C * kh * kw, gs = group > 0 && group < k ? group : k;
+    bin_conv_ctx c = {x, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, k, words, gs, (k + gs - 1) / gs, bits, betas};
+    if (B * OH * OW <= 0 || k <= 0) return;
+    int64_t blocks = (OW + BIN_PACK_BLOCK - 1) / BIN_PACK_BLOCK;
+    parallel_for(B * OH * blocks, threads, 1, bin_pack_conv, &c);
 }
 
 /* ------------------------------------------- popcounts of a 4 x 4 row block */
@@ -225,8 +421,6 @@ static void bin_block_neon(const uint64_t *const *a, const uint64_t *const *b, i
 #endif
 
 /* ------------------------------------------------------------------ variants */
-
-enum { BIN_AUTO = 0, BIN_PORTABLE = 1, BIN_AVX2_V = 2, BIN_AVX512_V = 3, BIN_NEON = 4 };
 
 static int bin_runs(int variant) {
     switch (variant) {
