@@ -12,6 +12,9 @@ per row and groups of 16, 1 thread and all threads:
 * binary, product only: the popcount product on operands packed beforehand (the
   packing overhead is the difference; a deployed model packs its weights once)
 
+Then a ResNet-32 convolution layer's forward (``QuantConv2d``, batch 128, its rows
+packed straight from the input) against ``nn.Conv2d`` (torch's float32 convolution).
+
 The shapes: 4096^3; the FCNet layer (batch 128, 405 -> 405); the im2col products of
 ResNet-32's 3x3 convolutions at batch 128 (16, 32 and 64 channels on 32x32, 16x16 and
 8x8 maps). Then the stored size of binarized FCNet (DSADS) and ResNet-32 (CIFAR-100)
@@ -89,6 +92,20 @@ def bench_shape(m: int, k: int, j: int, group, repeat: int) -> dict:
             "product": timed(product_only, repeat)}
 
 
+CONVS = {"resnet32 conv 16ch 32x32": (16, 32), "resnet32 conv 32ch 16x16": (32, 16),
+         "resnet32 conv 64ch 8x8": (64, 8)}
+
+
+def bench_conv(channels: int, size: int, group, repeat: int) -> dict:
+    import hdqt
+
+    x = torch.randn(128, channels, size, size, generator=torch.Generator().manual_seed(0))
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    binary = hdqt.QuantConv2d.from_float(conv, hdqt.recipe("hadanet", group=group))
+    with torch.no_grad():
+        return {"float": timed(lambda: conv(x), repeat), "binary": timed(lambda: binary(x), repeat)}
+
+
 def model_sizes() -> list[tuple[str, dict, dict, dict]]:
     import hdqt
     from hdqt.cl.learners.networks import IncrementalNet
@@ -133,6 +150,15 @@ def main() -> None:
                       f"{1e3 * r['end_to_end']:>10.2f} {1e3 * r['unfused']:>10.2f} {1e3 * r['product']:>10.2f} "
                       f"{r['float'] / r['end_to_end']:>7.2f}x {r['float'] / r['unfused']:>7.2f}x "
                       f"{r['float'] / r['product']:>7.2f}x", flush=True)
+    print(f"\n{'convolution layer forward, batch 128':<44} {'group':>5} {'thr':>3} {'float32 ms':>10} "
+          f"{'binary ms':>10} {'speed-up':>8}")
+    for label, (channels, size) in CONVS.items() if not args.sizes else ():
+        for group in (None, 16):
+            for t in threads:
+                torch.set_num_threads(t)
+                r = bench_conv(channels, size, group, args.repeat)
+                print(f"{label:<44} {group or 'row':>5} {t:>3} {1e3 * r['float']:>10.2f} {1e3 * r['binary']:>10.2f} "
+                      f"{r['float'] / r['binary']:>7.2f}x", flush=True)
     torch.set_num_threads(cores)
     print("\nstored size for inference (bits; float32 = every parameter and BN buffer at 32 bits)")
     print(f"{'model':<30} {'float32':>10} {'hadanet row':>12} {'ratio':>6} {'hadanet g16':>12} {'ratio':>6}")

@@ -122,3 +122,15 @@ def test_a_nonfinite_value_gives_its_group_a_nonfinite_beta(monkeypatch, variant
     bits, betas = binary_kernel.pack_with_betas(t, 16)
     assert betas[0, 0].isnan() and betas[1, 2].isinf() and torch.isfinite(betas[0, 1:]).all()
     assert (bits[0, 0].item() >> 3) & 1 == 1 and (bits[1, 0].item() >> 39) & 1 == 0  # NaN: -1, inf: +1
+
+
+@pytest.mark.parametrize("group", [None, 4, 16])
+@pytest.mark.parametrize("b, c, h, w, kernel, stride, padding, dilation", [
+    (2, 3, 9, 9, (3, 3), (2, 2), (1, 1), (1, 1)), (2, 16, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (1, 5, 7, 11, (3, 2), (1, 2), (2, 0), (1, 2)), (1, 2, 3, 300, (1, 3), (1, 1), (0, 1), (1, 1))])  # 300: two blocks
+def test_conv_rows_pack_straight_from_the_input(group, b, c, h, w, kernel, stride, padding, dilation):
+    x = torch.relu(torch.randn(b, c, h, w))  # zeros, like a ReLU's output, and zero padding: sign -1
+    rows = torch.nn.functional.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)
+    bits, betas = binary_kernel.pack_conv_with_betas(x, kernel, stride, padding, dilation, group)
+    assert torch.equal(bits, binary_kernel.pack(rows.contiguous()))
+    assert torch.equal(betas, binarize.group_betas(rows.double(), group).float())
