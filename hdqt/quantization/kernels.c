@@ -52,3 +52,4 @@
 #include "csrc/conv.c"
 #include "csrc/conv_int8.c"
 #include "csrc/binary.c"
+#include "csrc/packing.c"

@@ -12,22 +12,41 @@ output cast to bool (nonzero: a ReLU's output is >= 0 or NaN, and -0 casts to Fa
 Without autograd (no grad mode, or an input that needs no gradient) it is plain
 ``torch.relu`` and keeps nothing. ``inplace=True`` is accepted and ignored: the output
 is always a new tensor (an in-place ReLU keeps its output too, so nothing is lost).
+
+On a dense CPU float32 input the native kernels (``csrc/packing.c``) write the output
+and the mask in one pass, and the backward applies the mask in one pass when the
+gradient has the input's layout; elsewhere the torch operations below run (the same
+bits: the tests compare the two).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from hdqt.quantization import native
 from hdqt.quantization.packing import flat_in_order, memory_order, pack_bits, restore_order, unpack_bits
+
+
+def _dense_in(t: torch.Tensor, order: tuple[int, ...]) -> bool:
+    """Whether ``t``'s memory holds its elements in ``order`` (``t`` permuted so is contiguous)."""
+    return t.is_contiguous() if order == tuple(range(t.dim())) else t.permute(order).is_contiguous()
 
 
 class PackedMaskReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(x)
         # packed in memory order (a ReLU on a linear layer's transposed Y^T packs without a copy)
-        order = memory_order(y)
-        ctx.save_for_backward(pack_bits(flat_in_order(y.to(torch.bool), order)))
+        order = memory_order(x)
+        lib = native.load() if native.usable(x) else None
+        if lib is not None and _dense_in(x, order):
+            y = torch.empty_like(x)  # x's strides (a dense tensor's are kept)
+            bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
+            lib.hdqt_relu_mask_f32(x.data_ptr(), y.data_ptr(), x.numel(), bits.data_ptr(), native.threads())
+        else:
+            y = torch.relu(x)
+            order = memory_order(y)
+            bits = pack_bits(flat_in_order(y.to(torch.bool), order))
+        ctx.save_for_backward(bits)
         ctx.shape, ctx.order = y.shape, order
         return y
 
@@ -35,6 +54,11 @@ class PackedMaskReLUFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (packed,) = ctx.saved_tensors
         shape, order = ctx.shape, ctx.order
+        lib = native.load() if native.usable(grad) else None
+        if lib is not None and _dense_in(grad, order):
+            out = torch.empty_like(grad)
+            lib.hdqt_mask_grad_f32(grad.data_ptr(), packed.data_ptr(), grad.numel(), out.data_ptr(), native.threads())
+            return out
         mask = restore_order(unpack_bits(packed, grad.numel()), shape, order)
         # uint8 against 0: the same comparison (and result dtype) as on the float output
         return torch.ops.aten.threshold_backward(grad, mask, 0)

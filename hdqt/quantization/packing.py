@@ -26,6 +26,11 @@ back the same float tensor (bit for bit, with the same strides) at the backward:
 byte), for ReLU's backward (``mask_relu.py``). The integer tricks rely on int64
 multiplication wrapping modulo 2^64, as it does on every CPU and GPU torch runs on;
 the tests check every byte value.
+
+On CPU float32 tensors the native kernels (``csrc/packing.c``) pack and unpack the
+nibbles and bytes in one pass each, with the same bytes and values as the torch
+operations here, which stay the path on other devices and the tests' reference
+(torch's 4-6 small integer kernels a tensor cost a small layer's step ~10% each).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hdqt.quantization import native
 from hdqt.quantization.formats import FloatFormat, IntFormat, LogFormat
 from hdqt.quantization.quantizer import QTensor, Quantizer
 from hdqt.quantization.scaling import DynamicScaling, ExponentBiasScaling, SAWBScaling
@@ -67,6 +73,8 @@ def memory_order(t: torch.Tensor) -> tuple[int, ...]:
     permuted so is contiguous when ``t`` is dense (a transposed view, channels-last).
     Packing in memory order keeps the layout without copies, and the unpacked tensor
     gets the original's strides, so that the backward runs as it did on the original."""
+    if t.is_contiguous():  # the common case, without the sort (this runs for every saved tensor)
+        return tuple(range(t.dim()))
     return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
 
 
@@ -87,6 +95,24 @@ def restore_order(flat: torch.Tensor, shape, order: tuple[int, ...]) -> torch.Te
     for position, d in enumerate(order):
         inverse[d] = position
     return permuted.permute(inverse)
+
+
+def native_lib(t: torch.Tensor):
+    """The native kernels when they can run on ``t`` in place (CPU, float32, contiguous), else None."""
+    return native.load() if native.usable(t) and t.is_contiguous() else None
+
+
+def _native_pack(lib, kernel: str, flat: torch.Tensor, size: int) -> tuple[torch.Tensor, bool]:
+    """``size`` bytes written by ``kernel`` from the float codes ``flat``, and whether a code was negative."""
+    out = torch.empty(size, dtype=torch.uint8)
+    negative = getattr(lib, kernel)(flat.data_ptr(), flat.numel(), out.data_ptr(), native.threads())
+    return out, bool(negative)
+
+
+def _native_unpack(lib, kernel: str, stored: torch.Tensor, n: int, signed: bool) -> torch.Tensor:
+    out = torch.empty(n, dtype=torch.float32)
+    getattr(lib, kernel)(stored.data_ptr(), n, int(signed), out.data_ptr(), native.threads())
+    return out
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -203,11 +229,20 @@ def pack_operand(q: QTensor, quantizer: Quantizer | None) -> tuple[tuple[torch.T
     flat = flat_in_order(values.detach(), order)
     shape, fmt = tuple(values.shape), quantizer.format
     if isinstance(fmt, IntFormat):
+        lib = native_lib(flat)
         if fmt.bits <= 4:
-            codes = flat.to(torch.int8)  # [-7, 7] or [0, 15]: both fit
-            signed = fmt.signed == "signed" or (fmt.signed == "auto" and codes.numel() > 0
-                                                and bool(codes.amin() < 0))
-            return (pack_nibbles(codes),), PackedLayout("nibbles", shape, order, values.dtype, signed)
+            if lib is not None:  # one pass, which also tells whether a code is negative
+                packed, negative = _native_pack(lib, "hdqt_pack_nibbles_f32", flat, (flat.numel() + 1) // 2)
+            else:
+                codes = flat.to(torch.int8)  # [-7, 7] or [0, 15]: both fit
+                packed = pack_nibbles(codes)
+                negative = fmt.signed == "auto" and codes.numel() > 0 and bool(codes.amin() < 0)
+            signed = fmt.signed == "signed" or (fmt.signed == "auto" and negative)
+            return (packed,), PackedLayout("nibbles", shape, order, values.dtype, signed)
+        if lib is not None and fmt.bits <= 8:  # int8 or uint8: the same bytes either way
+            stored, negative = _native_pack(lib, "hdqt_pack_bytes_f32", flat, flat.numel())
+            container = _int_container(fmt, fmt.signed == "signed" or (fmt.signed == "auto" and negative))
+            return (stored.view(container),), PackedLayout("int", shape, order, values.dtype)
         container = _int_container(fmt, _has_negative(fmt, flat))
         return (flat.to(container),), PackedLayout("int", shape, order, values.dtype)
     dtype = compact_float_dtype(fmt)
@@ -226,8 +261,12 @@ def unpack_operand(tensors: tuple[torch.Tensor, ...], layout: PackedLayout) -> t
     (stored,) = tensors
     if layout.kind == "raw":
         return stored
+    lib = native.load() if layout.dtype == torch.float32 and stored.device.type == "cpu" else None
     if layout.kind == "nibbles":
-        flat = unpack_nibbles(stored, layout.numel, layout.signed, layout.dtype)
+        flat = (_native_unpack(lib, "hdqt_unpack_nibbles_f32", stored, layout.numel, layout.signed)
+                if lib is not None else unpack_nibbles(stored, layout.numel, layout.signed, layout.dtype))
+    elif lib is not None and stored.dtype in (torch.int8, torch.uint8):
+        flat = _native_unpack(lib, "hdqt_unpack_bytes_f32", stored, layout.numel, stored.dtype == torch.int8)
     else:
         flat = stored.to(layout.dtype)
     return restore_order(flat, layout.shape, layout.order)

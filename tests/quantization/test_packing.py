@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hdqt.quantization import native
 from hdqt.quantization.formats import FP4_E2M1, FP8_E4M3, FP8_E5M2, FP134, FloatFormat, IntFormat, LogFormat
 from hdqt.quantization.packing import (
     compact_float_dtype, holds_codes, pack_bits, pack_nibbles, pack_operand, unpack_bits, unpack_nibbles,
@@ -138,3 +139,81 @@ def test_an_auto_tensor_keeps_its_range():
         assert layout.signed is signed
         assert q.values.max() == (7 if signed else 15)  # the grid's top code survives the round trip
         assert same_bits(unpack_operand(*pack_operand(q, quantizer)), q.values)
+
+
+# ---- native kernels (csrc/packing.c) against the torch reference above, bit for bit
+
+needs_native = pytest.mark.skipif(native.load() is None, reason="the native kernels are not available here")
+
+
+@needs_native
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 17, 1001, 200_001])  # the last one splits over threads
+@pytest.mark.parametrize("signed", [True, False])
+def test_native_nibbles_are_torch_s_bytes_and_codes(monkeypatch, n, signed):
+    lo, hi = (-8, 7) if signed else (0, 15)
+    edges = torch.tensor([lo, hi, 0, lo + 1, hi - 1], dtype=torch.float32)
+    codes = torch.cat([edges, torch.randint(lo, hi + 1, (n,)).float()])[:n]
+    quantizer = int_quantizer(4, signed="auto")
+    native_stored, native_layout = pack_operand(QTensor(codes, 1.0), quantizer)
+    torch_bytes = pack_nibbles(codes.to(torch.int8))
+    assert torch.equal(native_stored[0], torch_bytes)
+    assert native_layout.signed is bool(n and codes.min() < 0)  # "auto": read from the codes in the same pass
+    assert same_bits(unpack_operand(native_stored, native_layout), codes)
+    assert same_bits(unpack_nibbles(torch_bytes, n, native_layout.signed), codes)
+    monkeypatch.setattr(native, "load", lambda: None)  # the torch path stores the same
+    torch_stored, torch_layout = pack_operand(QTensor(codes, 1.0), quantizer)
+    assert torch.equal(torch_stored[0], native_stored[0]) and torch_layout == native_layout
+
+
+@needs_native
+@pytest.mark.parametrize("bits, signed, lo, hi", [(8, "signed", -127, 127), (8, "unsigned", 0, 255),
+                                                  (8, "auto", -127, 127), (8, "auto", 0, 255), (6, "auto", 0, 63)])
+@pytest.mark.parametrize("n", [1, 5, 70_001])
+def test_native_bytes_are_torch_s_containers(monkeypatch, bits, signed, lo, hi, n):
+    codes = torch.cat([torch.tensor([lo, hi, 0.0]), torch.randint(lo, hi + 1, (n,)).float()])[:n]
+    quantizer = int_quantizer(bits, signed=signed)
+    stored, layout = pack_operand(QTensor(codes, 1.0), quantizer)
+    back = unpack_operand(stored, layout)
+    monkeypatch.setattr(native, "load", lambda: None)
+    reference, reference_layout = pack_operand(QTensor(codes, 1.0), quantizer)
+    assert stored[0].dtype == reference[0].dtype and torch.equal(stored[0], reference[0])
+    assert layout == reference_layout
+    assert same_bits(back, codes) and same_bits(unpack_operand(reference, reference_layout), codes)
+
+
+def same_float32_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (NaN, its payload and the sign of zero included)."""
+    return a.dtype == b.dtype == torch.float32 and torch.equal(a.contiguous().view(torch.int32),
+                                                                 b.contiguous().view(torch.int32))
+
+
+EDGE_VALUES = [0.0, -0.0, 1.5, -1.5, float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45]
+
+
+@needs_native
+@pytest.mark.parametrize("shape, transpose", [((1,), False), ((7,), False), ((9,), False), ((13, 21), False),
+                                              ((13, 21), True), ((3, 5, 4, 6), False), ((64, 1031), False)])
+def test_native_mask_relu_is_torch_s_relu_and_threshold_backward(monkeypatch, shape, transpose):
+    from hdqt.quantization.mask_relu import PackedMaskReLUFunction
+
+    x = torch.randn(shape)
+    x.view(-1)[: len(EDGE_VALUES)] = torch.tensor(EDGE_VALUES)[: x.numel()]
+    x = x.T if transpose else x  # a transposed view: packed in memory order
+    grad = torch.randn(x.shape)
+    grad.view(-1)[:3] = torch.tensor([float("nan"), -0.0, -2.0])[: grad.numel()]
+    grad = grad.T.contiguous().T if transpose else grad
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        leaf = leaf.T.contiguous().T if transpose else leaf  # the same layout as x
+        y = PackedMaskReLUFunction.apply(leaf)
+        bits = y.grad_fn.saved_tensors[0]
+        (g,) = torch.autograd.grad(y, leaf, grad)
+        return y, g, bits
+
+    y, g, bits = run()
+    assert same_float32_bits(y, torch.relu(x)) and y.stride() == x.stride()
+    assert same_float32_bits(g, torch.ops.aten.threshold_backward(grad, torch.relu(x), 0))
+    monkeypatch.setattr(native, "load", lambda: None)
+    y_ref, g_ref, bits_ref = run()
+    assert torch.equal(bits, bits_ref) and same_float32_bits(y, y_ref) and same_float32_bits(g, g_ref)

@@ -71,6 +71,14 @@ int hdqt_binary_matmul_groups_f32(const uint32_t *a, const float *a_beta, int64_
                                   int64_t group, float *y, int threads);
 int hdqt_binary_variant(int requested);
 
+/* packing.c: what a backward keeps, packed in one pass (pack_* return 1 if a code is negative) */
+int hdqt_pack_nibbles_f32(const float *codes, int64_t n, uint8_t *out, int threads);
+void hdqt_unpack_nibbles_f32(const uint8_t *packed, int64_t n, int is_signed, float *out, int threads);
+int hdqt_pack_bytes_f32(const float *codes, int64_t n, uint8_t *out, int threads);
+void hdqt_unpack_bytes_f32(const uint8_t *bytes, int64_t n, int is_signed, float *out, int threads);
+void hdqt_relu_mask_f32(const float *x, float *y, int64_t n, uint8_t *bits, int threads);
+void hdqt_mask_grad_f32(const float *grad, const uint8_t *bits, int64_t n, float *out, int threads);
+
 /* common.h, int8_variant.h: what this build and CPU run */
 int hdqt_int8_dot_available(void);
 int hdqt_int8_variant(void);
