@@ -234,15 +234,12 @@ static void bin_pack_conv(void *arg, int64_t begin, int64_t end, int worker) {
                 uint64_t bit = (uint64_t)1 << e;
                 /* positions o in [lo, hi) read x; the others are padding (0: sign bit set) */
                 int64_t lo = 0, hi = 0;
-                if (ih >= 0 && ih < c->H) {
-                    lo = n, hi = 0;
-                    for (int64_t o = 0; o < n; ++o) {
-                        int64_t iw = (ow0 + o) * c->sw + off;
-                        if (iw >= 0 && iw < c->W) {
-                            if (o < lo) lo = o;
-                            hi = o + 1;
-                        }
-                    }
+                if (ih >= 0 && ih < c->H) { /* o reads iw = base + o * sw: 0 <= iw < W */
+                    int64_t base = ow0 * c->sw + off;
+                    lo = base >= 0 ? 0 : (-base + c->sw - 1) / c->sw;
+                    hi = c->W - 1 - base < 0 ? 0 : (c->W - 1 - base) / c->sw + 1;
+                    if (hi > n) hi = n;
+                    if (lo > n) lo = n;
                     if (hi < lo) lo = hi = 0;
                 }
                 for (int64_t o = 0; o < lo; ++o) word[o] |= bit;
