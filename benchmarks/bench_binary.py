@@ -127,6 +127,7 @@ def main() -> None:
                         help="comma-separated cubes (e.g. 1024,2048) or MxKxJ shapes instead of the default shapes")
     parser.add_argument("--threads", default="1,all", help="thread counts, 'all' = every core (default: 1,all)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per case, median reported (default: 3)")
+    parser.add_argument("--convs-only", action="store_true", help="only the convolution layers' forward")
     args = parser.parse_args()
     shapes = dict(SHAPES)
     if args.sizes:
@@ -141,7 +142,7 @@ def main() -> None:
           f"torch {torch.__version__}, {cores} threads available")
     print(f"{'shape (M x K x J)':<44} {'group':>5} {'thr':>3} {'float32 ms':>10} {'binary ms':>10} "
           f"{'unfused ms':>10} {'product ms':>10} {'speed-up':>8} {'unfused':>8} {'product':>8}")
-    for label, (m, k, j) in shapes.items():
+    for label, (m, k, j) in shapes.items() if not args.convs_only else ():
         for group in (None, 16):
             for t in threads:
                 torch.set_num_threads(t)
@@ -160,6 +161,8 @@ def main() -> None:
                 print(f"{label:<44} {group or 'row':>5} {t:>3} {1e3 * r['float']:>10.2f} {1e3 * r['binary']:>10.2f} "
                       f"{r['float'] / r['binary']:>7.2f}x", flush=True)
     torch.set_num_threads(cores)
+    if args.convs_only:
+        return
     print("\nstored size for inference (bits; float32 = every parameter and BN buffer at 32 bits)")
     print(f"{'model':<30} {'float32':>10} {'hadanet row':>12} {'ratio':>6} {'hadanet g16':>12} {'ratio':>6}")
     for label, fp, row, g16 in model_sizes():

@@ -127,7 +127,8 @@ def test_a_nonfinite_value_gives_its_group_a_nonfinite_beta(monkeypatch, variant
 @pytest.mark.parametrize("group", [None, 4, 16])
 @pytest.mark.parametrize("b, c, h, w, kernel, stride, padding, dilation", [
     (2, 3, 9, 9, (3, 3), (2, 2), (1, 1), (1, 1)), (2, 16, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1)),
-    (1, 5, 7, 11, (3, 2), (1, 2), (2, 0), (1, 2)), (1, 2, 3, 300, (1, 3), (1, 1), (0, 1), (1, 1))])  # 300: two blocks
+    (1, 5, 7, 11, (3, 2), (1, 2), (2, 0), (1, 2)), (1, 2, 3, 300, (1, 3), (1, 1), (0, 1), (1, 1)),  # 300 wide: two blocks along a row
+    (1, 2, 40, 40, (3, 3), (1, 1), (1, 1), (1, 1))])  # 6 rows a block, the last block 4
 def test_conv_rows_pack_straight_from_the_input(group, b, c, h, w, kernel, stride, padding, dilation):
     x = torch.relu(torch.randn(b, c, h, w))  # zeros, like a ReLU's output, and zero padding: sign -1
     rows = torch.nn.functional.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)

@@ -216,47 +216,52 @@ static void bin_pack_conv(void *arg, int64_t begin, int64_t end, int worker) {
     (void)worker;
     const bin_conv_ctx *c = (const bin_conv_ctx *)arg;
     const int64_t gs = c->group, taps = c->kh * c->kw;
-    int64_t blocks = (c->OW + BIN_PACK_BLOCK - 1) / BIN_PACK_BLOCK;
+    /* a block: `rows` output rows (oh) of `wn` positions; narrow maps take several rows so
+     * that each tap's index arithmetic is shared by up to BIN_PACK_BLOCK positions */
+    const int64_t rows = c->OW <= BIN_PACK_BLOCK ? BIN_PACK_BLOCK / c->OW : 1;
+    const int64_t wblocks = (c->OW + BIN_PACK_BLOCK - 1) / BIN_PACK_BLOCK, hblocks = (c->OH + rows - 1) / rows;
     uint64_t word[BIN_PACK_BLOCK];
     double acc[BIN_PACK_BLOCK];
     for (int64_t item = begin; item < end; ++item) {
-        int64_t bo = item / blocks, ow0 = (item % blocks) * BIN_PACK_BLOCK; /* bo = b * OH + oh */
-        int64_t b = bo / c->OH, oh = bo % c->OH;
-        int64_t n = c->OW - ow0 < BIN_PACK_BLOCK ? c->OW - ow0 : BIN_PACK_BLOCK;
-        int64_t row0 = bo * c->OW + ow0;
+        int64_t b = item / (hblocks * wblocks), rest = item % (hblocks * wblocks);
+        int64_t oh0 = (rest / wblocks) * rows, ow0 = (rest % wblocks) * BIN_PACK_BLOCK;
+        int64_t nr = c->OH - oh0 < rows ? c->OH - oh0 : rows;
+        int64_t wn = c->OW - ow0 < BIN_PACK_BLOCK ? c->OW - ow0 : BIN_PACK_BLOCK;
         memset(acc, 0, sizeof(acc));
         for (int64_t w = 0; w < c->words; ++w) {
             memset(word, 0, sizeof(word));
             int64_t k0 = 64 * w, kn = c->k - k0 < 64 ? c->k - k0 : 64;
             for (int64_t e = 0; e < kn; ++e) {
                 int64_t kk = k0 + e, ch = kk / taps, i = (kk % taps) / c->kw, j = kk % c->kw;
-                int64_t ih = oh * c->sh - c->ph + i * c->dh, off = j * c->dw - c->pw;
+                int64_t base = ow0 * c->sw + j * c->dw - c->pw; /* position o reads iw = base + o * sw */
+                int64_t lo = base >= 0 ? 0 : (-base + c->sw - 1) / c->sw;
+                int64_t hi = c->W - 1 - base < 0 ? 0 : (c->W - 1 - base) / c->sw + 1;
+                if (hi > wn) hi = wn;
+                if (lo > wn) lo = wn;
+                if (hi < lo) hi = lo;
                 uint64_t bit = (uint64_t)1 << e;
-                /* positions o in [lo, hi) read x; the others are padding (0: sign bit set) */
-                int64_t lo = 0, hi = 0;
-                if (ih >= 0 && ih < c->H) { /* o reads iw = base + o * sw: 0 <= iw < W */
-                    int64_t base = ow0 * c->sw + off;
-                    lo = base >= 0 ? 0 : (-base + c->sw - 1) / c->sw;
-                    hi = c->W - 1 - base < 0 ? 0 : (c->W - 1 - base) / c->sw + 1;
-                    if (hi > n) hi = n;
-                    if (lo > n) lo = n;
-                    if (hi < lo) lo = hi = 0;
-                }
-                for (int64_t o = 0; o < lo; ++o) word[o] |= bit;
-                for (int64_t o = hi; o < n; ++o) word[o] |= bit;
-                if (hi > lo) {
-                    const float *src = c->x + ((b * c->C + ch) * c->H + ih) * c->W + (ow0 * c->sw + off);
+                for (int64_t r = 0; r < nr; ++r) {
+                    int64_t ih = (oh0 + r) * c->sh - c->ph + i * c->dh;
+                    uint64_t *wr = word + r * wn;
+                    double *ar = acc + r * wn;
+                    if (ih < 0 || ih >= c->H) { /* a padding row: every value 0, sign bit set */
+                        for (int64_t o = 0; o < wn; ++o) wr[o] |= bit;
+                        continue;
+                    }
+                    for (int64_t o = 0; o < lo; ++o) wr[o] |= bit;
+                    for (int64_t o = hi; o < wn; ++o) wr[o] |= bit;
+                    const float *src = c->x + ((b * c->C + ch) * c->H + ih) * c->W + base;
                     if (c->sw == 1) {
 #pragma omp simd
                         for (int64_t o = lo; o < hi; ++o) {
-                            word[o] |= (uint64_t)!(src[o] > 0.0f) << e;
-                            acc[o] += (double)fabsf(src[o]);
+                            wr[o] |= (uint64_t)!(src[o] > 0.0f) << e;
+                            ar[o] += (double)fabsf(src[o]);
                         }
                     } else {
                         for (int64_t o = lo; o < hi; ++o) {
                             float v = src[o * c->sw];
-                            word[o] |= (uint64_t)!(v > 0.0f) << e;
-                            acc[o] += (double)fabsf(v);
+                            wr[o] |= (uint64_t)!(v > 0.0f) << e;
+                            ar[o] += (double)fabsf(v);
                         }
                     }
                 }
@@ -264,13 +269,17 @@ static void bin_pack_conv(void *arg, int64_t begin, int64_t end, int worker) {
                 if (c->betas && (done % gs == 0 || done == c->k)) {
                     int64_t q = (done - 1) / gs;
                     double len = (double)(done - q * gs);
-                    for (int64_t o = 0; o < n; ++o) {
-                        c->betas[(row0 + o) * c->groups + q] = (float)(acc[o] / len);
-                        acc[o] = 0.0;
-                    }
+                    for (int64_t r = 0; r < nr; ++r)
+                        for (int64_t o = 0; o < wn; ++o) {
+                            c->betas[((b * c->OH + oh0 + r) * c->OW + ow0 + o) * c->groups + q] =
+                                (float)(acc[r * wn + o] / len);
+                            acc[r * wn + o] = 0.0;
+                        }
                 }
             }
-            for (int64_t o = 0; o < n; ++o) c->bits[(row0 + o) * c->words + w] = word[o];
+            for (int64_t r = 0; r < nr; ++r)
+                for (int64_t o = 0; o < wn; ++o)
+                    c->bits[((b * c->OH + oh0 + r) * c->OW + ow0 + o) * c->words + w] = word[r * wn + o];
         }
     }
 }
@@ -283,8 +292,9 @@ void hdqt_binary_pack_conv_f32(const float *x, int64_t B, int64_t C, int64_t H, 
     int64_t k = C * kh * kw, gs = group > 0 && group < k ? group : k;
     bin_conv_ctx c = {x, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, k, words, gs, (k + gs - 1) / gs, bits, betas};
     if (B * OH * OW <= 0 || k <= 0) return;
-    int64_t blocks = (OW + BIN_PACK_BLOCK - 1) / BIN_PACK_BLOCK;
-    parallel_for(B * OH * blocks, threads, 1, bin_pack_conv, &c);
+    int64_t rows = OW <= BIN_PACK_BLOCK ? BIN_PACK_BLOCK / OW : 1;
+    int64_t items = B * ((OH + rows - 1) / rows) * ((OW + BIN_PACK_BLOCK - 1) / BIN_PACK_BLOCK);
+    parallel_for(items, threads, 1, bin_pack_conv, &c);
 }
 
 /* ------------------------------------------- popcounts of a 4 x 4 row block */
