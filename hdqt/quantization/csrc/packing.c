@@ -179,8 +179,11 @@ HDQT_CLONES
 static void mask_grad_range(void *arg, int64_t begin, int64_t end, int worker) {
     (void)worker;
     const mask_grad_ctx *c = (const mask_grad_ctx *)arg;
-    const uint32_t *restrict grad = (const uint32_t *)c->grad;
-    uint32_t *restrict out = (uint32_t *)c->out;
+    /* the floats read and written as their bit patterns: may_alias keeps that within
+     * the aliasing rules (a plain uint32_t* to float memory is not) */
+    typedef uint32_t float_bits __attribute__((may_alias));
+    const float_bits *restrict grad = (const float_bits *)c->grad;
+    float_bits *restrict out = (float_bits *)c->out;
     const uint8_t *restrict bits = c->bits;
     uint8_t flags[MASK_CHUNK] __attribute__((aligned(64)));
     for (int64_t chunk = begin; chunk < end; ++chunk) {
