@@ -1,10 +1,13 @@
 """The bit-packed binary product on the native kernels (``csrc/binary.c``).
 
 ``product(a, a_betas, b, b_betas, group)`` packs the signs of a's and b's rows (bit 1 =
-negative, 64 a word, the last word's unused bits 0) and sums, per pair of rows and group,
-``beta_a * beta_b * (K_g - 2 * popcount(a XOR b))``. It returns None where the
-kernel does not apply (not CPU float32, no native library, HDQT_BINARY=torch): the
-caller then multiplies the dequantized operands.
+not positive, i.e. sign(0) = -1; 64 a word, the last word's unused bits 0) and sums, per
+pair of rows and group, ``beta_a * beta_b * (K_g - 2 * popcount(a XOR b))``. It returns
+None where the kernel does not apply (not CPU float32, no native library,
+HDQT_BINARY=torch): the caller then multiplies the dequantized operands. The layers
+call its parts: ``pack_with_betas`` (signs and betas in one read of a float tensor),
+``pack_conv_with_betas`` (a convolution's im2col rows read straight from its input) and
+``product_packed``.
 
 Variants (``HDQT_BINARY``): ``auto`` (default: the best this CPU runs), ``avx512``
 (AVX-512 F with VPOPCNTDQ), ``avx2`` (nibble-table popcount with vpshufb), ``neon``
