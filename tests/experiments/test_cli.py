@@ -51,8 +51,8 @@ def test_default_out_dir_is_stable_per_configuration():
 @pytest.mark.parametrize("argv, expected", [
     (["--dataset", "mnist"], "unknown dataset 'mnist'.*valid choices: .*dsads.*digits"),
     (["--method", "ewc"], "unknown method 'ewc'.*valid choices: .*lwf, icarl, bic, der, memo"),
-    (["--recipe", "fp8"], "unknown recipe 'fp8'.*valid choices: fp134, fp32, fp4_e2m1, fp8_e4m3, fp8_e5m2, hdqt, int, luq"),
-    (["--compare", "fp32,fp8"], "unknown recipe 'fp8'.*valid choices: fp134, fp32, fp4_e2m1, fp8_e4m3, fp8_e5m2, hdqt, int, luq"),
+    (["--recipe", "fp8"], "unknown recipe 'fp8'.*valid choices: fp134, fp32, fp4_e2m1, fp8_e4m3, fp8_e5m2, hadanet, hdqt, int, luq"),
+    (["--compare", "fp32,fp8"], "unknown recipe 'fp8'.*valid choices: fp134, fp32, fp4_e2m1, fp8_e4m3, fp8_e5m2, hadanet, hdqt, int, luq"),
     (["--backbone", "vgg"], "unknown backbone 'vgg'.*valid choices: .*fcnet"),
     (["--recipe", "hdqt", "--compare", "fp32,hdqt"], "either recipe or compare"),
     (["--recipe", "hdqt", "--bits", "1"], "bits must be an integer in 2..16"),
