@@ -37,8 +37,9 @@ from pathlib import Path
 
 import hdqt
 from hdqt.experiments import outputs
+from hdqt.experiments.benchmark_grid import run_benchmark_grid
 from hdqt.experiments.config import ConfigError, parse_int_list, parse_name_list, resolve_config
-from hdqt.experiments.grid import GridOutcome, GridPoint, run_grid, stat
+from hdqt.experiments.grid import GridOutcome, GridPoint, stat
 
 FLOAT_RECIPES = ("fp134", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1")
 
@@ -214,14 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     points = [p for _, _, p in triples]
-    print(f"{len(points)} runs under {args.out}, {args.jobs} at a time", flush=True)
-
-    def report(outcome: GridOutcome, done: int, total: int) -> None:
-        acc = (outcome.metrics or {}).get("avg_incremental_accuracy")
-        status = f"avg inc acc {acc:.2f}" if acc is not None else f"FAILED {(outcome.error or '').strip()[-300:]}"
-        print(f"[{done}/{total}] {outcome.point.name}: {status} ({outcome.seconds:.0f} s)", flush=True)
-
-    outcomes = run_grid(points, jobs=args.jobs, threads=args.threads, on_done=report)
+    outcomes = run_benchmark_grid(points, script="bench_baselines.py", out=args.out, jobs=args.jobs,
+                                  threads=args.threads)
+    if outcomes is None:
+        return 130
     text = render(args, command, triples, outcomes, time.perf_counter() - started)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     outputs.write_text(Path(args.results), text)

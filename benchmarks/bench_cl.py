@@ -29,18 +29,17 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from hdqt.experiments import outputs
+from hdqt.experiments.benchmark_grid import run_benchmark_grid
 from hdqt.experiments.config import ConfigError, parse_int_list, parse_name_list, resolve_config
-from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint, same_code
+from hdqt.experiments.fingerprint import describe
 # The machinery of `hdqt sweep`: the worker pool, the state of a run directory and
 # the comparison tables (paired_differences is used by the tests through this module).
-from hdqt.experiments.grid import (TABLE_LEGEND, GridInterrupted, GridOutcome, GridPoint,
-                                   classifiers_of, comparison_header, comparison_rows,
-                                   finished_outcome, fmt_delta, fmt_stat, has_results, md_row,
-                                   paired_differences, run_grid, stat)
+from hdqt.experiments.grid import (TABLE_LEGEND, GridOutcome, GridPoint, classifiers_of,
+                                   comparison_header, comparison_rows, fmt_delta, fmt_stat, md_row,
+                                   paired_differences, stat)
 from hdqt.experiments.grid import stored_code as _stored_code
 
 TARGET_METHODS = ("icarl", "bic", "der")
@@ -99,13 +98,6 @@ def stored_code(point: GridPoint) -> dict | None:
     return _stored_code(point.out_dir)
 
 
-def holds_other_code(point: GridPoint, code: dict) -> bool:
-    """True when the point's directory holds results made by other code (to rerun)."""
-    return has_results(point.out_dir) and not same_code(stored_code(point), code)
-
-
-# The stored result of a finished run with this configuration and code, if any.
-read_finished = finished_outcome
 _fmt, _fmt_delta, _row, _classifiers = fmt_stat, fmt_delta, md_row, classifiers_of
 
 
@@ -223,29 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_cl.py: error: {error}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    code = loaded_code_fingerprint()
-    if args.report_only:
-        outcomes = [read_finished(point, code) for point in points]
-    else:
-        stale = [holds_other_code(point, code) for point in points]
-        points = [replace(point, overwrite=True) if s else point for point, s in zip(points, stale)]
-        print(f"{len(points)} runs under {args.out}, {args.jobs} at a time; code "
-              f"{describe(code)}; {sum(stale)} made by other code will be rerun", flush=True)
-
-        def report(outcome: GridOutcome, done: int, total: int) -> None:
-            status = "ok" if outcome.metrics else "FAILED"
-            acc = (outcome.metrics or {}).get("avg_incremental_accuracy")
-            score = f"avg inc acc {acc:.2f}" if acc is not None else (outcome.error or "").strip()
-            print(f"[{done}/{total}] {outcome.point.name}: {status} {score} "
-                  f"({outcome.seconds:.0f} s)", flush=True)
-
-        try:
-            outcomes = run_grid(points, jobs=args.jobs, threads=args.threads, on_done=report)
-        except GridInterrupted as stop:
-            print(f"\nbench_cl.py: interrupted after {len(stop.outcomes)} of {len(points)} runs; "
-                  f"finished runs are kept and stopped ones resume after their last finished "
-                  f"task: rerun the same command to go on", file=sys.stderr)
-            return 130
+    outcomes = run_benchmark_grid(points, script="bench_cl.py", out=args.out, jobs=args.jobs,
+                                  threads=args.threads, report_only=args.report_only)
+    if outcomes is None:
+        return 130
     text = render(args, command, outcomes, time.perf_counter() - started)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     outputs.write_text(Path(args.results), text)

@@ -28,15 +28,14 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from hdqt.experiments import outputs
+from hdqt.experiments.benchmark_grid import run_benchmark_grid
 from hdqt.experiments.config import ConfigError, parse_int_list, parse_name_list, resolve_config
-from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint, same_code
-from hdqt.experiments.grid import (GridInterrupted, GridOutcome, GridPoint, classifiers_of,
-                                   finished_outcome, fmt_delta, fmt_stat, has_results, md_row,
-                                   paired_differences, run_grid, stat, stored_code)
+from hdqt.experiments.fingerprint import describe, loaded_code_fingerprint
+from hdqt.experiments.grid import (GridOutcome, GridPoint, classifiers_of, fmt_delta, fmt_stat, md_row,
+                                   paired_differences, stat)
 
 NAMES = {"dsads": "DSADS (FCNet)", "fashion_mnist": "Fashion-MNIST (convnet)"}
 BINARY = "binary"
@@ -191,30 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_ctmq.py: error: {error}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    code = loaded_code_fingerprint()
-    if args.report_only:
-        outcomes = [finished_outcome(point, code) for point in points]
-    else:
-        stale = [has_results(p.out_dir) and not same_code(stored_code(p.out_dir), code)
-                 for p in points]
-        points = [replace(p, overwrite=True) if s else p for p, s in zip(points, stale)]
-        print(f"{len(points)} runs under {args.out}, {args.jobs} at a time; code "
-              f"{describe(code)}; {sum(stale)} made by other code will be rerun", flush=True)
-        for note in notes:
-            print(note, flush=True)
-
-        def report(outcome: GridOutcome, done: int, total: int) -> None:
-            acc = (outcome.metrics or {}).get("avg_incremental_accuracy")
-            score = f"avg inc acc {acc:.2f}" if acc is not None else (outcome.error or "").strip()
-            print(f"[{done}/{total}] {outcome.point.name}: {score} ({outcome.seconds:.0f} s)",
-                  flush=True)
-
-        try:
-            outcomes = run_grid(points, jobs=args.jobs, threads=args.threads, on_done=report)
-        except GridInterrupted as stop:
-            print(f"\nbench_ctmq.py: interrupted after {len(stop.outcomes)} of {len(points)} "
-                  f"runs; rerun the same command to go on", file=sys.stderr)
-            return 130
+    outcomes = run_benchmark_grid(points, script="bench_ctmq.py", out=args.out, jobs=args.jobs,
+                                  threads=args.threads, report_only=args.report_only, notes=notes)
+    if outcomes is None:
+        return 130
     text = render(args, command, points, outcomes, notes, time.perf_counter() - started)
     results = Path(args.results or Path(args.out) / "results.md")
     outputs.write_text(results, text + "\n")
