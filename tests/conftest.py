@@ -11,6 +11,7 @@ same roots. docs/data.md ("Tests") describes the layout.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,6 +43,21 @@ def data_env() -> SimpleNamespace:
     (``in_session``, which per-test isolation may later remove), the folder it defaults to
     (``shared``) and the rule (``default``)."""
     return SimpleNamespace(at_start=_AT_START, in_session=_IN_SESSION, shared=SHARED_DATA, default=default_data_env)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """A loader of a script in benchmarks/ by name (``load_benchmark("bench_cl")``), as a
+    module: the scripts are not a package, so the tests import them from their files."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 def pytest_report_header(config) -> list[str]:

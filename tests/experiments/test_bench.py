@@ -1,23 +1,16 @@
 """benchmarks/bench_cl.py on a tiny digits grid: parallel runs, report, resume."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from hdqt.experiments.grid import stat
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_cl.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_cl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("bench_cl")
 
 
 def test_stat_is_mean_and_sample_std():

@@ -3,9 +3,6 @@ gradients are bit for bit those of the float-saving path (packing monkeypatched 
 identity and nn.ReLU / nn.BatchNorm2d kept), under the same seeds."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
@@ -18,17 +15,13 @@ from hdqt.quantization.compact_bn import CompactBatchNorm2d
 from hdqt.quantization.mask_relu import PackedMaskReLU
 from hdqt.quantization.packing import PackedLayout
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_memory.py"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                   reason="no CUDA device on this machine"))]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("bench_memory")
 
 
 def keep_floats(monkeypatch):
