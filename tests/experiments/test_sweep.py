@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -437,13 +436,11 @@ def check_resumed_and_tables(code, text, out, reference):
     assert rows[0].endswith("| 2/2 |")
 
 
-@pytest.mark.slow  # a sweep in a child process, interrupted, then resumed
-def test_ctrl_c_stops_the_workers_keeps_finished_runs_and_says_how_to_resume(
-        reference, hook, tmp_path):
-    out = tmp_path / "sweep"
-    hook("pause", KILLED)
-    args = [sys.executable, "-m", "hdqt", "sweep", str(DIGITS), "--out", str(out), *WORKERS]
-    child = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def ctrl_c_once_paused(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    """Run ``args`` in a new session; once the paused run is mid-task, Ctrl-C it (SIGINT
+    to the whole process group, as a terminal does) and wait until every process of the
+    group is gone. Returns the exit code, stdout and stderr."""
+    child = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
     paused = Path(os.environ["HDQT_TEST_HOOKS"]) / "paused"
@@ -451,13 +448,8 @@ def test_ctrl_c_stops_the_workers_keeps_finished_runs_and_says_how_to_resume(
     while not paused.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert paused.exists(), child.communicate(timeout=60)
-    os.killpg(child.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
+    os.killpg(child.pid, signal.SIGINT)
     stdout, stderr = child.communicate(timeout=120)
-    assert child.returncode == 130, stdout + stderr
-    assert "Traceback" not in stderr, stderr
-    assert (f"interrupted; finished runs are kept and stopped ones resume after their last "
-            f"finished task: rerun `hdqt sweep {DIGITS} --out {out} --jobs 2 --threads 1` "
-            f"to go on") in stderr
     deadline = time.monotonic() + 30  # the workers are gone, not left running
     while time.monotonic() < deadline:
         try:
@@ -467,6 +459,21 @@ def test_ctrl_c_stops_the_workers_keeps_finished_runs_and_says_how_to_resume(
         time.sleep(0.1)
     else:
         pytest.fail("a process of the interrupted sweep is still running")
+    return child.returncode, stdout, stderr
+
+
+@pytest.mark.slow  # a sweep in a child process, interrupted, then resumed
+def test_ctrl_c_stops_the_workers_keeps_finished_runs_and_says_how_to_resume(
+        reference, hook, tmp_path):
+    out = tmp_path / "sweep"
+    hook("pause", KILLED)
+    args = [sys.executable, "-m", "hdqt", "sweep", str(DIGITS), "--out", str(out), *WORKERS]
+    code, stdout, stderr = ctrl_c_once_paused(args, tmp_path)
+    assert code == 130, stdout + stderr
+    assert "Traceback" not in stderr, stderr
+    assert (f"interrupted; finished runs are kept and stopped ones resume after their last "
+            f"finished task: rerun `hdqt sweep {DIGITS} --out {out} --jobs 2 --threads 1` "
+            f"to go on") in stderr
     runs = runs_of(out)
     assert runs[KILLED]["status"] == "interrupted"
     assert metrics(out, KILLED)["finished_tasks"] == 1  # the task it finished is kept
@@ -514,42 +521,43 @@ def test_a_run_made_by_other_code_is_refused_unless_overwrite_or_force(reference
 # ----------------------------------------------------------------------------- Ray
 
 
-@pytest.fixture(scope="module")
-def ray_instance(hooks):
-    """One local Ray instance for this module's Ray tests (its workers load the hooks)."""
+def import_ray_or_skip():
     try:
         import ray
     except ImportError as error:
         pytest.skip(f"ray cannot be imported ({error}); install it with pip install 'hdqt[ray]'")
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_instance(hooks):
+    """One local Ray instance for this module's Ray tests (its workers load the hooks)."""
+    ray = import_ray_or_skip()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
 
-@pytest.mark.slow  # an interrupted sweep on a local Ray instance, then its resume
-def test_ray_sweep_interrupted_cancels_its_tasks_and_resumes(reference, ray_instance, hook,
-                                                            tmp_path, capsys):
+# Ctrl-C reaches a Ray sweep in a child process that starts its own local Ray instance,
+# as it does from a terminal: a SIGINT sent to the pytest process itself while it drives
+# a Ray instance made whole CI runs exit with status 1 and no report (3 runs in 5).
+@pytest.mark.slow  # an interrupted sweep on its own local Ray instance, then its resume
+def test_ray_sweep_interrupted_cancels_its_tasks_and_resumes(reference, hook, tmp_path):
+    import_ray_or_skip()
     out = tmp_path / "sweep"
     hook("pause", KILLED)
-    paused = Path(os.environ["HDQT_TEST_HOOKS"]) / "paused"
-
-    def ctrl_c() -> None:  # once the paused run is mid-task, Ctrl-C this process
-        deadline = time.monotonic() + 600  # generous: a loaded machine starts Ray workers slowly
-        while not paused.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=ctrl_c, daemon=True).start()
-    code, text, err = sweep(capsys, DIGITS, "--out", out, "--backend", "ray")
-    assert code == 130, text + err
-    assert paused.exists()
-    assert f"rerun `hdqt sweep {DIGITS} --out {out} --backend ray` to go on" in err
+    args = [sys.executable, "-m", "hdqt", "sweep", str(DIGITS), "--out", str(out),
+            "--backend", "ray"]
+    code, stdout, stderr = ctrl_c_once_paused(args, tmp_path)
+    assert code == 130, stdout + stderr
+    assert "running on a local Ray instance" in stdout, stdout
+    assert f"rerun `hdqt sweep {DIGITS} --out {out} --backend ray` to go on" in stderr, stderr
     runs = runs_of(out)
     assert runs[KILLED]["status"] == "interrupted"
     assert metrics(out, KILLED)["finished_tasks"] == 1
     assert not list(out.glob("*/.*.tmp"))  # the cancelled task unwound
-    code, text, err = sweep(capsys, DIGITS, "--out", out, "--backend", "ray")
-    assert code == 0, text + err
+    resumed = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert runs_of(out)[KILLED]["resumed_after"] == 1
     for name in NAMES:
         assert metrics(out, name) == metrics(reference, name), name
