@@ -436,29 +436,45 @@ def check_resumed_and_tables(code, text, out, reference):
     assert rows[0].endswith("| 2/2 |")
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT's default action, which Python turns into
+    KeyboardInterrupt. A process started in the background of a shell without job
+    control (``cmd &`` in a script, nohup) inherits SIGINT ignored, and so would the
+    sweep: Ctrl-C would then do nothing, as it should for such a process."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def ctrl_c_once_paused(args: list[str], cwd: Path) -> tuple[int, str, str]:
-    """Run ``args`` in a new session; once the paused run is mid-task, Ctrl-C it (SIGINT
-    to the whole process group, as a terminal does) and wait until every process of the
-    group is gone. Returns the exit code, stdout and stderr."""
+    """Run ``args`` in a new session, as from a terminal; once the paused run is mid-task,
+    Ctrl-C it (SIGINT to the whole process group, as a terminal does) and wait until
+    every process of the group is gone. Returns the exit code, stdout and stderr. The
+    group is killed whatever happens, so that a failure leaves nothing running."""
     child = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True,
+                             text=True, start_new_session=True, preexec_fn=_as_from_a_terminal,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    paused = Path(os.environ["HDQT_TEST_HOOKS"]) / "paused"
-    deadline = time.monotonic() + 600  # generous: a loaded machine starts workers slowly
-    while not paused.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert paused.exists(), child.communicate(timeout=60)
-    os.killpg(child.pid, signal.SIGINT)
-    stdout, stderr = child.communicate(timeout=120)
-    deadline = time.monotonic() + 30  # the workers are gone, not left running
-    while time.monotonic() < deadline:
+    try:
+        paused = Path(os.environ["HDQT_TEST_HOOKS"]) / "paused"
+        deadline = time.monotonic() + 600  # generous: a loaded machine starts workers slowly
+        while not paused.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert paused.exists(), child.communicate(timeout=60)
+        os.killpg(child.pid, signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=120)
+        deadline = time.monotonic() + 30  # the workers are gone, not left running
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(child.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("a process of the interrupted sweep is still running")
+    finally:
         try:
-            os.killpg(child.pid, 0)
+            os.killpg(child.pid, signal.SIGKILL)
         except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("a process of the interrupted sweep is still running")
+            pass
+        child.wait(timeout=60)
     return child.returncode, stdout, stderr
 
 
