@@ -59,6 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cycles", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs per task of both runs (default: the dataset's)")
+    parser.add_argument("--train-per-class", type=int, default=None,
+                        help="keep at most N training samples of each class (seeded, the "
+                             "same for both runs of a seed; the test set stays whole)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--threads", type=int, default=None,
@@ -97,7 +100,8 @@ def build_points(args) -> tuple[list[GridPoint], list[str]]:
             for schedule in SCHEDULES:
                 for seed in parse_int_list(args.seeds, "--seeds"):
                     flags = {"dataset": dataset, "method": args.method, "seed": seed,
-                             "epochs": args.epochs, "data_root": args.data_root}
+                             "epochs": args.epochs, "data_root": args.data_root,
+                             "train_per_class": args.train_per_class}
                     if target == BINARY:
                         flags["recipe"] = args.binary_recipe
                     else:
@@ -129,6 +133,9 @@ def render(args, command: str, points: list[GridPoint], outcomes: list[GridOutco
              f"{'the recipe default' if args.acc_bits is None else args.acc_bits}; CTMQ's wider "
              f"steps 2 bits more per extra bit). Binary: `{args.binary_recipe}`, its wider "
              f"CTMQ steps `{args.recipe}`.",
+             *([f"- Training data: at most {args.train_per_class} samples of each class (a "
+                f"seeded choice per seed, the same for both runs); the test set whole."]
+               if args.train_per_class else []),
              f"- Seeds {args.seeds}. Accuracy: average incremental accuracy (%), forgetting "
              f"(points), mean ± sample std over seeds; Δ: CTMQ minus direct per seed (same "
              f"class order and split), mean ± std. `*`: the method's own classifier.",

@@ -120,6 +120,7 @@ def prepare(
     clip: float | None = DEFAULT_CLIP,
     augment: bool | None = None,
     padding: int = 4,
+    train_per_class: int | None = None,
     **loader_kwargs,
 ) -> PreparedData:
     """Load, split and normalise a dataset for training.
@@ -131,7 +132,8 @@ def prepare(
     ``clip`` bounds non-image inputs to ±clip standard deviations after normalisation
     (None: no bound). ``augment``: attach ``RandomCropFlip(padding=padding)`` to the
     result; None means on for image datasets and off otherwise, True on a non-image
-    dataset is a ValueError. Other keyword arguments go to the loader, as in ``load``
+    dataset is a ValueError. ``train_per_class``: keep at most that many training samples
+    of each class (seeded; the test part stays whole). Other keyword arguments go to the loader, as in ``load``
     (e.g. PAMAP2's ``window``, ``step``, ``max_missing``).
     """
     from hdqt.data.preparation import prepare_dataset
@@ -141,4 +143,5 @@ def prepare(
     return prepare_dataset(
         ds, info.default_backbone, seed=seed, test_fraction=test_fraction,
         augment=info.kind == "image" if augment is None else augment, clip=clip, padding=padding,
+        train_per_class=train_per_class,
     )

@@ -51,9 +51,13 @@ class PreparedData:
 
 def prepare_dataset(
     ds: Dataset, default_backbone: str, seed: int = 0, test_fraction: float = 0.2, augment: bool = False,
-    clip: float | None = DEFAULT_CLIP, padding: int = 4,
+    clip: float | None = DEFAULT_CLIP, padding: int = 4, train_per_class: int | None = None,
 ) -> PreparedData:
     """Split (by subject, own split, or stratified) and normalise a loaded ``Dataset``.
+
+    ``train_per_class`` keeps at most that many training samples of each class (a seeded
+    choice, in the data's order), for quick runs on big datasets; the test part is
+    whole, and the normalisation statistics come from the samples kept.
 
     ``augment=True`` attaches ``RandomCropFlip(padding=padding)``; images only (ValueError
     otherwise: crops and flips make no sense for feature vectors or sensor windows).
@@ -69,6 +73,10 @@ def prepare_dataset(
         raise ValueError(f"augment=True needs an image dataset; {ds.name!r} inputs have shape {ds.x.shape[1:]}")
     if augment and (isinstance(padding, bool) or not isinstance(padding, int) or padding < 0):
         raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
+    if train_per_class is not None and (isinstance(train_per_class, bool) or not isinstance(
+            train_per_class, (int, np.integer)) or train_per_class < 1):
+        raise ValueError(f"train_per_class must be None (all) or an integer >= 1, "
+                         f"got {train_per_class!r}")
     test_subjects = None
     if ds.subject is not None:
         test_subjects = held_out_subjects(ds.subject, seed, test_fraction)
@@ -81,7 +89,10 @@ def prepare_dataset(
     if images and x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     x = x.astype(np.float32, copy=False)
-    x_train, x_test = x[~is_test], x[is_test]
+    is_train = ~is_test
+    if train_per_class is not None:
+        is_train = is_train & per_class_mask(ds.y, is_train, seed, train_per_class)
+    x_train, x_test = x[is_train], x[is_test]
     # statistics over every axis except the feature/channel one
     axes = (0, 2, 3) if images else tuple(range(x.ndim - 1))
     mean = x_train.mean(axis=axes, keepdims=True, dtype=np.float64)
@@ -96,7 +107,7 @@ def prepare_dataset(
         name=ds.name,
         description=ds.description,
         x_train=normalise(x_train),
-        y_train=ds.y[~is_test].astype(np.int64),
+        y_train=ds.y[is_train].astype(np.int64),
         x_test=normalise(x_test),
         y_test=ds.y[is_test].astype(np.int64),
         class_names=list(ds.class_names),
@@ -106,9 +117,21 @@ def prepare_dataset(
         mean=mean.squeeze(0).astype(np.float32),
         std=std.squeeze(0).astype(np.float32),
         test_subjects=None if test_subjects is None else tuple(int(s) for s in test_subjects),
-        subject_train=None if ds.subject is None else ds.subject[~is_test],
+        subject_train=None if ds.subject is None else ds.subject[is_train],
         subject_test=None if ds.subject is None else ds.subject[is_test],
     )
+
+
+def per_class_mask(y: np.ndarray, candidates: np.ndarray, seed: int, per_class: int) -> np.ndarray:
+    """A seeded choice of at most ``per_class`` of the ``candidates`` of each class."""
+    rng = np.random.default_rng([seed, per_class])
+    keep = np.zeros(len(y), dtype=bool)
+    for label in np.unique(y[candidates]):
+        indices = np.flatnonzero(candidates & (y == label))
+        if len(indices) > per_class:
+            indices = np.sort(rng.choice(indices, size=per_class, replace=False))
+        keep[indices] = True
+    return keep
 
 
 def held_out_subjects(subject: np.ndarray, seed: int, test_fraction: float) -> np.ndarray:

@@ -56,6 +56,9 @@ _FLAGS = [
     ("--input-clip", "input_clip", str,
      "bound of the normalised feature inputs, in standard deviations, or none (default: 3; "
      "images are not clipped)"),
+    ("--train-per-class", "train_per_class", int,
+     "keep at most N training samples of each class (a seeded choice), for quick runs on "
+     "big datasets; the test set stays whole (default: all)"),
     ("--seed", "seed", int, "seed for class order, data split, init and rounding (default: 0)"),
     ("--epochs", "epochs", int, "epochs per task (default: the dataset's); with --schedule, "
      "the task's total, split over the schedule's steps"),

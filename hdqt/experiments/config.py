@@ -50,6 +50,9 @@ class RunConfig:
     # Bound of the normalised feature inputs in standard deviations: None is the
     # default (prepare's 3.0; also what 3 is stored as), 0 is unbounded ("none").
     input_clip: float | None = None
+    # At most this many training samples per class (a seeded choice; None: all), for
+    # quick runs on big datasets; the test set stays whole.
+    train_per_class: int | None = None
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -104,7 +107,7 @@ RUN_KEYS = ("compare", "out")
 
 _INT_KEYS = {"epochs", "memory", "init_classes", "increment", "seed", "bits",
              "acc_bits", "tile", "group", "batch_size", "bic_steps", "balanced_finetune_epochs",
-             "diagnose_every", "ctmq_start_bits", "ctmq_cycles"}
+             "diagnose_every", "ctmq_start_bits", "ctmq_cycles", "train_per_class"}
 _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "temperature", "test_fraction",
                "bic_val_fraction", "aux_loss_weight"}
 _STR_KEYS = {"dataset", "method", "recipe", "backbone", "selection", "data_root", "device",
@@ -505,6 +508,9 @@ def validate(config: RunConfig, choices: Choices, origin: Mapping[str, str] | No
     if config.diagnose_every < 0:
         raise ConfigError(f"{key_name('diagnose_every', origin)} must be 0 (off) or a number of "
                           f"training steps, got {config.diagnose_every}")
+    if config.train_per_class is not None and config.train_per_class < 1:
+        raise ConfigError(f"{key_name('train_per_class', origin)} must be a number of samples "
+                          f">= 1, got {config.train_per_class}")
     if not 0.0 < config.test_fraction < 1.0:
         raise ConfigError(f"{key_name('test_fraction', origin)} must be in (0, 1), "
                           f"got {config.test_fraction}")

@@ -229,7 +229,8 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
     previous = check_out_dir(config, out_dir, overwrite, code, force)
 
     data = prepare(config.dataset, root=config.data_root, seed=config.seed,
-                   test_fraction=config.test_fraction, clip=data_clip(config))
+                   test_fraction=config.test_fraction, clip=data_clip(config),
+                   train_per_class=config.train_per_class)
     num_classes = len(data.class_names)
     try:
         check_split(num_classes, config.init_classes, config.increment)

@@ -109,3 +109,23 @@ def test_dataset_info_gives_the_shape_and_classes_the_models_see():
     info = data.dataset_info("digits")
     assert info.input_shape == prepared.input_shape and info.classes == 10
     assert {data.dataset_info(n).input_shape for n in ("dsads", "hapt", "pamap2")} == {(405,), (561,), (243,)}
+
+
+def test_train_per_class_keeps_a_seeded_subset_of_each_class_and_the_whole_test_set():
+    full = data.prepare("digits", seed=0)
+    small = data.prepare("digits", seed=0, train_per_class=7)
+    assert np.bincount(small.y_train).tolist() == [7] * 10
+    np.testing.assert_array_equal(small.y_test, full.y_test)  # the test part is whole
+    assert len(small.x_test) == len(full.x_test)
+    again = data.prepare("digits", seed=0, train_per_class=7)
+    np.testing.assert_array_equal(again.x_train, small.x_train)
+    other = data.prepare("digits", seed=1, train_per_class=7)
+    assert not np.array_equal(np.sort(other.y_train), np.sort(small.y_train)) or \
+        not np.array_equal(other.x_train, small.x_train)
+    # statistics of the samples kept, not of the whole training part
+    assert not np.allclose(small.mean, full.mean)
+    # more than a class holds keeps all of it
+    assert len(data.prepare("digits", seed=0, train_per_class=10_000).y_train) == len(full.y_train)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="train_per_class must be None"):
+            data.prepare("digits", train_per_class=bad)

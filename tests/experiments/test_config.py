@@ -218,6 +218,18 @@ def test_identity_ignores_where_the_run_happens():
     assert RunConfig.from_dict(a.to_dict()) == a
 
 
+def test_train_per_class_is_a_key_a_flag_and_part_of_the_identity():
+    default = resolve()
+    assert default.train_per_class is None
+    small = resolve(flags={"train_per_class": 300})
+    assert small.train_per_class == 300 and small.identity() != default.identity()
+    assert resolve({"train_per_class": 300}).identity() == small.identity()
+    with pytest.raises(ConfigError, match="--train-per-class must be a number of samples >= 1"):
+        resolve(flags={"train_per_class": 0})
+    with pytest.raises(ConfigError, match="train_per_class"):
+        resolve({"train_per_class": "many"})
+
+
 def test_forward_hadamard_and_input_clip_keys():
     """Issue 9: --forward-hadamard and --input-clip are config keys, flags and part of the
     run's identity; the default clip (3) is one identity however it is written."""

@@ -343,3 +343,13 @@ def test_each_task_records_and_shows_its_accumulator_saturation(tmp_path, capsys
     assert "saturation" not in json.loads((tmp_path / "u" / "metrics.json").read_text())
     import torch.nn as nn
     assert saturation_summary(nn.Linear(2, 2)) is None
+
+
+def test_train_per_class_trains_each_task_on_that_many_samples_a_class(tmp_path):
+    assert run_cli("--recipe", "fp32", "--epochs", "1", "--train-per-class", "6",
+                   "--out", str(tmp_path / "small")) == 0
+    with open(tmp_path / "small" / "tasks.csv", newline="") as handle:
+        tasks = list(csv.DictReader(handle))
+    assert [int(task["train_samples"]) for task in tasks] == [12] * 5  # 2 new classes a task
+    config = json.loads((tmp_path / "small" / "config.json").read_text())
+    assert config["config"]["train_per_class"] == 6
