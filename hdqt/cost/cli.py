@@ -53,6 +53,7 @@ def energy_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch-size must be a positive integer, got {batch}")
         table = EnergyTable.from_toml(args.table) if args.table else EnergyTable()
         names = [args.recipe] + [n.strip() for n in (args.compare or "").split(",") if n.strip()]
+        names = list(dict.fromkeys(names))  # --recipe hdqt --compare fp32,hdqt: hdqt once
         knobs = {k: v for k, v in (("bits", args.bits), ("tile", args.tile)) if v is not None}
         if args.acc_bits is not None:
             knobs["acc_bits"] = None if args.acc_bits == 0 else args.acc_bits

@@ -21,6 +21,14 @@ float32 comparison for its maximum (priced as an add), one float32 multiply (the
 scale) and one float32 add (the rounding); stochastic rounding adds one 32-bit random
 draw (a one-round counter hash, priced as an int32 multiply and add) and a float32 add.
 
+A product of two binarized operands (``hadanet``: signs times per-group magnitudes beta)
+is an XNOR and a popcount per MAC, priced as a 1-bit integer multiply and an integer add
+as wide as a group's count (ceil(log2(g + 1)) bits for groups of g; one group per row:
+g = K), and per output and group two float32 multiplies (the two betas and the count)
+and a float32 add. Binarizing a tensor costs per element a comparison (its sign) and an
+add (the sum of |x|), both priced as float32 adds, and a float32 multiply per group (the
+mean); each group's beta is stored beside the signs at 32 bits.
+
 Bytes moved: every operand read by a product at its stored width (quantized operands
 at their bits, float ones at 32), and every product's output written at 32 bits (Y,
 dX, dW). BatchNorm, activations, pooling and the optimizer are not counted: they are
@@ -123,12 +131,31 @@ def _operand(quantizer) -> tuple[str, int]:
     if quantizer is None:
         return ("float", 32)
     fmt = quantizer.format
-    return ("int" if fmt.kind == "int" else "float", fmt.bits)
+    return (fmt.kind if fmt.kind in ("int", "binary") else "float", fmt.bits)
+
+
+def _group(quantizer, k: int) -> int:
+    """Values per beta of a binarized operand along a reduction of ``k``."""
+    return quantizer.scaling.group_size(k)
+
+
+def _binary_product(ops: Counter, part: str, macs: int, k: int, qa, qb) -> None:
+    """XNOR-popcount MACs, then each group's count times the two betas, summed."""
+    g = min(_group(qa, k), _group(qb, k))  # the finer grouping sets the groups of the sum
+    groups = (macs // k) * math.ceil(k / g)
+    ops[(part, "int", "mul", 1, 1)] += macs
+    ops[(part, "int", "add", max(1, math.ceil(math.log2(g + 1))), None)] += macs
+    ops[(part, "float", "mul", 32, 32)] += 2 * groups
+    ops[(part, "float", "add", 32, None)] += groups
 
 
 def _product(ops: Counter, part: str, macs: int, k: int, qa, qb, acc_bits: int | None, tile: int) -> None:
     """The multiplies and adds of a product of ``macs`` MACs with reduction length ``k``."""
     (na, ba), (nb, bb) = _operand(qa), _operand(qb)
+    if na == nb == "binary":
+        _binary_product(ops, part, macs, k, qa, qb)
+        return
+    na, nb = ("float" if n == "binary" else n for n in (na, nb))  # one side binarized only
     number = "int" if na == nb == "int" else "float"
     if number == "float":
         ba, bb = 32, 32
@@ -146,8 +173,14 @@ def _transform_adds(size: int, vectors: int, rule: str) -> int:
     return vectors * sum(p * int(math.log2(p)) for p in block_layout(size, rule).blocks)
 
 
-def _quantize(ops: Counter, part: str, quantizer, elements: int) -> None:
+def _quantize(ops: Counter, part: str, quantizer, elements: int, k: int = 1) -> None:
+    """Quantizing ``elements`` values in rows of ``k`` (the reduction; it sets a binarized
+    operand's groups)."""
     if quantizer is None:
+        return
+    if quantizer.format.kind == "binary":
+        ops[(part, "float", "add", 32, None)] += 2 * elements  # sign, sum of |x|
+        ops[(part, "float", "mul", 32, 32)] += _betas(quantizer, elements, k)  # the means
         return
     ops[(part, "float", "add", 32, None)] += 2 * elements  # max search, rounding
     ops[(part, "float", "mul", 32, 32)] += elements  # scale
@@ -159,6 +192,23 @@ def _quantize(ops: Counter, part: str, quantizer, elements: int) -> None:
 
 def _bits(quantizer) -> int:
     return 32 if quantizer is None else quantizer.format.bits
+
+
+def _betas(quantizer, elements: int, k: int) -> int:
+    """Betas of a binarized operand of ``elements`` values in rows of ``k``."""
+    return (elements // k) * math.ceil(k / _group(quantizer, k))
+
+
+def _stored_bytes(quantizer, elements: int, k: int) -> float:
+    """Bytes of an operand as a product reads it: its codes, and a binarized one's betas."""
+    size = elements * _bits(quantizer) / 8
+    if quantizer is not None and quantizer.format.kind == "binary":
+        size += _betas(quantizer, elements, k) * 4
+    return size
+
+
+def _is_binary(quantizer) -> bool:
+    return quantizer is not None and quantizer.format.kind == "binary"
 
 
 def layer_cost(geo: LayerGeometry, policy: QuantPolicy, batch: int) -> LayerCost:
@@ -185,8 +235,10 @@ def layer_cost(geo: LayerGeometry, policy: QuantPolicy, batch: int) -> LayerCost
         ops[("hadamard", "float", "add", 32, None)] += dx_adds + dw_adds
     weights, outputs = geo.n * geo.k, rows * geo.n
     backward_columns = rows * geo.k  # dW's input operand: the (im2col) columns
-    _quantize(ops, "quantize", p.forward_input, batch * geo.input_elements)
-    _quantize(ops, "quantize", p.forward_weight, weights)
+    # The forward input's binarized rows are the (im2col) columns, rows * k values.
+    forward_in = backward_columns if _is_binary(p.forward_input) else batch * geo.input_elements
+    _quantize(ops, "quantize", p.forward_input, forward_in, geo.k)
+    _quantize(ops, "quantize", p.forward_weight, weights, geo.k)
     if geo.needs_input_grad:
         _quantize(ops, "quantize", p.grad_output_dx, outputs)
         _quantize(ops, "quantize", p.backward_weight, weights)
@@ -194,8 +246,9 @@ def layer_cost(geo: LayerGeometry, policy: QuantPolicy, batch: int) -> LayerCost
     _quantize(ops, "quantize", p.backward_input, backward_columns)
     b = cost.bytes
     dx = geo.needs_input_grad
-    b["weights"] += weights * (_bits(p.forward_weight) + dx * _bits(p.backward_weight)) / 8
-    b["activations"] += batch * geo.input_elements * _bits(p.forward_input) / 8  # forward's X
+    b["weights"] += (_stored_bytes(p.forward_weight, weights, geo.k)
+                     + dx * weights * _bits(p.backward_weight) / 8)
+    b["activations"] += _stored_bytes(p.forward_input, forward_in, geo.k)  # forward's X
     b["activations"] += backward_columns * _bits(p.backward_input) / 8 + outputs * 4  # dW's X, Y written
     b["gradients"] += outputs * (dx * _bits(p.grad_output_dx) + _bits(p.grad_output_dw)) / 8  # G read
     b["gradients"] += dx * batch * geo.input_elements * 4 + weights * 4  # dX and dW written

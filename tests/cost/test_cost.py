@@ -47,6 +47,36 @@ def test_a_tiny_conv_layer_counts_as_computed_by_hand():
     assert _by_part(conv, "hadamard", "add") == {("float", 32, None): 2 * (8 + 9) + 8 * 22}
 
 
+def test_a_binarized_product_counts_xnor_popcount_and_the_betas_by_hand():
+    """hadanet: an XNOR (1-bit multiply) and a popcount add per MAC, two float multiplies
+    and a float add per output and group; the backward stays float32."""
+    model = nn.Sequential(nn.Linear(8, 40), nn.Linear(40, 2))
+    for group, groups in ((None, 1), (16, 3)):  # K = 40: one group per row, or 16 + 16 + 8
+        policy = hdqt.recipe("hadanet", group=group)
+        _, second = count_costs(model, (8,), policy, batch=2)
+        outputs, macs = 2 * 2, 2 * 2 * 40
+        g = 40 if group is None else 16
+        count_bits = {40: 6, 16: 5}[g]  # ceil(log2(g + 1)): a count of 0..g
+        assert _by_part(second, "forward", "mul") == {("int", 1, 1): macs,
+                                                      ("float", 32, 32): 2 * outputs * groups}
+        assert _by_part(second, "forward", "add") == {("int", count_bits, None): macs,
+                                                      ("float", 32, None): outputs * groups}
+        assert _by_part(second, "dx", "mul") == {("float", 32, 32): macs}
+        assert _by_part(second, "dw", "mul") == {("float", 32, 32): macs}
+        # binarizing X (2 x 40) and W (2 x 40): sign and |x| sum a value, a mean a group
+        assert _by_part(second, "quantize", "add") == {("float", 32, None): 2 * (80 + 80)}
+        assert _by_part(second, "quantize", "mul") == {("float", 32, 32): (2 + 2) * groups}
+        # signs at 1 bit and a 4-byte beta per row and group; W's backward copy is float32
+        assert second.bytes["weights"] == 80 / 8 + 2 * groups * 4 + 80 * 4
+    table = EnergyTable()
+    fp32 = estimate(model, (8,), hdqt.recipe("fp32"), batch=2, table=table)
+    hadanet = estimate(model, (8,), hdqt.recipe("hadanet"), batch=2, table=table)
+    forward = {name: sum(c * table.operation(n, o, b, ob) for (p, n, o, b, ob), c in
+                         step.layers[1].operations.items() if p == "forward")
+               for name, step in (("fp32", fp32), ("hadanet", hadanet))}
+    assert forward["hadanet"] < forward["fp32"] / 10
+
+
 def test_fp32_counts_float_operations_only():
     (cost,) = count_costs(nn.Sequential(nn.Linear(8, 8)), (8,), hdqt.recipe("fp32"), batch=4)
     numbers = {n for (_, n, _, _, _) in cost.operations}
