@@ -33,6 +33,27 @@ static void I8B_NAME(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, 
         for (int64_t t = 0; t < c->tiles; ++t) {
             __m256i acc[I8B_MR][2];
             for (int r = 0; r < I8B_MR; ++r) acc[r][0] = acc[r][1] = _mm256_set1_epi32(start[r][t]);
+#ifdef I8B_PAIRS
+            const __m256i ones = _mm256_set1_epi16(1);
+            for (int64_t g = c->tile_group[t], end = c->tile_group[t + 1]; g < end;) {
+                const int64_t stop = end - g > c->pair_groups ? g + c->pair_groups : end;
+                __m256i pairs[I8B_MR][2];
+                for (int r = 0; r < I8B_MR; ++r) pairs[r][0] = pairs[r][1] = _mm256_setzero_si256();
+                for (; g < stop; ++g) {
+                    __m256i b0 = _mm256_loadu_si256((const __m256i *)(bs + g * 64));
+                    __m256i b1 = _mm256_loadu_si256((const __m256i *)(bs + g * 64 + 32));
+                    for (int r = 0; r < I8B_MR; ++r) {
+                        __m256i av = _mm256_set1_epi32(a[r][g]);
+                        pairs[r][0] = _mm256_add_epi16(pairs[r][0], I8B_PAIRS(b0, av));
+                        pairs[r][1] = _mm256_add_epi16(pairs[r][1], I8B_PAIRS(b1, av));
+                    }
+                }
+                for (int r = 0; r < I8B_MR; ++r) {
+                    acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(pairs[r][0], ones));
+                    acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(pairs[r][1], ones));
+                }
+            }
+#else
             for (int64_t g = c->tile_group[t]; g < c->tile_group[t + 1]; ++g) {
                 __m256i b0 = _mm256_loadu_si256((const __m256i *)(bs + g * 64));
                 __m256i b1 = _mm256_loadu_si256((const __m256i *)(bs + g * 64 + 32));
@@ -42,6 +63,7 @@ static void I8B_NAME(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, 
                     acc[r][1] = I8B_DOT(acc[r][1], b1, av);
                 }
             }
+#endif
             __m256i tile_sums = _mm256_setzero_si256();
             for (int r = 0; r < I8B_MR; ++r) {
                 for (int h = 0; h < 2; ++h) {
