@@ -88,8 +88,8 @@ def test_forcing(monkeypatch):
     assert binary_kernel.variant() == "torch" and not native.enabled()
 
 
-@pytest.mark.parametrize("variant", RUNNABLE)  # avx512 packs contiguous rows with AVX-512 F
-@pytest.mark.parametrize("group", [None, 2, 4, 16, 64, 128])
+@pytest.mark.parametrize("variant", RUNNABLE)  # avx512 and avx2 pack contiguous rows in vectors
+@pytest.mark.parametrize("group", [None, 2, 4, 8, 16, 64, 128])
 @pytest.mark.parametrize("shape", [(5, 37), (3, 200), (4, 64), (2, 7, 577), (1, 1), (3, 16)])
 def test_packing_computes_the_betas_of_the_float64_formula(monkeypatch, variant, group, shape):
     monkeypatch.setenv("HDQT_BINARY", variant)

@@ -48,6 +48,7 @@ typedef struct {
     uint64_t *bits;
     float *betas;
     int avx512; /* contiguous rows, groups a multiple of 16 (or one): bin_pack_row_avx512 */
+    int avx2;   /* contiguous rows, groups a multiple of 8 (or one): bin_pack_row_avx2 */
 } bin_pack_ctx;
 
 #ifdef HDQT_BIN_X86
@@ -80,6 +81,42 @@ static void bin_pack_row_avx512(const float *row, const bin_pack_ctx *c, uint64_
         out[w] = word;
     }
 }
+
+/* The same on AVX2: 8 floats a step, their "not positive" mask 8 bits of the word
+ * (lanes past the row's end masked off: a zero-filled lane is "not positive"),
+ * magnitudes added in double (two registers of 4); a group (a multiple of 8, or the
+ * whole row) ends on a step. */
+BIN_AVX2
+static void bin_pack_row_avx2(const float *row, const bin_pack_ctx *c, uint64_t *out, float *beta) {
+    const int64_t k = c->k, gs = c->group;
+    const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256d acc0 = _mm256_setzero_pd(), acc1 = acc0;
+    for (int64_t w = 0; w < c->words; ++w) {
+        uint64_t word = 0;
+        for (int64_t e0 = 64 * w, s = 0; s < 8 && e0 < k; ++s, e0 += 8) {
+            int64_t n = k - e0 < 8 ? k - e0 : 8;
+            __m256 v = n == 8 ? _mm256_loadu_ps(row + e0)
+                              : _mm256_maskload_ps(row + e0, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), iota));
+            unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NGT_UQ));
+            word |= (uint64_t)(bits & ((1u << n) - 1)) << (8 * s);
+            if (!beta) continue;
+            __m256 a = _mm256_andnot_ps(sign, v);
+            acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+            acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+            int64_t done = e0 + n;
+            if (done % gs == 0 || done == k) {
+                int64_t q = (done - 1) / gs;
+                __m256d t = _mm256_add_pd(acc0, acc1);
+                __m128d h = _mm_add_pd(_mm256_castpd256_pd128(t), _mm256_extractf128_pd(t, 1));
+                double total = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+                beta[q] = (float)(total / (double)(done - q * gs));
+                acc0 = acc1 = _mm256_setzero_pd();
+            }
+        }
+        out[w] = word;
+    }
+}
 #endif
 
 /* Rows whose elements are contiguous (sk == 1): one row at a time, in segments that
@@ -96,6 +133,10 @@ static void bin_pack_rows(void *arg, int64_t begin, int64_t end, int worker) {
 #ifdef HDQT_BIN_X86
         if (c->avx512) {
             bin_pack_row_avx512(row, c, out, beta);
+            continue;
+        }
+        if (c->avx2) {
+            bin_pack_row_avx2(row, c, out, beta);
             continue;
         }
 #endif
@@ -179,13 +220,16 @@ static void bin_pack_columns(void *arg, int64_t begin, int64_t end, int worker) 
 /* Signs of the (outer x inner) rows of k floats (strides so, si, sk) packed into
  * `bits` (rows, words); with `betas` not NULL, also each row's betas (rows, G) for
  * groups of `group` (0 or >= k: one per row). `variant` as hdqt_binary_variant: the
- * avx512 variant packs contiguous rows with AVX-512 F (the same bits and betas). */
+ * avx512 and avx2 variants pack contiguous rows with AVX-512 F or AVX2 (the same bits
+ * and betas). */
 void hdqt_binary_pack_betas_f32(const float *x, int64_t outer, int64_t inner, int64_t k, int64_t so, int64_t si,
                                 int64_t sk, int64_t group, uint64_t *bits, int64_t words, float *betas,
                                 int variant, int threads) {
     int64_t gs = group > 0 && group < k ? group : k;
-    int avx512 = hdqt_binary_variant(variant) == BIN_AVX512_V && sk == 1 && (gs == k || gs % 16 == 0);
-    bin_pack_ctx c = {x, inner, k, so, si, sk, words, gs, (k + gs - 1) / gs, bits, betas, avx512};
+    int resolved = hdqt_binary_variant(variant);
+    int avx512 = resolved == BIN_AVX512_V && sk == 1 && (gs == k || gs % 16 == 0);
+    int avx2 = resolved == BIN_AVX2_V && sk == 1 && (gs == k || gs % 8 == 0);
+    bin_pack_ctx c = {x, inner, k, so, si, sk, words, gs, (k + gs - 1) / gs, bits, betas, avx512, avx2};
     if (outer * inner <= 0 || k <= 0) return;
     if (sk == 1) {
         parallel_for(outer * inner, threads, 64, bin_pack_rows, &c);
