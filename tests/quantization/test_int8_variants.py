@@ -153,17 +153,21 @@ def test_conv_equals_float_kernel_bit_for_bit(variant, case, x_range, acc_bits):
         assert tuple(counts["hdqt_conv_tiled_i8"]) == tuple(counts["hdqt_conv_tiled_f32"]), variant
 
 
+@pytest.mark.parametrize("g_range", [(-7, 8), (-128, 128)], ids=lambda r: f"g{r[0]}..{r[1] - 1}")
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("case", CONV_CASES[:3] + CONV_CASES[4:6] + CONV_CASES[-1:],
                          ids=lambda c: "x".join(map(str, c[:5])) + f"-k{c[5]}s{c[6]}")
-def test_conv_weight_gradient_multiply_equals_float_kernel(variant, case, bits):
+def test_conv_weight_gradient_multiply_equals_float_kernel(variant, case, bits, g_range):
     """The fused conv dW multiplies bytes on the x86 variants (AVX2: columns of up to 7
-    bits, so that its pair sums cannot saturate) with the float32 kernel's result."""
+    bits, so that its pair sums cannot saturate, added in int16 over as many 32-byte
+    steps as stay exact: 32x32 maps take several) with the float32 kernel's result,
+    also with the gradient's byte extremes."""
     b, c, h, w, n, kernel, stride, padding, dilation, _ = case
     gen = torch.Generator().manual_seed(7)
     x = torch.randint(0, 16, (b, c, h, w), generator=gen).float()
     geo = ConvGeometry.of(x, kernel, stride, padding, dilation)
-    g = torch.randint(-7, 8, (n, b, geo.out_h * geo.out_w), generator=gen).float()
+    g = torch.randint(*g_range, (n, b, geo.out_h * geo.out_w), generator=gen).float()
+    g.view(-1)[0], g.view(-1)[-1] = g_range[0], g_range[1] - 1
     lib, block = native.load(), 1
     amax = lib.hdqt_conv_cols_amax_f32(x.data_ptr(), *geo.native_args(), block, 2)
     scale, qmin, qmax = int_quantizer(bits, rounding="stochastic").grid(amax, -amax)
