@@ -14,8 +14,8 @@ Variants (``HDQT_BINARY``): ``auto`` (default: the best this CPU runs), ``avx512
 (vcntq_u8, aarch64), ``portable`` (C with __builtin_popcountll), ``torch`` (the
 float path). Forcing a variant this CPU or build cannot run is an error, never a
 crash. With groups, the product spends its time in a float multiply-add per group
-and pair: ``avx512`` runs 16 pairs a register (b's 32-bit words and betas
-transposed first, ``_transposed``), the other variants a portable loop per pair.
+and pair: ``avx512`` runs 16 pairs a register and ``avx2`` 8 (b's 32-bit words and
+betas transposed first, ``_transposed``), the other variants a portable loop per pair.
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def pack_conv_with_betas(x: torch.Tensor, kernel, stride, padding, dilation, gro
 
 def _transposed(bits: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """b's packed rows as 32-bit words transposed, (words32, jp), and its betas (G, jp),
-    jp = J padded to a multiple of 16 (one AVX-512 register of rows)."""
+    jp = J padded to a multiple of 16 (one AVX-512 register of rows, two of AVX2)."""
     j = bits.shape[0]
     jp = -(-j // 16) * 16
     words32 = bits.view(torch.int32)  # little-endian: word 2w holds elements 64w..64w+31
@@ -175,12 +175,12 @@ def product_packed(a_bits: torch.Tensor, a_betas: torch.Tensor, b_bits: torch.Te
     b_betas = b_betas.detach().reshape(j, -1).contiguous()
     y = torch.empty(m, j, dtype=torch.float32)
     group = 0 if group is None or group >= k else group
-    if group and code == _CODES["avx512"]:
+    if group and code in (_CODES["avx512"], _CODES["avx2"]):
         bt, bbt, jp = _transposed(b_bits, b_betas)
-        lib.hdqt_binary_matmul_groups_f32(a_bits.data_ptr(), a_betas.data_ptr(), m, 2 * a_bits.shape[1],
-                                          bt.data_ptr(), bbt.data_ptr(), j, jp, k, group, y.data_ptr(),
-                                          native.threads())
-        return y
+        if lib.hdqt_binary_matmul_groups_f32(a_bits.data_ptr(), a_betas.data_ptr(), m, 2 * a_bits.shape[1],
+                                             bt.data_ptr(), bbt.data_ptr(), j, jp, k, group, y.data_ptr(),
+                                             code, native.threads()) == 0:
+            return y  # else (an AVX2 CPU without FMA) the loop per pair below
     lib.hdqt_binary_matmul_f32(a_bits.data_ptr(), a_betas.data_ptr(), m, b_bits.data_ptr(), b_betas.data_ptr(), j,
                                k, a_bits.shape[1], group, y.data_ptr(), code, native.threads())
     return y

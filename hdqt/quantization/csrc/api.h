@@ -68,7 +68,7 @@ int hdqt_binary_matmul_f32(const uint64_t *a, const float *a_beta, int64_t m, co
                            int variant, int threads);
 int hdqt_binary_matmul_groups_f32(const uint32_t *a, const float *a_beta, int64_t m, int64_t a_stride32,
                                   const uint32_t *bt, const float *bbt, int64_t j, int64_t jp, int64_t k,
-                                  int64_t group, float *y, int threads);
+                                  int64_t group, float *y, int variant, int threads);
 int hdqt_binary_variant(int requested);
 
 /* packing.c: what a backward keeps, packed in one pass (pack_* return 1 if a code is negative) */

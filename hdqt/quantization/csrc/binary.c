@@ -15,9 +15,9 @@
  * vpshufb, summed with vpsadbw), 4 NEON (vcntq_u8, pairwise-accumulated), 1 portable
  * C (__builtin_popcountll). Each computes a 4 x 4 block of outputs, the rows of b
  * in chunks that stay in L1. Groups (a power of two) spend their time in a float
- * multiply-add per group and pair: on AVX-512 they run 16 pairs a register
- * (hdqt_binary_matmul_groups_f32, b's words transposed), elsewhere a portable loop
- * per pair. Threads split the rows of a.
+ * multiply-add per group and pair: on AVX-512 they run 16 pairs a register and on
+ * AVX2 8 (hdqt_binary_matmul_groups_f32, b's words transposed), elsewhere a portable
+ * loop per pair. Threads split the rows of a.
  */
 
 #define BIN_R 4        /* rows of a and of b in one register block */
@@ -674,22 +674,101 @@ static void bin_groups_avx512(void *arg, int64_t begin, int64_t end, int worker)
         }
     }
 }
+
+/* Popcount of each 32-bit lane of x: the nibble table's byte counts, summed in pairs
+ * (vpmaddubsw) and pairs of pairs (vpmaddwd). */
+BIN_AVX2
+static inline __m256i bin_popcnt32_avx2(__m256i x, __m256i table, __m256i low) {
+    __m256i lo = _mm256_and_si256(x, low), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+    __m256i bytes = _mm256_add_epi8(_mm256_shuffle_epi8(table, lo), _mm256_shuffle_epi8(table, hi));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(bytes, _mm256_set1_epi8(1)), _mm256_set1_epi16(1));
+}
+
+/* bin_groups_avx512 on AVX2 (with FMA): 8 rows of b a register, 4 rows of a against
+ * them, the same float operations in the same order. */
+__attribute__((target("avx2,fma,popcnt")))
+static void bin_groups_avx2(void *arg, int64_t begin, int64_t end, int worker) {
+    (void)worker;
+    const bin_group_ctx *c = (const bin_group_ctx *)arg;
+    const int64_t g = c->group, G = c->groups;
+    const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                           0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f), iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 full = _mm256_set1_ps((float)g), last = _mm256_set1_ps((float)(c->k - g * (G - 1)));
+    const __m256 two = _mm256_set1_ps(2.0f);
+    for (int64_t jv = 0; jv < c->jp; jv += 8) {
+        if (jv >= c->j) break;
+        const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(c->j - jv)), iota);
+        for (int64_t ib = begin; ib < end; ++ib) {
+            int64_t i0 = ib * BIN_R, rows[BIN_R];
+            for (int r = 0; r < BIN_R; ++r) rows[r] = i0 + r < c->m ? i0 + r : c->m - 1;
+            const uint32_t *ar[BIN_R];
+            const float *ba[BIN_R];
+            for (int r = 0; r < BIN_R; ++r) ar[r] = c->a + rows[r] * c->a_stride32, ba[r] = c->a_beta + rows[r] * G;
+            __m256 acc[BIN_R];
+            for (int r = 0; r < BIN_R; ++r) acc[r] = _mm256_setzero_ps();
+#define BIN_GROUP_ADD8(r, count, q)                                                                  \
+    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(ba[r][q]), bbv),                           \
+                             _mm256_fnmadd_ps(two, _mm256_cvtepi32_ps(count), q == G - 1 ? last : full), acc[r])
+            if (g <= 32) {
+                const int per = (int)(32 / g);
+                const __m256i mask = _mm256_set1_epi32(g == 32 ? -1 : (int)((1u << g) - 1));
+                for (int64_t w = 0, q0 = 0; q0 < G; ++w, q0 += per) {
+                    __m256i bv = _mm256_loadu_si256((const __m256i *)(c->bt + w * c->jp + jv));
+                    __m256i x[BIN_R];
+                    for (int r = 0; r < BIN_R; ++r) x[r] = _mm256_xor_si256(_mm256_set1_epi32((int)ar[r][w]), bv);
+                    int64_t n = G - q0 < per ? G - q0 : per;
+                    for (int64_t s = 0; s < n; ++s) {
+                        int64_t q = q0 + s;
+                        const __m128i shift = _mm_cvtsi32_si128((int)(s * g));
+                        __m256 bbv = _mm256_loadu_ps(c->bbt + q * c->jp + jv);
+                        for (int r = 0; r < BIN_R; ++r)
+                            BIN_GROUP_ADD8(r, bin_popcnt32_avx2(_mm256_and_si256(_mm256_srl_epi32(x[r], shift), mask),
+                                                                table, low), q);
+                    }
+                }
+            } else {
+                const int64_t per = g / 32;
+                for (int64_t q = 0; q < G; ++q) {
+                    __m256i p[BIN_R];
+                    for (int r = 0; r < BIN_R; ++r) p[r] = _mm256_setzero_si256();
+                    int64_t w1 = (q + 1) * per < c->words32 ? (q + 1) * per : c->words32;
+                    for (int64_t w = q * per; w < w1; ++w) {
+                        __m256i bv = _mm256_loadu_si256((const __m256i *)(c->bt + w * c->jp + jv));
+                        for (int r = 0; r < BIN_R; ++r)
+                            p[r] = _mm256_add_epi32(p[r], bin_popcnt32_avx2(
+                                _mm256_xor_si256(_mm256_set1_epi32((int)ar[r][w]), bv), table, low));
+                    }
+                    __m256 bbv = _mm256_loadu_ps(c->bbt + q * c->jp + jv);
+                    for (int r = 0; r < BIN_R; ++r) BIN_GROUP_ADD8(r, p[r], q);
+                }
+            }
+#undef BIN_GROUP_ADD8
+            for (int r = 0; r < BIN_R && i0 + r < c->m; ++r)
+                _mm256_maskstore_ps(c->y + (i0 + r) * c->j + jv, keep, acc[r]);
+        }
+    }
+}
 #endif
 
-/* The grouped product on AVX-512 (b's words transposed: see bin_groups_avx512);
- * -1 where this CPU or build lacks AVX-512 F with VPOPCNTDQ. */
+/* The grouped product with b's words transposed (see bin_groups_avx512) on the
+ * avx512 or avx2 variant (`variant` as hdqt_binary_variant); -1 where this CPU or
+ * build cannot run the one asked for, or for other variants (the portable loop per
+ * pair in hdqt_binary_matmul_f32 runs those). */
 int hdqt_binary_matmul_groups_f32(const uint32_t *a, const float *a_beta, int64_t m, int64_t a_stride32,
                                   const uint32_t *bt, const float *bbt, int64_t j, int64_t jp, int64_t k,
-                                  int64_t group, float *y, int threads) {
+                                  int64_t group, float *y, int variant, int threads) {
 #ifdef HDQT_BIN_X86
-    if (!bin_runs(BIN_AVX512_V)) return -1;
+    int resolved = hdqt_binary_variant(variant);
+    if (resolved != BIN_AVX512_V && (resolved != BIN_AVX2_V || !__builtin_cpu_supports("fma"))) return -1;
     if (m <= 0 || j <= 0) return 0;
     bin_group_ctx c = {a, bt, a_beta, bbt, m, j, jp, k, (k + 31) / 32, a_stride32, group, (k + group - 1) / group, y};
-    parallel_for((m + BIN_R - 1) / BIN_R, threads, 1, bin_groups_avx512, &c);
+    parallel_for((m + BIN_R - 1) / BIN_R, threads, 1, resolved == BIN_AVX512_V ? bin_groups_avx512 : bin_groups_avx2,
+                 &c);
     return 0;
 #else
     (void)a, (void)a_beta, (void)m, (void)a_stride32, (void)bt, (void)bbt, (void)j, (void)jp, (void)k, (void)group,
-        (void)y, (void)threads;
+        (void)y, (void)variant, (void)threads;
     return -1;
 #endif
 }
