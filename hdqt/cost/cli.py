@@ -27,7 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--bits", type=int, default=None, help="operand bits (default: each recipe's)")
     parser.add_argument("--acc-bits", type=int, default=None,
                         help="forward accumulator bits; 0 = unlimited (default: each recipe's)")
-    parser.add_argument("--tile", type=int, default=None, help="tile length (default: each recipe's)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="tile length, or 0 = the whole reduction (default: each recipe's)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch (default: the dataset's)")
     parser.add_argument("--table", metavar="TOML", default=None,
                         help="energy table replacing the default (Horowitz, ISSCC 2014, 45 nm); see docs/cost.md")
@@ -55,6 +56,8 @@ def energy_command(args: argparse.Namespace) -> int:
         names = [args.recipe] + [n.strip() for n in (args.compare or "").split(",") if n.strip()]
         names = list(dict.fromkeys(names))  # --recipe hdqt --compare fp32,hdqt: hdqt once
         knobs = {k: v for k, v in (("bits", args.bits), ("tile", args.tile)) if v is not None}
+        if knobs.get("tile") == 0:  # the whole reduction, as hdqt run --tile 0
+            knobs["tile"] = None
         if args.acc_bits is not None:
             knobs["acc_bits"] = None if args.acc_bits == 0 else args.acc_bits
         policies = []

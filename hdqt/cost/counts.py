@@ -149,7 +149,7 @@ def _binary_product(ops: Counter, part: str, macs: int, k: int, qa, qb) -> None:
     ops[(part, "float", "add", 32, None)] += groups
 
 
-def _product(ops: Counter, part: str, macs: int, k: int, qa, qb, acc_bits: int | None, tile: int) -> None:
+def _product(ops: Counter, part: str, macs: int, k: int, qa, qb, acc_bits: int | None, tile: int | None) -> None:
     """The multiplies and adds of a product of ``macs`` MACs with reduction length ``k``."""
     (na, ba), (nb, bb) = _operand(qa), _operand(qb)
     if na == nb == "binary":
@@ -161,6 +161,7 @@ def _product(ops: Counter, part: str, macs: int, k: int, qa, qb, acc_bits: int |
         ba, bb = 32, 32
     ops[(part, number, "mul", ba, bb)] += macs
     if number == "int" and acc_bits is not None:
+        tile = k if tile is None else tile  # None: the whole reduction is one tile
         outputs = macs // k
         ops[(part, "int", "add", acc_bits, None)] += macs
         ops[(part, "int", "add", WIDE, None)] += outputs * math.ceil(k / min(tile, k))

@@ -32,7 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--bits", type=int, default=None, help="operand bits (default: the recipe's)")
     parser.add_argument("--acc-bits", type=int, default=None,
                         help="forward accumulator bits; 0 = unlimited (default: the recipe's)")
-    parser.add_argument("--tile", type=int, default=None, help="tile length (default: the recipe's)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="tile length, or 0 = the whole reduction (default: the recipe's)")
     parser.add_argument("--hadamard-rule", default=None, choices=("paper", "binary"),
                         help="Hadamard blocks (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -58,6 +59,8 @@ def _knobs(args) -> dict:
              if v is not None}
     if args.acc_bits is not None:
         knobs["acc_bits"] = None if args.acc_bits == 0 else args.acc_bits
+    if knobs.get("tile") == 0:  # the whole reduction, as hdqt run --tile 0
+        knobs["tile"] = None
     return knobs
 
 

@@ -39,8 +39,8 @@ _FLAGS = [
      "summed and saturated once, at the end of the tile, to +-(2^(acc_bits-1)-1); the sum "
      "across tiles is not saturated"),
     ("--tile", "tile", int,
-     "products summed into one accumulator before it saturates, >= 1 (default: the "
-     "recipe's, 32)"),
+     "products summed into one accumulator before it saturates, >= 1, or 0 = the whole "
+     "reduction, clamped once (default: the recipe's, 32)"),
     ("--hadamard-rule", "hadamard_rule", str,
      "Hadamard blocks of the backward pass. paper: one block size, the largest "
      "power of two dividing the width (an odd width is not transformed); binary: blocks of "

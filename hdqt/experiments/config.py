@@ -410,6 +410,12 @@ def _check_group(value: int) -> None:
         raise ValueError(f"must be 0 (one group per row) or a power of two >= 2, got {value}") from None
 
 
+def _check_tile(value: int) -> None:
+    # 0 is this layer's spelling of "the whole reduction" (the engine's None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"must be 0 (the whole reduction, one tile) or an integer >= 1, got {value!r}")
+
+
 def _check_policy_field(key: str, value: Any) -> None:
     from hdqt.quantization import QuantPolicy
 
@@ -426,6 +432,8 @@ def policy_overrides(config: RunConfig) -> dict[str, Any]:
         overrides["acc_bits"] = None
     if overrides.get("group") == 0:  # 0: one group per row, the engine's None
         overrides["group"] = None
+    if overrides.get("tile") == 0:  # 0: the whole reduction is one tile, the engine's None
+        overrides["tile"] = None
     if config.recipe == "fp32":
         overrides = {key: value for key, value in overrides.items() if key == "bits"}
     return overrides
@@ -445,7 +453,9 @@ def check_quantization(config: RunConfig, origin: Mapping[str, str] | None = Non
         _under_name("acc_bits", origin, _check_acc_bits, config.acc_bits)
     if config.group:
         _under_name("group", origin, _check_group, config.group)
-    for key in ("tile", "saturate_backward", "hadamard_rule", "hadamard_select", "forward_hadamard"):
+    if config.tile is not None:
+        _under_name("tile", origin, _check_tile, config.tile)
+    for key in ("saturate_backward", "hadamard_rule", "hadamard_select", "forward_hadamard"):
         if getattr(config, key) is not None:
             _under_name(key, origin, _check_policy_field, key, getattr(config, key))
     if config.recipe == "fp32":

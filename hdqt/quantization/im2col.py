@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from hdqt.quantization import native
 from hdqt.quantization.hadamard import BlockLayout, hadamard_transform_amax
-from hdqt.quantization.matmul import accumulator_limit, tile_sums, tiled_matmul_kj
+from hdqt.quantization.matmul import accumulator_limit, reduction_tile, tile_sums, tiled_matmul_kj
 
 if TYPE_CHECKING:
     from hdqt.quantization.runtime import SaturationStats
@@ -109,7 +109,7 @@ def tiled_conv2d(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-    tile: int,
+    tile: int | None,
     acc_bits: int,
     saturation: SaturationStats | None = None,
 ) -> torch.Tensor:
@@ -126,6 +126,7 @@ def tiled_conv2d(
     """
     n, _, kh, kw = weight.shape
     geo = ConvGeometry.of(x, (kh, kw), stride, padding, dilation)
+    tile = reduction_tile(tile, geo.k)
     b, out_h, out_w = geo.batch, geo.out_h, geo.out_w
     out = _native_conv(x, weight, geo, tile, float(accumulator_limit(acc_bits)), saturation=saturation)
     if out is not None:

@@ -37,6 +37,12 @@ def accumulator_limit(acc_bits: int) -> int:
     return 2 ** (acc_bits - 1) - 1
 
 
+def reduction_tile(tile: int | None, k: int) -> int:
+    """The tile of a length-``k`` reduction: ``tile``, or ``k`` for None (one tile, the
+    whole sum clamped once)."""
+    return k if tile is None else tile
+
+
 def sum_bound(k: int, bounds: Bounds, tile: int | None = None, acc_bits: int | None = None) -> float:
     """The largest |partial sum| a length-``k`` product of integers within ``bounds`` can
     reach: a tile's sum before it saturates, and the running sum of saturated tiles."""
@@ -56,7 +62,7 @@ def exact_dtype(bound: float, dtype: torch.dtype) -> torch.dtype:
     return torch.float64
 
 
-def tiled_matmul(x: torch.Tensor, w: torch.Tensor, tile: int, acc_bits: int | None, *,
+def tiled_matmul(x: torch.Tensor, w: torch.Tensor, tile: int | None, acc_bits: int | None, *,
                  bounds: Bounds | None = None, saturation: SaturationStats | None = None) -> torch.Tensor:
     """``x @ w.T`` for x (M, K), w (N, K), with each length-``tile`` chunk of the
     reduction summed into an accumulator that saturates at ±(2^(acc_bits-1)-1).
@@ -69,7 +75,7 @@ def tiled_matmul(x: torch.Tensor, w: torch.Tensor, tile: int, acc_bits: int | No
     return tiled_matmul_kj(x, w.T, tile, acc_bits, bounds=bounds, saturation=saturation)
 
 
-def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int | None, *,
+def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int | None, acc_bits: int | None, *,
                     bounds: Bounds | None = None, saturation: SaturationStats | None = None) -> torch.Tensor:
     """``a @ b`` for a (M, K), b (K, J), tiled and saturated along K like ``tiled_matmul``.
 
@@ -84,6 +90,7 @@ def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int, acc_bits: int |
     ``saturation`` receives the product's counts, M*J*ceil(K/tile) tile sums (nothing
     with ``acc_bits=None``: an unlimited accumulator never saturates).
     """
+    tile = reduction_tile(tile, a.shape[1])
     dtype = a.dtype
     if acc_bits is not None and isinstance(bounds, FloatBounds):  # float operands: a float accumulator
         return float_tiled_matmul(a, b, tile, acc_bits, bounds)
@@ -180,7 +187,7 @@ def _record(out: torch.Tensor, saturation: SaturationStats | None, tiles: int, c
     return out
 
 
-def tiled_matmul_batched(w: torch.Tensor, x: torch.Tensor, tile: int, acc_bits: int | None, *,
+def tiled_matmul_batched(w: torch.Tensor, x: torch.Tensor, tile: int | None, acc_bits: int | None, *,
                          bounds: Bounds | None = None, saturation: SaturationStats | None = None) -> torch.Tensor:
     """``w @ x`` for w (N, K) and a batch x (B, K, L) -> (B, N, L), tiled along K.
 
@@ -189,6 +196,7 @@ def tiled_matmul_batched(w: torch.Tensor, x: torch.Tensor, tile: int, acc_bits: 
     in float64 where needed, when ``bounds`` is given). ``saturation`` receives its
     counts, B*N*L*ceil(K/tile) tile sums, as in ``tiled_matmul_kj``.
     """
+    tile = reduction_tile(tile, x.shape[1])
     dtype = x.dtype
     if acc_bits is not None and isinstance(bounds, FloatBounds):
         return float_tiled_matmul_batched(w, x, tile, acc_bits, bounds)

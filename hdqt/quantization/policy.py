@@ -49,7 +49,9 @@ class QuantPolicy:
     grad_output_dx: Quantizer | None = None
     grad_output_dw: Quantizer | None = None
     acc_bits: int | None = None  # forward accumulator width; None = unlimited
-    tile: int = 32  # reduction length summed into one accumulator before saturation
+    # Reduction length summed into one accumulator before saturation; None: the whole
+    # reduction is one tile (the sum is clamped, or rounded, once: the official code's LUQ).
+    tile: int | None = 32
     saturate_backward: bool = False  # also tile and saturate the two backward products
     hadamard: bool = False
     hadamard_rule: str = "paper"
@@ -72,8 +74,8 @@ class QuantPolicy:
             isinstance(self.acc_bits, bool) or not isinstance(self.acc_bits, int) or not 2 <= self.acc_bits <= 32
         ):
             raise ValueError(f"acc_bits must be None (unlimited) or an integer in 2..32, got {self.acc_bits!r}")
-        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
-            raise ValueError(f"tile must be an integer >= 1, got {self.tile!r}")
+        if self.tile is not None and (isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1):
+            raise ValueError(f"tile must be None (the whole reduction) or an integer >= 1, got {self.tile!r}")
         check_rule(self.hadamard_rule)
         if self.hadamard_select not in HADAMARD_SELECTIONS:
             raise ValueError(f"hadamard_select must be one of {HADAMARD_SELECTIONS}, got {self.hadamard_select!r}")

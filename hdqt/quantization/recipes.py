@@ -55,7 +55,7 @@ def _fp32() -> QuantPolicy:
     return QuantPolicy(name="fp32")
 
 
-def _integer_fqt(bits: int, acc_bits: int | None, tile: int, hadamard: bool, name: str, clip_ratio: float) -> QuantPolicy:
+def _integer_fqt(bits: int, acc_bits: int | None, tile: int | None, hadamard: bool, name: str, clip_ratio: float) -> QuantPolicy:
     check_bits(bits)
     return QuantPolicy(
         # Forward: round to nearest with a clipped per-tensor scale. Inputs take the
@@ -75,15 +75,15 @@ def _integer_fqt(bits: int, acc_bits: int | None, tile: int, hadamard: bool, nam
     )
 
 
-def _hdqt(bits: int = 4, acc_bits: int | None = 8, tile: int = 32, clip_ratio: float = FORWARD_CLIP_RATIO) -> QuantPolicy:
+def _hdqt(bits: int = 4, acc_bits: int | None = 8, tile: int | None = 32, clip_ratio: float = FORWARD_CLIP_RATIO) -> QuantPolicy:
     return _integer_fqt(bits, acc_bits, tile, True, "hdqt", clip_ratio)
 
 
-def _int(bits: int = 4, acc_bits: int | None = 8, tile: int = 32, clip_ratio: float = FORWARD_CLIP_RATIO) -> QuantPolicy:
+def _int(bits: int = 4, acc_bits: int | None = 8, tile: int | None = 32, clip_ratio: float = FORWARD_CLIP_RATIO) -> QuantPolicy:
     return _integer_fqt(bits, acc_bits, tile, False, "int", clip_ratio)
 
 
-def _luq(bits: int = 4, acc_bits: int | None = 8, tile: int = 32) -> QuantPolicy:
+def _luq(bits: int = 4, acc_bits: int | None = 8, tile: int | None = 32) -> QuantPolicy:
     check_bits(bits)
     sawb = SAWBScaling(*sawb_coefficients(bits))
     grad = Quantizer(LogFormat(bits), DynamicScaling(), "stochastic")
@@ -98,7 +98,7 @@ def _luq(bits: int = 4, acc_bits: int | None = 8, tile: int = 32) -> QuantPolicy
     )
 
 
-def _float_fqt(fmt: FloatFormat, name: str, bits: int | None, acc_bits: int | None, tile: int,
+def _float_fqt(fmt: FloatFormat, name: str, bits: int | None, acc_bits: int | None, tile: int | None,
                scaling) -> QuantPolicy:
     if bits is not None and bits != fmt.bits:
         check_bits(bits)
@@ -116,7 +116,7 @@ def _float_fqt(fmt: FloatFormat, name: str, bits: int | None, acc_bits: int | No
 
 def _float_recipe(fmt: FloatFormat, name: str, scaling=DynamicScaling(), acc_default: int | None = 16
                   ) -> Callable[..., QuantPolicy]:
-    def build(bits: int | None = None, acc_bits: int | None = acc_default, tile: int = 32) -> QuantPolicy:
+    def build(bits: int | None = None, acc_bits: int | None = acc_default, tile: int | None = 32) -> QuantPolicy:
         return _float_fqt(fmt, name, bits, acc_bits, tile, scaling)
     build.__name__ = f"_{name}"
     return build

@@ -61,7 +61,7 @@ def test_default_out_dir_is_stable_per_configuration():
     (["--bits", "0"], r"error: --bits must be an integer in 2\.\.16, got 0$"),
     (["--acc-bits", "1"], r"error: --acc-bits must be 0 \(unlimited\) or an integer in 2\.\.32, "
                           r"got 1$"),
-    (["--tile", "0"], r"error: --tile must be an integer >= 1, got 0$"),
+    (["--tile", "-1"], r"error: --tile must be 0 \(the whole reduction, one tile\) or an integer >= 1, got -1$"),
     (["--hadamard-rule", "odd"], r"--hadamard-rule must be one of \('paper', 'binary'\)"),
     (["--device", "nosuch"], r"error: --device 'nosuch' is not a device of this machine.*; "
                              r"devices here: cpu"),

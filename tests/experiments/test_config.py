@@ -112,7 +112,7 @@ def test_training_options_follow_the_learners_rules_under_the_name_given(key, va
     ("bits", 17, "bits must be an integer in 2..16, got 17"),
     ("acc_bits", 1, "acc-bits must be 0 (unlimited) or an integer in 2..32, got 1"),
     ("acc_bits", -8, "acc-bits must be 0 (unlimited) or an integer in 2..32, got -8"),
-    ("tile", 0, "tile must be an integer >= 1, got 0"),
+    ("tile", -1, "tile must be 0 (the whole reduction, one tile) or an integer >= 1, got -1"),
     ("hadamard_rule", "odd", "hadamard-rule must be one of ('paper', 'binary'), got 'odd'"),
 ])
 def test_quantization_options_name_the_flag_and_the_valid_range(recipe, key, value, message):

@@ -191,7 +191,7 @@ def test_invalid_settings_name_the_argument():
         hdqt.recipe("nope")
     with pytest.raises(ValueError, match="bits must be an integer in 2..16"):
         hdqt.recipe("hdqt", bits=20)
-    with pytest.raises(ValueError, match="tile must be an integer >= 1"):
+    with pytest.raises(ValueError, match="tile must be None .the whole reduction. or an integer >= 1"):
         hdqt.recipe("hdqt", tile=0)
     with pytest.raises(ValueError, match="unknown recipe override"):
         hdqt.recipe("hdqt", colour="red")
