@@ -609,6 +609,18 @@ typedef struct {
     float *y;
 } bin_group_ctx;
 
+/* The words and betas of block ib's BIN_R rows of a (rows past m repeat the last:
+ * computed, not stored); returns its first row. */
+static inline int64_t bin_group_rows(const bin_group_ctx *c, int64_t ib, const uint32_t *ar[BIN_R],
+                                     const float *ba[BIN_R]) {
+    const int64_t i0 = ib * BIN_R;
+    for (int r = 0; r < BIN_R; ++r) {
+        const int64_t row = i0 + r < c->m ? i0 + r : c->m - 1;
+        ar[r] = c->a + row * c->a_stride32, ba[r] = c->a_beta + row * c->groups;
+    }
+    return i0;
+}
+
 BIN_AVX512
 static void bin_groups_avx512(void *arg, int64_t begin, int64_t end, int worker) {
     (void)worker;
@@ -619,11 +631,9 @@ static void bin_groups_avx512(void *arg, int64_t begin, int64_t end, int worker)
     for (int64_t jv = 0; jv < c->jp; jv += 16) {
         __mmask16 keep = c->j - jv >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (c->j - jv)) - 1);
         for (int64_t ib = begin; ib < end; ++ib) {
-            int64_t i0 = ib * BIN_R, rows[BIN_R];
-            for (int r = 0; r < BIN_R; ++r) rows[r] = i0 + r < c->m ? i0 + r : c->m - 1;
             const uint32_t *ar[BIN_R];
             const float *ba[BIN_R];
-            for (int r = 0; r < BIN_R; ++r) ar[r] = c->a + rows[r] * c->a_stride32, ba[r] = c->a_beta + rows[r] * G;
+            const int64_t i0 = bin_group_rows(c, ib, ar, ba);
             __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
 #define BIN_GROUP_ADD(acc, r, count, q)                                                            \
     acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(ba[r][q]), bbv),                            \
@@ -700,11 +710,9 @@ static void bin_groups_avx2(void *arg, int64_t begin, int64_t end, int worker) {
         if (jv >= c->j) break;
         const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(c->j - jv)), iota);
         for (int64_t ib = begin; ib < end; ++ib) {
-            int64_t i0 = ib * BIN_R, rows[BIN_R];
-            for (int r = 0; r < BIN_R; ++r) rows[r] = i0 + r < c->m ? i0 + r : c->m - 1;
             const uint32_t *ar[BIN_R];
             const float *ba[BIN_R];
-            for (int r = 0; r < BIN_R; ++r) ar[r] = c->a + rows[r] * c->a_stride32, ba[r] = c->a_beta + rows[r] * G;
+            const int64_t i0 = bin_group_rows(c, ib, ar, ba);
             __m256 acc[BIN_R];
             for (int r = 0; r < BIN_R; ++r) acc[r] = _mm256_setzero_ps();
 #define BIN_GROUP_ADD8(r, count, q)                                                                  \
