@@ -78,12 +78,12 @@ def bench_shape(m: int, k: int, j: int, group, repeat: int) -> dict:
     g = 0 if group is None or group >= k else group
     variant = binary_kernel.variant()
     code = {"portable": 1, "avx2": 2, "avx512": 3, "neon": 4}[variant]
-    if g and variant == "avx512":
+    if g and variant in ("avx512", "avx2"):  # the grouped kernels (b transposed), as product_packed runs
         bt, bbt, jp = binary_kernel._transposed(b_bits, bb)
 
         def product_only():
             lib.hdqt_binary_matmul_groups_f32(a_bits.data_ptr(), ba.data_ptr(), m, 2 * a_bits.shape[1], bt.data_ptr(),
-                                              bbt.data_ptr(), j, jp, k, g, y.data_ptr(), native.threads())
+                                              bbt.data_ptr(), j, jp, k, g, y.data_ptr(), code, native.threads())
     else:
         def product_only():
             lib.hdqt_binary_matmul_f32(a_bits.data_ptr(), ba.data_ptr(), m, b_bits.data_ptr(), bb.data_ptr(), j, k,

@@ -135,3 +135,13 @@ def test_conv_rows_pack_straight_from_the_input(group, b, c, h, w, kernel, strid
     bits, betas = binary_kernel.pack_conv_with_betas(x, kernel, stride, padding, dilation, group)
     assert torch.equal(bits, binary_kernel.pack(rows.contiguous()))
     assert torch.equal(betas, binarize.group_betas(rows.double(), group).float())
+
+
+@pytest.mark.skipif(binary_kernel._lib() is None, reason="the native kernels are not available here")
+@pytest.mark.parametrize("group", [None, 16])
+def test_the_benchmark_times_every_path_of_this_cpu(load_benchmark, group):
+    """bench_binary.py's cases call the kernels with their current signatures (the grouped
+    kernel's product-only case took an argument fewer once): a tiny shape runs each path."""
+    times = load_benchmark("bench_binary").bench_shape(8, 96, 12, group, 1)
+    assert set(times) == {"float", "end_to_end", "unfused", "product"}
+    assert all(t > 0 for t in times.values())
