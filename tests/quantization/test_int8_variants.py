@@ -159,9 +159,8 @@ def test_conv_equals_float_kernel_bit_for_bit(variant, case, x_range, acc_bits):
                          ids=lambda c: "x".join(map(str, c[:5])) + f"-k{c[5]}s{c[6]}")
 def test_conv_weight_gradient_multiply_equals_float_kernel(variant, case, bits, g_range):
     """The fused conv dW multiplies bytes on the x86 variants (AVX2: columns of up to 7
-    bits, so that its pair sums cannot saturate, added in int16 over as many 32-byte
-    steps as stay exact: 32x32 maps take several) with the float32 kernel's result,
-    also with the gradient's byte extremes."""
+    bits, so that its pair sums cannot saturate) with the float32 kernel's result, also
+    with the gradient's byte extremes."""
     b, c, h, w, n, kernel, stride, padding, dilation, _ = case
     gen = torch.Generator().manual_seed(7)
     x = torch.randint(0, 16, (b, c, h, w), generator=gen).float()

@@ -25,7 +25,6 @@ typedef struct {
     uint8_t *bytes;
     int narrow; /* dot_rows_narrow (narrow_vectors) */
     int i8_variant; /* the int8 variant of the byte path (dw_int8_variant) */
-    int64_t pair_steps; /* AVX2: 32-byte steps whose int16 pair sums stay exact (dw_pair_steps) */
     int64_t byte_samples[HDQT_MAX_THREADS]; /* samples multiplied as bytes, per worker */
 } dw_ctx;
 
@@ -302,13 +301,6 @@ static int dw_int8_variant(const dw_ctx *c) {
     return I8_NONE;
 }
 
-/* AVX2: how many 32-byte steps of pair sums (each <= 2 * 255 * max|column|) int16
- * lanes hold exactly before they are widened. */
-static int64_t dw_pair_steps(const dw_ctx *c) {
-    const float column_top = -c->qmin > c->qmax ? -c->qmin : c->qmax;
-    return (int64_t)(32767.0f / (2.0f * 255.0f * (column_top >= 1.0f ? column_top : 1.0f)));
-}
-
 #ifdef HDQT_INT8
 /* The byte rows of a gradient and a column, and their dot rows, on c->i8_variant. */
 static int dw_gradient_row(const dw_ctx *c, const float *g, int64_t n, uint8_t *dst, int64_t padded) {
@@ -325,11 +317,11 @@ static void dw_dot_rows_bytes(const dw_ctx *c, const uint8_t *gb, const int8_t *
                               int64_t padded, int64_t K, int64_t k, int count, float *part) {
 #ifdef HDQT_INT8_AVXVNNI
     if (c->i8_variant == I8_AVXVNNI) {
-        dot_rows_i8_avxvnni(gb, c->N, r, sums, padded, K, k, count, part, 1);
+        dot_rows_i8_avxvnni(gb, c->N, r, sums, padded, K, k, count, part);
         return;
     }
 #endif
-    if (c->i8_variant == I8_AVX2) dot_rows_i8_avx2(gb, c->N, r, sums, padded, K, k, count, part, c->pair_steps);
+    if (c->i8_variant == I8_AVX2) dot_rows_i8_avx2(gb, c->N, r, sums, padded, K, k, count, part);
     else dot_rows_i8(gb, c->N, r, sums, padded, K, k, count, part);
 }
 #endif
@@ -425,7 +417,6 @@ static int dw_setup(dw_ctx *c, int threads, const float *x, int64_t B, int64_t C
 static void dw_setup_bytes(dw_ctx *c, int threads) {
     c->padded_len = (c->g.OH * c->g.OW + 63) / 64 * 64;
     c->i8_variant = dw_int8_variant(c);
-    c->pair_steps = dw_pair_steps(c);
     if (c->i8_variant == I8_NONE || c->rows_per_worker > HDQT_MAX_DW_ROWS) return;
     /* without memory for them, the float32 path runs */
     c->bytes = (uint8_t *)malloc((size_t)(threads * (c->N + c->rows_per_worker) * c->padded_len));

@@ -33,27 +33,6 @@ static void I8B_NAME(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, 
         for (int64_t t = 0; t < c->tiles; ++t) {
             __m256i acc[I8B_MR][2];
             for (int r = 0; r < I8B_MR; ++r) acc[r][0] = acc[r][1] = _mm256_set1_epi32(start[r][t]);
-#ifdef I8B_PAIRS
-            const __m256i ones = _mm256_set1_epi16(1);
-            for (int64_t g = c->tile_group[t], end = c->tile_group[t + 1]; g < end;) {
-                const int64_t stop = end - g > c->pair_groups ? g + c->pair_groups : end;
-                __m256i pairs[I8B_MR][2];
-                for (int r = 0; r < I8B_MR; ++r) pairs[r][0] = pairs[r][1] = _mm256_setzero_si256();
-                for (; g < stop; ++g) {
-                    __m256i b0 = _mm256_loadu_si256((const __m256i *)(bs + g * 64));
-                    __m256i b1 = _mm256_loadu_si256((const __m256i *)(bs + g * 64 + 32));
-                    for (int r = 0; r < I8B_MR; ++r) {
-                        __m256i av = _mm256_set1_epi32(a[r][g]);
-                        pairs[r][0] = _mm256_add_epi16(pairs[r][0], I8B_PAIRS(b0, av));
-                        pairs[r][1] = _mm256_add_epi16(pairs[r][1], I8B_PAIRS(b1, av));
-                    }
-                }
-                for (int r = 0; r < I8B_MR; ++r) {
-                    acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(pairs[r][0], ones));
-                    acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(pairs[r][1], ones));
-                }
-            }
-#else
             for (int64_t g = c->tile_group[t]; g < c->tile_group[t + 1]; ++g) {
                 __m256i b0 = _mm256_loadu_si256((const __m256i *)(bs + g * 64));
                 __m256i b1 = _mm256_loadu_si256((const __m256i *)(bs + g * 64 + 32));
@@ -63,7 +42,6 @@ static void I8B_NAME(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, 
                     acc[r][1] = I8B_DOT(acc[r][1], b1, av);
                 }
             }
-#endif
             __m256i tile_sums = _mm256_setzero_si256();
             for (int r = 0; r < I8B_MR; ++r) {
                 for (int h = 0; h < 2; ++h) {
@@ -104,10 +82,7 @@ static void I8B_NAME(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, 
  * same exact int32 sums, so the same floats. */
 I8B_TARGET
 static void I8B_DW_NAME(const uint8_t *gb, int64_t N, const int8_t *r, const int32_t *sums, int64_t padded,
-                        int64_t K, int64_t k, int count, float *part, int64_t pair_steps) {
-#ifndef I8B_PAIRS
-    (void)pair_steps;
-#endif
+                        int64_t K, int64_t k, int count, float *part) {
     for (int64_t n0 = 0; n0 < N; n0 += 4) {
         const int64_t rows = N - n0 < 4 ? N - n0 : 4;
         const uint8_t *g[4];
@@ -116,28 +91,6 @@ static void I8B_DW_NAME(const uint8_t *gb, int64_t N, const int8_t *r, const int
             __m256i acc[4][2];
             for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
             const int8_t *r0 = r + j0 * padded, *r1 = r0 + padded;
-#ifdef I8B_PAIRS
-            /* int16 pair sums of pair_steps vectors at most, then widened (as in I8B_NAME) */
-            const __m256i ones = _mm256_set1_epi16(1);
-            for (int64_t l = 0; l < padded;) {
-                const int64_t stop = padded - l > 32 * pair_steps ? l + 32 * pair_steps : padded;
-                __m256i pairs[4][2];
-                for (int i = 0; i < 4; ++i) pairs[i][0] = pairs[i][1] = _mm256_setzero_si256();
-                for (; l < stop; l += 32) {
-                    __m256i v0 = _mm256_loadu_si256((const __m256i *)(r0 + l));
-                    __m256i v1 = _mm256_loadu_si256((const __m256i *)(r1 + l));
-                    for (int i = 0; i < 4; ++i) {
-                        __m256i gv = _mm256_loadu_si256((const __m256i *)(g[i] + l));
-                        pairs[i][0] = _mm256_add_epi16(pairs[i][0], I8B_PAIRS(gv, v0));
-                        pairs[i][1] = _mm256_add_epi16(pairs[i][1], I8B_PAIRS(gv, v1));
-                    }
-                }
-                for (int i = 0; i < 4; ++i) {
-                    acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(pairs[i][0], ones));
-                    acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(pairs[i][1], ones));
-                }
-            }
-#else
             for (int64_t l = 0; l < padded; l += 32) {
                 __m256i v0 = _mm256_loadu_si256((const __m256i *)(r0 + l));
                 __m256i v1 = _mm256_loadu_si256((const __m256i *)(r1 + l));
@@ -147,7 +100,6 @@ static void I8B_DW_NAME(const uint8_t *gb, int64_t N, const int8_t *r, const int
                     acc[i][1] = I8B_DOT(acc[i][1], gv, v1);
                 }
             }
-#endif
             for (int i = 0; i < rows; ++i) {
                 for (int j = 0; j < 2 && j0 + j < count; ++j) {
                     int32_t lanes[8], total = 0;

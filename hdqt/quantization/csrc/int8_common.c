@@ -33,7 +33,6 @@ struct i8_ctx {
     int32_t b_top;    /* the largest |byte| of packed B (i8_offset) */
     int32_t a_top;    /* the largest |A| (i8_setup_a) */
     double sum_bound; /* the largest |tile sum| the operands allow (i8_setup_a) */
-    int64_t pair_groups; /* AVX2: groups whose int16 pair sums may be added before widening */
     int b_transposed; /* B given as (J, K) row-major */
     int variant;      /* I8_AVX512VNNI, ... (int8_variant.h) */
     i8_block_fn block;  /* the variant's register block (not AVX512-VNNI's) */

@@ -30,20 +30,15 @@ static inline __m256i i8_dot_avx2(__m256i acc, __m256i b, __m256i a) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-/* The forward product's block adds the int16 pair sums of up to c->pair_groups
- * groups (pair_groups * max|pair| <= 32767: exact) before one vpmaddwd widens them,
- * which halves the multiply-port work per MAC against widening every group. */
 #define I8B_NAME i8_block_avx2
 #define I8B_DW_NAME dot_rows_i8_avx2
 #define I8B_TARGET INT8_AVX2_TARGET
 #define I8B_DOT i8_dot_avx2
-#define I8B_PAIRS _mm256_maddubs_epi16
 #include "int8_block256.h"
 #undef I8B_NAME
 #undef I8B_DW_NAME
 #undef I8B_TARGET
 #undef I8B_DOT
-#undef I8B_PAIRS
 
 #ifdef HDQT_INT8_AVXVNNI
 #define I8B_NAME i8_block_avxvnni

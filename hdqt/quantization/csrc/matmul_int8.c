@@ -248,9 +248,6 @@ static int i8_setup_a(i8_ctx *c, int threads) {
     /* AVX2's 16-bit pair sums must not saturate: |pair| <= 2 * max|A| * max(B + offset)
      * (see i8_dot_avx2) */
     if (c->variant == I8_AVX2 && 2.0 * a_max * c->b_top > 32767.0) return 1;
-    /* ...and as many groups' pair sums as stay within int16 may be added in int16
-     * lanes before vpmaddwd widens them (at least one, by the check above) */
-    c->pair_groups = a_max == 0 ? c->groups + 1 : (int64_t)(32767.0 / (2.0 * a_max * (c->b_top ? c->b_top : 1)));
     /* every tile's int32 sum must be exact: it starts at -offset * (A's sum) and adds
      * products of at most max|A| * max|B + offset| */
     double length = c->tile < c->K ? (double)c->tile : (double)c->K;
