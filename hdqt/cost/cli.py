@@ -43,7 +43,7 @@ def energy_command(args: argparse.Namespace) -> int:
     import hdqt
     from hdqt.cost import EnergyTable, estimate
     from hdqt.data import dataset_info
-    from hdqt.experiments.config import DATASET_DEFAULTS
+    from hdqt.experiments.config import DATASET_DEFAULTS, engine_values
     from hdqt.models import create_model
 
     try:
@@ -55,11 +55,8 @@ def energy_command(args: argparse.Namespace) -> int:
         table = EnergyTable.from_toml(args.table) if args.table else EnergyTable()
         names = [args.recipe] + [n.strip() for n in (args.compare or "").split(",") if n.strip()]
         names = list(dict.fromkeys(names))  # --recipe hdqt --compare fp32,hdqt: hdqt once
-        knobs = {k: v for k, v in (("bits", args.bits), ("tile", args.tile)) if v is not None}
-        if knobs.get("tile") == 0:  # the whole reduction, as hdqt run --tile 0
-            knobs["tile"] = None
-        if args.acc_bits is not None:
-            knobs["acc_bits"] = None if args.acc_bits == 0 else args.acc_bits
+        knobs = engine_values({k: v for k, v in (("bits", args.bits), ("tile", args.tile),
+                                                 ("acc_bits", args.acc_bits)) if v is not None})
         policies = []
         for name in names:
             try:

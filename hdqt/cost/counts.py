@@ -179,7 +179,7 @@ def _quantize(ops: Counter, part: str, quantizer, elements: int, k: int = 1) -> 
     operand's groups)."""
     if quantizer is None:
         return
-    if quantizer.format.kind == "binary":
+    if _is_binary(quantizer):
         ops[(part, "float", "add", 32, None)] += 2 * elements  # sign, sum of |x|
         ops[(part, "float", "mul", 32, 32)] += _betas(quantizer, elements, k)  # the means
         return
@@ -203,7 +203,7 @@ def _betas(quantizer, elements: int, k: int) -> int:
 def _stored_bytes(quantizer, elements: int, k: int) -> float:
     """Bytes of an operand as a product reads it: its codes, and a binarized one's betas."""
     size = elements * _bits(quantizer) / 8
-    if quantizer is not None and quantizer.format.kind == "binary":
+    if _is_binary(quantizer):
         size += _betas(quantizer, elements, k) * 4
     return size
 

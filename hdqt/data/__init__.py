@@ -133,8 +133,8 @@ def prepare(
     (None: no bound). ``augment``: attach ``RandomCropFlip(padding=padding)`` to the
     result; None means on for image datasets and off otherwise, True on a non-image
     dataset is a ValueError. ``train_per_class``: keep at most that many training samples
-    of each class (seeded; the test part stays whole). Other keyword arguments go to the loader, as in ``load``
-    (e.g. PAMAP2's ``window``, ``step``, ``max_missing``).
+    of each class (seeded; the test part stays whole). Other keyword arguments go to the
+    loader, as in ``load`` (e.g. PAMAP2's ``window``, ``step``, ``max_missing``).
     """
     from hdqt.data.preparation import prepare_dataset
 

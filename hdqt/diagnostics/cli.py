@@ -55,13 +55,10 @@ class _UsageError(ValueError):
 
 
 def _knobs(args) -> dict:
-    knobs = {k: v for k, v in (("bits", args.bits), ("tile", args.tile), ("hadamard_rule", args.hadamard_rule))
-             if v is not None}
-    if args.acc_bits is not None:
-        knobs["acc_bits"] = None if args.acc_bits == 0 else args.acc_bits
-    if knobs.get("tile") == 0:  # the whole reduction, as hdqt run --tile 0
-        knobs["tile"] = None
-    return knobs
+    from hdqt.experiments.config import engine_values
+
+    return engine_values({k: v for k, v in (("bits", args.bits), ("tile", args.tile), ("acc_bits", args.acc_bits),
+                                            ("hadamard_rule", args.hadamard_rule)) if v is not None})
 
 
 def _policies(args, default_recipe: str | None):

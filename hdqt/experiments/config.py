@@ -422,18 +422,22 @@ def _check_policy_field(key: str, value: Any) -> None:
     QuantPolicy(**{key: value})
 
 
+# The command line's and TOML's 0 for the engine's None: acc_bits 0 (unlimited), tile 0
+# (the whole reduction is one tile), group 0 (one beta per row).
+ZERO_MEANS_NONE = frozenset({"acc_bits", "tile", "group"})
+
+
+def engine_values(knobs: Mapping[str, Any]) -> dict[str, Any]:
+    """``knobs`` for ``hdqt.recipe``: each ZERO_MEANS_NONE key given as 0 becomes None."""
+    return {key: None if key in ZERO_MEANS_NONE and value == 0 else value for key, value in knobs.items()}
+
+
 def policy_overrides(config: RunConfig) -> dict[str, Any]:
     """The ``hdqt.recipe`` overrides of ``config``: the quantization options it sets
     (acc_bits 0 becomes the engine's None, unlimited). fp32 quantizes nothing and
     takes none of them but ``bits``, which the recipe validates and ignores."""
-    overrides = {key: getattr(config, key) for key in QUANT_KEYS
-                 if getattr(config, key) is not None}
-    if overrides.get("acc_bits") == 0:
-        overrides["acc_bits"] = None
-    if overrides.get("group") == 0:  # 0: one group per row, the engine's None
-        overrides["group"] = None
-    if overrides.get("tile") == 0:  # 0: the whole reduction is one tile, the engine's None
-        overrides["tile"] = None
+    overrides = engine_values({key: getattr(config, key) for key in QUANT_KEYS
+                               if getattr(config, key) is not None})
     if config.recipe == "fp32":
         overrides = {key: value for key, value in overrides.items() if key == "bits"}
     return overrides
