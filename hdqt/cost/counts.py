@@ -45,6 +45,7 @@ import torch.nn as nn
 
 from hdqt.cost.energy import EnergyTable
 from hdqt.quantization.hadamard import block_layout
+from hdqt.quantization.matmul import reduction_tile
 from hdqt.quantization.policy import QuantPolicy
 
 WIDE = 32  # the accumulator that combines tiles, and an "unlimited" one
@@ -161,7 +162,7 @@ def _product(ops: Counter, part: str, macs: int, k: int, qa, qb, acc_bits: int |
         ba, bb = 32, 32
     ops[(part, number, "mul", ba, bb)] += macs
     if number == "int" and acc_bits is not None:
-        tile = k if tile is None else tile  # None: the whole reduction is one tile
+        tile = reduction_tile(tile, k)
         outputs = macs // k
         ops[(part, "int", "add", acc_bits, None)] += macs
         ops[(part, "int", "add", WIDE, None)] += outputs * math.ceil(k / min(tile, k))
