@@ -18,7 +18,7 @@ CASES = [
 ]
 # Layers the quantization engine converts (Linear, Conv2d) or leaves in float.
 ALLOWED_LEAVES = (
-    nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
+    nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
     nn.Flatten, nn.Identity, ZeroPadShortcut,
 )
 
