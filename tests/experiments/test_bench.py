@@ -97,3 +97,31 @@ def test_paired_differences_match_seeds_and_skip_other_class_orders(bench):
 
 def test_default_seeds_are_five(bench):
     assert bench.parse_args([]).seeds == "0,1,2,3,4"
+
+
+def test_fashion_mnist_targets_judge_average_and_last_accuracy_with_their_own_gaps(bench):
+    # issue 15: within 3 points in average incremental accuracy and 5 in last accuracy
+    def run(avg, last):
+        return {"class_order": [0, 1], "primary_classifier": "cnn",
+                "cnn": {"avg_incremental_accuracy": avg, "last_accuracy": last}}
+
+    runs = {("fashion_mnist", "icarl", "fp32"): {0: run(80.0, 80.0), 1: run(70.0, 60.0)},
+            ("fashion_mnist", "icarl", "hdqt"): {0: run(78.0, 73.0), 1: run(67.0, 56.0)},
+            ("dsads", "icarl", "fp32"): {0: run(90.0, 85.0)},
+            ("dsads", "icarl", "hdqt"): {0: run(88.5, 70.0)}}
+    args = bench.parse_args(["--datasets", "fashion_mnist,dsads", "--methods", "icarl",
+                             "--seeds", "0,1"])
+    lines = bench._target_section(args, "fp32", ["hdqt"], runs)
+    text = "\n".join(lines)
+    last = lines.index(next(x for x in lines if x.startswith("### Last accuracy")))
+    average, after = lines[:last], lines[last:]
+    # average: Fashion-MNIST -2.50 within 3 (met); DSADS -1.50 misses its 1.0 by 0.50
+    assert any(x.startswith("| Fashion-MNIST | iCaRL | cnn* |") and "| -2.50 ± 0.71 | 2 | met |" in x
+               for x in average), text
+    assert any(x.startswith("| DSADS | iCaRL | cnn* |") and "| missed by 0.50 |" in x
+               for x in average), text
+    # last: Fashion-MNIST -5.50 misses 5 by 0.50; DSADS has no last-accuracy target
+    assert any(x.startswith("| Fashion-MNIST | iCaRL | cnn* |") and "| -5.50 ± 2.12 | 2 | missed by 0.50 |" in x
+               for x in after), text
+    assert not any(x.startswith("| DSADS") for x in after), text
+    assert "Fashion-MNIST 3, DSADS 1" in text and "Fashion-MNIST 5" in text
