@@ -12,6 +12,11 @@ task's accuracy. `--head relu` puts back the head of the convnet before d782d61
 
 The numbers it prints are the same run's metrics as `hdqt run` with the same flags: the
 hook reads activations and changes nothing.
+
+`--a2q-bound` tries, as a probe and not a library option, the guarantee of A2Q (Colbert
+et al., ICCV 2023) in hdqt's tiled accumulator: before every forward product, each output
+row's integer weight codes are shrunk toward zero, tile by tile, until
+sum|w| * (largest input code, 15) <= 2^(acc_bits-1) - 1, so that no tile sum can saturate.
 """
 from __future__ import annotations
 
@@ -22,7 +27,11 @@ from pathlib import Path
 
 from torch import nn
 
+import torch
+
 from hdqt.experiments import runner
+from hdqt.quantization import runtime
+from hdqt.quantization.quantizer import QTensor
 from hdqt.experiments.config import ConfigError, parse_int_list, parse_name_list, resolve_config
 from hdqt.models import convnet as convnet_module
 
@@ -54,6 +63,44 @@ class DeadUnitMeter:
         return [100.0 * sum(v) / len(v) for _, v in sorted(self.sums.items())]
 
 
+class TileL1Bound:
+    """Wraps LayerRuntime.quantize: forward weight codes shrunk per (row, tile) so that no
+    tile of the forward product can leave the accumulator (see the module docstring)."""
+
+    INPUT_CODE_MAX = 15.0  # unsigned 4-bit inputs (after a ReLU); signed ones reach 8
+
+    def __init__(self) -> None:
+        self.tiles = self.shrunk = 0
+        self.original = runtime.LayerRuntime.quantize
+
+    def __enter__(self):
+        bound = self
+
+        def quantize(rt, quantizer, tensor, operand, amax=None):
+            q = bound.original(rt, quantizer, tensor, operand, amax)
+            if operand != "forward weight" or quantizer is None or rt.policy.acc_bits is None:
+                return q
+            return bound.shrink(q, rt.policy.acc_bits, rt.policy.tile)
+
+        runtime.LayerRuntime.quantize = quantize
+        return self
+
+    def __exit__(self, *exc) -> None:
+        runtime.LayerRuntime.quantize = self.original
+
+    def shrink(self, q: QTensor, acc_bits: int, tile: int | None) -> QTensor:
+        limit = (2 ** (acc_bits - 1) - 1) / self.INPUT_CODE_MAX
+        codes = q.values.reshape(q.values.shape[0], -1)
+        rows, k = codes.shape
+        tile = tile or k
+        tiles = torch.nn.functional.pad(codes, (0, (-k) % tile)).reshape(rows, -1, tile)
+        factor = (limit / tiles.abs().sum(-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        self.tiles += factor.numel()
+        self.shrunk += int((factor < 1).sum())
+        shrunk = torch.trunc(tiles * factor).reshape(rows, -1)[:, :k]
+        return QTensor(shrunk.reshape(q.values.shape).to(q.values.dtype), q.scale)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +115,8 @@ def parse_args(argv):
     parser.add_argument("--train-per-class", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--a2q-bound", action="store_true",
+                        help="probe: shrink the forward weight codes so that no tile saturates")
     return parser.parse_args(argv)
 
 
@@ -90,18 +139,25 @@ def main(argv=None) -> int:
         meter = DeadUnitMeter()
         track = runner._track_diagnostics
         runner._track_diagnostics = lambda learner, *rest: setattr(learner, "on_step", meter.on_step)
+        bound = TileL1Bound() if args.a2q_bound else None
         try:
             with tempfile.TemporaryDirectory() as out:
-                result = runner.run_experiment(config, Path(out))
+                if bound is None:
+                    result = runner.run_experiment(config, Path(out))
+                else:
+                    with bound:
+                        result = runner.run_experiment(config, Path(out))
         finally:
             runner._track_diagnostics = track
+        if bound is not None:
+            print(f"{recipe}: a2q bound shrank {bound.shrunk:,} of {bound.tiles:,} weight tiles")
         metrics = result.metrics
         rows.append((recipe, meter.shares(), metrics["avg_incremental_accuracy"],
                      metrics["last_accuracy"]))
         print(f"{recipe}: dead feature units per task (%) "
               f"{', '.join(f'{s:.1f}' for s in rows[-1][1])}; "
               f"avg incremental accuracy {rows[-1][2]:.2f}, last {rows[-1][3]:.2f}", flush=True)
-    print(f"\nhead: {args.head}; command: python benchmarks/bench_feature_units.py "
+    print(f"\nhead: {args.head}{'; forward weights under the A2Q-style tile bound' if args.a2q_bound else ''}; command: python benchmarks/bench_feature_units.py "
           + " ".join(sys.argv[1:] if argv is None else argv))
     print("| recipe | dead units, tasks 1-5 (%) | avg inc acc | last acc |")
     print("| --- | --- | ---: | ---: |")
