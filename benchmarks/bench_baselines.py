@@ -56,7 +56,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--acc-bits", default="8", help="accumulator widths, a list; 0 = unlimited")
     parser.add_argument("--tile", type=int, default=None, help="accumulator tile (default: the recipe's, 32)")
     parser.add_argument("--input-clip", default=None, help="feature bound in std, or none (default 3)")
-    parser.add_argument("--backbone", default="fcnet")
+    parser.add_argument("--backbone", default=None, help="network (default: the dataset's)")
+    parser.add_argument("--train-per-class", type=int, default=None,
+                        help="keep at most N training samples of each class (the test set whole)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per job")
     parser.add_argument("--out", default="runs/bench_baselines")
@@ -91,7 +93,7 @@ def build_points(args) -> list[tuple[int | None, str, GridPoint]]:
                     for seed in parse_int_list(args.seeds, "--seeds"):
                         values = {"dataset": dataset, "method": method, "recipe": name, "seed": seed,
                                   "epochs": args.epochs, "backbone": args.backbone, "data_root": args.data_root,
-                                  "device": args.device}
+                                  "device": args.device, "train_per_class": args.train_per_class}
                         if name != "fp32":
                             values["acc_bits"] = acc
                             if name not in FLOAT_RECIPES:
@@ -160,6 +162,8 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
          f"- Feature inputs clipped at {args.input_clip or 3} std") + " (`--input-clip`); `:binary` is the "
         "binary Hadamard block rule, `+fh` the forward Hadamard rotation.",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {_torch()}; wall time {wall / 60:.1f} min.",
+        *([f"- Training set cut to {args.train_per_class} samples a class (a seeded choice; the test set "
+           "whole)."] if args.train_per_class else []),
         "",
     ]
     for dataset in parse_name_list(args.datasets, "--datasets"):
