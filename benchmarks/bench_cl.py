@@ -146,7 +146,7 @@ def render(args, command: str, outcomes: list[GridOutcome], wall_seconds: float)
         f"- Code: {', '.join(sorted(codes)) or 'no finished run'}"
         + (" (the runs were made by different code versions)" if len(codes) > 1 else "") + ".",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} job(s) in "
-        f"parallel, torch {_torch_version()}. Wall time of this invocation "
+        f"parallel, torch {_torch_version()}, kernels: {_kernel_variant()}. Wall time of this invocation "
         f"{wall_seconds / 60:.1f} min (runs finished earlier are read back).",
         "",
     ]
@@ -234,6 +234,12 @@ def _target_table(args, base, other, runs, datasets, key: str, which: int) -> li
     return lines + [""]
 
 
+def _kernel_variant() -> str:
+    from hdqt.quantization import native
+
+    return native.kernel_variant()
+
+
 def _torch_version() -> str:
     import torch
 
@@ -243,7 +249,9 @@ def _torch_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/bench_cl.py", *argv])
+    # --report-only rewrites the page from finished runs: the command that makes them is the same
+    # command without it (which also reuses the finished runs)
+    command = shlex.join(["python", "benchmarks/bench_cl.py", *(a for a in argv if a != "--report-only")])
     try:
         points = build_points(args)
     except ConfigError as error:
