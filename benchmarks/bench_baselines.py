@@ -39,7 +39,9 @@ import hdqt
 from hdqt.experiments import outputs
 from hdqt.experiments.benchmark_grid import run_benchmark_grid
 from hdqt.experiments.config import ConfigError, parse_int_list, parse_name_list, resolve_config
-from hdqt.experiments.grid import GridOutcome, GridPoint, stat
+from hdqt.experiments.fingerprint import describe
+from hdqt.experiments.grid import GridOutcome, GridPoint, stat, stored_code
+from hdqt.quantization import native
 
 FLOAT_RECIPES = ("fp134", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1")
 
@@ -150,6 +152,7 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
         group = runs.setdefault((c.dataset, c.method, acc, token), {})
         if outcome.metrics is not None:
             group[c.seed] = outcome.metrics
+    codes = {describe(stored_code(o.point.out_dir)) for o in outcomes if o.metrics is not None}
     lines = [
         "# Baseline FQT recipes in one engine", "",
         f"Written by `benchmarks/bench_baselines.py` on {datetime.date.today().isoformat()}; reproduce with:", "",
@@ -158,10 +161,13 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
         "use their format's width and a float accumulator of the table's width (marked `float acc`).",
         "- Accuracy: average incremental accuracy (%), forgetting: average forgetting (points), mean ± sample "
         f"std over seeds ({args.seeds}); Δ: per-seed paired difference to `{base}`, mean ± std.",
-        ("- Feature inputs not clipped" if str(args.input_clip).lower() == "none" else
-         f"- Feature inputs clipped at {args.input_clip or 3} std") + " (`--input-clip`); `:binary` is the "
-        "binary Hadamard block rule, `+fh` the forward Hadamard rotation.",
-        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {_torch()}; wall time {wall / 60:.1f} min.",
+        ("- Feature inputs not clipped" if str(args.input_clip).lower() == "none" and args.input_clip is not None
+         else f"- Feature inputs clipped at {args.input_clip or 3} std (images are never clipped)")
+        + " (`--input-clip`); `:binary` is the binary Hadamard block rule, `+fh` the forward Hadamard rotation.",
+        f"- Code: {', '.join(sorted(codes)) or 'no finished run'}"
+        + (" (the runs were made by different code versions)" if len(codes) > 1 else "") + ".",
+        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {_torch()}, kernels: "
+        f"{native.kernel_variant()}; wall time {wall / 60:.1f} min (runs finished earlier are read back).",
         *([f"- Training set cut to {args.train_per_class} samples a class (a seeded choice; the test set "
            "whole)."] if args.train_per_class else []),
         "",
