@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hdqt.reports.runs import METRICS, Group, Run, find_runs, group_runs
-from hdqt.reports.tables import Table, diagnostics_table, per_task_table, summary_table
+from hdqt.reports.tables import Table, diagnostics_table, per_task_table, saturation_table, summary_table
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -205,6 +205,14 @@ def _dataset_blocks(dataset: str, groups: list[Group], classifier: str | None, p
                                   "average incremental accuracy; the dotted line is the Pareto front."))
         figure("pareto", f"{dataset}: accuracy against energy",
                lambda: P.pareto_plot(groups, classifier, f"{dataset}: accuracy against energy per step"))
+    table = saturation_table(groups)
+    if table is not None:
+        blocks.append(_Block("h3", "Accumulator saturation"))
+        blocks.append(_Block("p", "The share of the forward products' tile sums that saturated the "
+                                  "accumulator during each task's training (counted in one forward call "
+                                  "of a few, `hdqt.quantization.saturation_report`), and the layer that "
+                                  "saturated most, averaged over tasks and seeds."))
+        blocks.append(_Block("table", table=table))
     table = diagnostics_table(groups)
     if table is not None:
         blocks.append(_Block("h3", "Gradient diagnostics"))

@@ -189,6 +189,34 @@ class Group:
     def energy_uj(self) -> Stat:
         return Stat.of(None if e is None else e / 1e6 for e in self.energies)
 
+    def _saturation(self) -> list[list[dict]]:
+        series = []
+        for run in self.complete_runs:
+            tasks = run.metrics.get("saturation")
+            if isinstance(tasks, list):
+                series.append([t if isinstance(t, dict) else {} for t in tasks])
+        return series
+
+    def saturation_per_task(self) -> list[Stat]:
+        """Per task, the share (%) of the forward tile sums that saturated during the task's
+        training, over seeds (``metrics.json``'s ``saturation``); empty when no run counted."""
+        series = self._saturation()
+        tasks = max((len(s) for s in series), default=0)
+        return [Stat.of(100.0 * s[t]["share"] if t < len(s) and "share" in s[t] else None for s in series)
+                for t in range(tasks)]
+
+    def most_saturated_layer(self) -> tuple[str, Stat] | None:
+        """The layer whose saturated share (%), averaged over tasks and seeds, is the largest."""
+        shares: dict[str, list[float]] = {}
+        for series in self._saturation():
+            for task in series:
+                for name, stats in (task.get("layers") or {}).items():
+                    shares.setdefault(name, []).append(100.0 * stats["share"])
+        if not shares:
+            return None
+        name = max(shares, key=lambda n: (sum(shares[n]) / len(shares[n]), n))
+        return name, Stat.of(shares[name])
+
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
     """Groups of runs that differ in the seed only, sorted by dataset, method, recipe and

@@ -109,3 +109,18 @@ def diagnostics_table(groups: Sequence[Group]) -> Table | None:
     header = ["group", "layer", "dX cos", "dW cos", "dW rel. bias", "dW rel. var",
               "G (dW) levels hit, Hadamard", "plain", "G (dW) entropy bits, Hadamard", "plain", "records"]
     return Table(header, rows, set(range(2, len(header))))
+
+
+def saturation_table(groups: Sequence[Group]) -> Table | None:
+    """Per group with accumulator counts: the share of forward tile sums that saturated in
+    each task's training (%, mean ± std over seeds), and the layer that saturated most."""
+    data = [(g, g.saturation_per_task(), g.most_saturated_layer()) for g in groups]
+    data = [(g, per_task, worst) for g, per_task, worst in data if per_task and worst is not None]
+    if not data:
+        return None
+    tasks = max(len(per_task) for _, per_task, _ in data)
+    header = ["group", *(f"task {t + 1} %" for t in range(tasks)), "most saturated layer",
+              "its share %"]
+    rows = [[g.label, *(per_task[t].text(3) if t < len(per_task) else "-" for t in range(tasks)),
+             worst[0], worst[1].text(3)] for g, per_task, worst in data]
+    return Table(header, rows, set(range(1, tasks + 1)) | {tasks + 2})

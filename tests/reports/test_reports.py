@@ -207,3 +207,30 @@ def test_a_report_of_real_runs(tmp_path):
     assert row[4] == f"{metrics['avg_incremental_accuracy']:.2f}"
     assert row[-1] == f"{metrics['energy_per_step']['total_pj'] / 1e6:.3f}"
     assert (out / "report" / "diagnostics-digits.png").exists()
+
+
+def _saturation(task: int, seed: int) -> dict:
+    # conv saturates 1% + task + seed/10 of its tile sums, the head 0.5%; the total is their mean
+    conv, head = (1.0 + task + seed / 10) / 100, 0.005
+    return {"share": (conv + head) / 2, "mean_excess": 3.0, "tiles": 200, "saturated": 1,
+            "layers": {"conv": {"share": conv, "mean_excess": 3.0}, "head": {"share": head, "mean_excess": 2.0}}}
+
+
+def test_the_report_shows_accumulator_saturation_per_task_and_the_worst_layer(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        folder = write_run(root / "hdqt" / f"seed{seed}", "hdqt", 8, seed, [90.0, 80.0, 70.0])
+        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics["saturation"] = [_saturation(t, seed) for t in range(TASKS)]
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    write_run(root / "fp32" / "seed0", "fp32", None, 0, [95.0, 85.0, 75.0])  # no counts: no row
+    out = tmp_path / "report"
+    assert main(["report", str(root), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    row = _row(md, "| lwf hdqt", "### Accumulator saturation")
+    shares = [[100 * _saturation(t, s)["share"] for s in (0, 1)] for t in range(TASKS)]
+    assert row[1:1 + TASKS] == [f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" for v in shares]
+    conv = [100 * _saturation(t, s)["layers"]["conv"]["share"] for s in (0, 1) for t in range(TASKS)]
+    assert row[1 + TASKS:] == ["conv", f"{statistics.mean(conv):.3f} ± {statistics.stdev(conv):.3f}"]
+    section = md[md.index("### Accumulator saturation"):]
+    assert "| lwf fp32" not in section.split("###")[1]
