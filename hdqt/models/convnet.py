@@ -19,11 +19,11 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 def _head(channels: int, height: int, width: int, out_dim: int) -> nn.Sequential:
     # BatchNorm before the feature ReLU. Without it the Linear's inputs are all non-negative
     # (max-pooled ReLUs), so one SGD step moves a unit's pre-activation for every sample
-    # alike, and units die for good: on Fashion-MNIST with iCaRL, 97% of the 128 features
-    # were zero for every sample by the fifth task, under fp32 as under every quantized
-    # recipe, and accuracy collapsed (docs/models.md, issue 15). The BatchNorm recentres
-    # each unit on the batch, so about half its samples stay active; it makes the bias
-    # redundant.
+    # alike, and units die for good: on Fashion-MNIST with iCaRL, 82-97% of the 128
+    # features were zero for every sample of a batch in the fifth task, under fp32, int and
+    # hdqt alike, and accuracy collapsed (docs/results-images.md, issue 15). The BatchNorm
+    # recentres each unit on the batch, so about half its samples stay active; it makes the
+    # bias redundant.
     return nn.Sequential(nn.Flatten(), nn.Linear(channels * height * width, out_dim, bias=False),
                          nn.BatchNorm1d(out_dim), nn.ReLU())
 
