@@ -420,8 +420,20 @@ def run_grid_ray(points: Sequence[GridPoint], *, address: str | None = None,
         raise GridInterrupted(outcomes, running) from None
     finally:
         if started_here:
-            ray.shutdown()
+            _shutdown_local_ray(ray)
     return [outcomes[i] for i in range(len(points))]
+
+
+def _shutdown_local_ray(ray) -> None:
+    """Stop the local instance this grid started and wait until its processes (raylet,
+    GCS, workers) have exited: without the wait, ``ray.shutdown`` only signals them, and
+    an interrupted sweep would return to the shell while its workers still run."""
+    import inspect
+
+    if "wait_for_processes" in inspect.signature(ray.shutdown).parameters:  # newer Ray
+        ray.shutdown(wait_for_processes=True)
+    else:
+        ray.shutdown()
 
 
 def _cancel_ray(ray, refs: list) -> None:

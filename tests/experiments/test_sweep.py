@@ -444,6 +444,15 @@ def _as_from_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _processes_of_group(pgid: int) -> str:
+    """The processes of group ``pgid``, one line each (pid, state, command), for a
+    failure message that says which process outlived the sweep."""
+    listing = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True,
+                             text=True).stdout
+    return "\n".join(line for line in listing.splitlines()
+                     if line.split()[1:2] == [str(pgid)])
+
+
 def ctrl_c_once_paused(args: list[str], cwd: Path) -> tuple[int, str, str]:
     """Run ``args`` in a new session, as from a terminal; once the paused run is mid-task,
     Ctrl-C it (SIGINT to the whole process group, as a terminal does) and wait until
@@ -468,7 +477,8 @@ def ctrl_c_once_paused(args: list[str], cwd: Path) -> tuple[int, str, str]:
                 break
             time.sleep(0.1)
         else:
-            pytest.fail("a process of the interrupted sweep is still running")
+            pytest.fail("a process of the interrupted sweep is still running:\n"
+                        + _processes_of_group(child.pid))
     finally:
         try:
             os.killpg(child.pid, signal.SIGKILL)
