@@ -469,7 +469,10 @@ def ctrl_c_once_paused(args: list[str], cwd: Path) -> tuple[int, str, str]:
         assert paused.exists(), child.communicate(timeout=60)
         os.killpg(child.pid, signal.SIGINT)
         stdout, stderr = child.communicate(timeout=120)
-        deadline = time.monotonic() + 30  # the workers are gone, not left running
+        # The workers are gone, not left running. The sweep waits for the processes of a
+        # Ray instance it started, but Ray abandons one that takes over 30 s to die, and
+        # the agents its raylet started exit on their own: 90 s for a loaded machine.
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             try:
                 os.killpg(child.pid, 0)
