@@ -63,8 +63,10 @@ def _products(a, b, tile, limit, threads):
 
 
 # (A range, B range): 4-bit codes as the recipes make them, and full bytes
+# ((-30, 31), (0, 256)) and ((-8, 9), (-128, 128)): AVX2 adds 2 and 8 groups' pair sums
+# in int16 before widening (32767 // (2 * 30 * 255), 32767 // (2 * 8 * 255)).
 RANGES = [((-7, 8), (0, 16)), ((-8, 8), (-7, 8)), ((-128, 128), (0, 256)), ((-128, 128), (-128, 128)),
-          ((-64, 65), (-128, 128))]
+          ((-64, 65), (-128, 128)), ((-30, 31), (0, 256)), ((-8, 9), (-128, 128))]
 SHAPES = [(33, 130, 47, 32, 8), (8, 37, 16, 7, 12), (1, 5, 1, 3, 8), (17, 64, 100, 1, 8), (9, 405, 20, 32, 16),
           (5, 3, 21, 32, 4), (130, 405, 19, 32, 8), (6, 300, 18, 256, 16)]
 
@@ -77,9 +79,11 @@ def test_product_equals_float_kernel_bit_for_bit(variant, a_range, b_range, m, k
     a = torch.randint(*a_range, (m, k), generator=gen).float()
     b = torch.randint(*b_range, (k, j), generator=gen).float()
     a[0, 0], b[0, 0] = a_range[0], b_range[1] - 1  # the extremes, for the bound checks
+    b[-1, -1] = b_range[0]
     limit = float(2 ** (acc_bits - 1) - 1)
     a_top = max(-a_range[0], a_range[1] - 1)
-    b_byte_top = b_range[1] - 1 + (128 if b_range[0] < 0 else 0)  # the x86 packing: signed B + 128
+    # the x86 packing: a signed B offset by -min(B) on AVX2, by +128 on the others
+    b_byte_top = b_range[1] - 1 + ((-b_range[0] if variant == "avx2" else 128) if b_range[0] < 0 else 0)
     for operand in (a, a.T.contiguous().T):  # rows of A contiguous, or read through strides
         int8_runs, (y_f32, counts_f32) = _products(operand, b, tile, limit, threads)
         for layout, (status, y, counts) in zip(("B (K, J)", "B (J, K)"), int8_runs):
@@ -95,17 +99,18 @@ def test_product_equals_float_kernel_bit_for_bit(variant, a_range, b_range, m, k
 
 def test_avx2_is_exact_at_the_edge_of_int16(variant):
     """The largest pair sums AVX2 accepts (2 * 64 * 255 = 32640) are still exact, and one
-    step beyond (|A| = 65) is declined: the bound is where the arithmetic says."""
+    step beyond (|A| = 65) is declined: the bound is where the arithmetic says. (With
+    one pair sum at the bound, AVX2 widens every group on its own: pair_groups = 1.)"""
     lib = native.load()
     k, j = 96, 17
     for a_value, b_value in ((-64.0, 127.0), (64.0, 127.0), (-64.0, -128.0), (64.0, -128.0)):
         a, b = torch.full((3, k), a_value), torch.full((k, j), b_value)
-        b[0, 0] = -1.0  # signed B: offset by +128, so 127 is the byte 255
+        b[0, 0] = -128.0 if b_value > 0 else 127.0  # signed B from -128: 127 is the byte 255
         (runs, (y_f32, counts_f32)) = _products(a, b, 32, float(2**31 - 1), 1)
         for status, y, counts in runs:
             assert status == 0 and torch.equal(y, y_f32) and counts == counts_f32, (variant, a_value, b_value)
     a, b = torch.full((3, k), 65.0), torch.full((k, j), 127.0)
-    b[0, 0] = -1.0
+    b[0, 0] = -128.0
     status = _products(a, b, 32, float(2**31 - 1), 1)[0][0][0]
     assert status == (1 if variant == "avx2" else 0), variant
     assert lib.hdqt_int8_variant() == native.INT8_VARIANTS[variant]

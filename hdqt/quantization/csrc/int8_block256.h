@@ -2,13 +2,22 @@
  * includes it once per variant with I8B_NAME (the product's block), I8B_DW_NAME
  * (the conv weight gradient's dot rows), I8B_TARGET (their instruction sets) and
  * I8B_DOT(acc, b, a) (acc + the 8 dot products of 4 unsigned
- * bytes of b with 4 signed bytes of a, as int32 lanes) defined.
+ * bytes of b with 4 signed bytes of a, as int32 lanes) defined, and optionally
+ * I8B_PAIRS(b, a) (the 16 int16 sums of 2 such byte products: AVX2's vpmaddubsw),
+ * with which the product's block adds several groups in int16 before widening.
  *
  * i8_block (matmul_int8.c) on two 256-bit halves of each 16-lane strip, 4 rows of A
  * per block: the same exact int32 tile sums, clamped and added to float32 totals
  * in tile order, so Y is bit for bit that of hdqt_tiled_matmul_f32; the saturation
  * counts likewise. */
+/* Rows of A per block: 4, or 3 with I8B_PAIRS, whose 6 int16 sums, 2 strips of B and
+ * 3 broadcasts fit the 16 ymm registers (at 4 rows GCC kept one sum in memory, and
+ * the store-to-load chain through it made the loop ~2x slower). */
+#ifdef I8B_PAIRS
+#define I8B_MR 3
+#else
 #define I8B_MR 4
+#endif
 
 I8B_TARGET
 static void I8B_NAME(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, int64_t j, int64_t lanes,
@@ -33,6 +42,29 @@ static void I8B_NAME(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, 
         for (int64_t t = 0; t < c->tiles; ++t) {
             __m256i acc[I8B_MR][2];
             for (int r = 0; r < I8B_MR; ++r) acc[r][0] = acc[r][1] = _mm256_set1_epi32(start[r][t]);
+#ifdef I8B_PAIRS
+            /* Two stages: the int16 pair sums of up to c->pair_groups groups are added
+             * in int16 (exact: i8_setup_a bounds them below 2^15), then widened into the
+             * int32 accumulators by one vpmaddwd. The multiplier port does one
+             * instruction per group and row instead of two. */
+            for (int64_t g = c->tile_group[t], end = c->tile_group[t + 1]; g < end;) {
+                const int64_t stop = end - g < c->pair_groups ? end : g + c->pair_groups;
+                __m256i pairs[I8B_MR][2];
+                for (int r = 0; r < I8B_MR; ++r) pairs[r][0] = pairs[r][1] = _mm256_setzero_si256();
+                for (; g < stop; ++g) {
+                    __m256i b0 = _mm256_loadu_si256((const __m256i *)(bs + g * 64));
+                    __m256i b1 = _mm256_loadu_si256((const __m256i *)(bs + g * 64 + 32));
+                    for (int r = 0; r < I8B_MR; ++r) {
+                        __m256i av = _mm256_set1_epi32(a[r][g]);
+                        pairs[r][0] = _mm256_add_epi16(pairs[r][0], I8B_PAIRS(b0, av));
+                        pairs[r][1] = _mm256_add_epi16(pairs[r][1], I8B_PAIRS(b1, av));
+                    }
+                }
+                for (int r = 0; r < I8B_MR; ++r)
+                    for (int h = 0; h < 2; ++h)
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs[r][h], _mm256_set1_epi16(1)));
+            }
+#else
             for (int64_t g = c->tile_group[t]; g < c->tile_group[t + 1]; ++g) {
                 __m256i b0 = _mm256_loadu_si256((const __m256i *)(bs + g * 64));
                 __m256i b1 = _mm256_loadu_si256((const __m256i *)(bs + g * 64 + 32));
@@ -42,6 +74,7 @@ static void I8B_NAME(const i8_ctx *c, const uint8_t *bs, float *Y, int64_t ldy, 
                     acc[r][1] = I8B_DOT(acc[r][1], b1, av);
                 }
             }
+#endif
             __m256i tile_sums = _mm256_setzero_si256();
             for (int r = 0; r < I8B_MR; ++r) {
                 for (int h = 0; h < 2; ++h) {

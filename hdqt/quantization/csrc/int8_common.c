@@ -7,7 +7,7 @@
  * words of 4 signed bytes, B as 16-lane strips of (groups, 16 lanes, 4 bytes), a
  * tile's reduction cut into groups of 4 that never straddle two tiles. The x86
  * variants multiply unsigned bytes of B with signed bytes of A (a signed B offset
- * by +128); sdot multiplies signed bytes (a B in [128, 255] offset by -128). Each
+ * by +128, or on AVX2 by -min(B)); sdot multiplies signed bytes (a B in [128, 255] offset by -128). Each
  * tile's sum starts at -offset * (its part of A's row sum), so that it is exactly
  * the integer sum of the float kernel. */
 #ifdef HDQT_INT8_ANY
@@ -33,6 +33,7 @@ struct i8_ctx {
     int32_t b_top;    /* the largest |byte| of packed B (i8_offset) */
     int32_t a_top;    /* the largest |A| (i8_setup_a) */
     double sum_bound; /* the largest |tile sum| the operands allow (i8_setup_a) */
+    int64_t pair_groups; /* AVX2: groups whose int16 pair sums add exactly (i8_setup_a) */
     int b_transposed; /* B given as (J, K) row-major */
     int variant;      /* I8_AVX512VNNI, ... (int8_variant.h) */
     i8_block_fn block;  /* the variant's register block (not AVX512-VNNI's) */
@@ -57,13 +58,15 @@ static void i8_release(i8_ctx *c) {
 
 /* B's byte offset for the variant (c->variant set before), from the scan's per-worker
  * ranges of B: unsigned bytes (x86) take B in [0, 255] as it is and B in [-128, 127]
- * + 128; signed bytes (sdot) take B in [-128, 127] as it is and B in [0, 255] - 128.
+ * + 128 (AVX2: - min(B), the least that makes it unsigned); signed bytes (sdot) take B in [-128, 127] as it is and B in [0, 255] - 128.
  * Sets c->offset and c->b_top (the largest |B + offset|); 0, or 1 when B fits neither. */
 static int i8_offset(i8_ctx *c, int used) {
     float l = 0.0f, h = 0.0f;
     for (int t = 0; t < used; ++t) l = c->lo[t] < l ? c->lo[t] : l, h = c->hi[t] > h ? c->hi[t] : h;
     if (l < 0.0f && h > 127.0f) return 1;
     if (c->variant == I8_SDOT) c->offset = h > 127.0f ? -128 : 0;
+    /* AVX2's int16 pair sums: the smallest offset keeps B + offset, and so the pairs, small */
+    else if (c->variant == I8_AVX2) c->offset = l < 0.0f ? (int32_t)(-l) : 0;
     else c->offset = l < 0.0f ? 128 : 0;
     float top_hi = h + (float)c->offset, top_lo = l + (float)c->offset;
     c->b_top = (int32_t)(top_hi > -top_lo ? top_hi : -top_lo);

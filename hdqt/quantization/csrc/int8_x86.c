@@ -18,12 +18,19 @@ static inline __m256i i8b_widen(__m256i acc, __m256i v) {
  * SATURATION; vpmaddwd by ones then adds adjacent int16 pairs into int32 exactly.
  * The result is exact only while no pair sum b0*a0 + b1*a1 leaves [-32768, 32767].
  * The layout puts A (the weights: signed, 4-bit codes |a| <= 8 in the forward) in
- * the signed slot and B in the unsigned one, B offset by +128 where it is signed,
- * so |pair| <= 2 * max|A| * max(B + offset): 2 * 8 * 15 = 240 for unsigned 4-bit
- * activations and 2 * 8 * (7 + 128) = 2160 for signed ones, far from 32767. Full
- * 8-bit operands would not be safe (2 * 127 * 255 = 64770), nor would a signed B
- * at +128 times |A| > 64 (2 * 255 * 65 > 32767): i8_setup_a checks the bound on
- * the operands of each call and declines (status 1: the float kernel runs). */
+ * the signed slot and B in the unsigned one, B offset by -min(B) where it is signed
+ * (i8_offset), so |pair| <= 2 * max|A| * max(B + offset): 2 * 8 * 15 = 240 for
+ * unsigned 4-bit activations and 2 * 8 * (7 + 7) = 224 for signed ones, far from
+ * 32767. Full 8-bit operands would not be safe (2 * 127 * 255 = 64770): i8_setup_a
+ * checks the bound on the operands of each call and declines (status 1: the float
+ * kernel runs). */
+/* The product's block (I8B_PAIRS) goes further: it adds the pair sums of several
+ * groups in int16 lanes before one vpmaddwd widens them, which keeps the multiplier
+ * port (the bottleneck: both instructions use it) half as busy. The pair sums of
+ * c->pair_groups groups stay exact in int16: i8_setup_a sets it to
+ * 32767 / (2 * max|A| * max(B + offset)), and i8_offset gives AVX2 the smallest
+ * offset that makes B unsigned (+7 for 4-bit codes in [-7, 7], not +128), so that a
+ * tile of 32 (8 groups), or a whole reduction of hundreds, needs one widening. */
 INT8_AVX2_TARGET
 static inline __m256i i8_dot_avx2(__m256i acc, __m256i b, __m256i a) {
     __m256i pairs = _mm256_maddubs_epi16(b, a);
@@ -34,7 +41,9 @@ static inline __m256i i8_dot_avx2(__m256i acc, __m256i b, __m256i a) {
 #define I8B_DW_NAME dot_rows_i8_avx2
 #define I8B_TARGET INT8_AVX2_TARGET
 #define I8B_DOT i8_dot_avx2
+#define I8B_PAIRS _mm256_maddubs_epi16
 #include "int8_block256.h"
+#undef I8B_PAIRS
 #undef I8B_NAME
 #undef I8B_DW_NAME
 #undef I8B_TARGET

@@ -16,7 +16,8 @@
  * zero-padded), so that no group straddles two tiles.
  *   A (M, K) -> (M, groups) int32 words, 4 signed bytes each (broadcast operand);
  *   B (K, J) -> (J / 16 strips, groups, 16 lanes, 4 bytes), unsigned: a signed B
- *   is offset by +128, and each tile's sum starts at -128 * (its part of A's row sum).
+ *   is offset by +128 (AVX2: by -min(B)), and each tile's sum starts at -offset * (its
+ *   part of A's row sum).
  * Operands that do not fit, or a CPU without int8 dot products, leave the product
  * to the float32 kernel (hdqt_tiled_matmul_i8 returns 1 or 2). */
 #ifdef HDQT_INT8
@@ -248,6 +249,9 @@ static int i8_setup_a(i8_ctx *c, int threads) {
     /* AVX2's 16-bit pair sums must not saturate: |pair| <= 2 * max|A| * max(B + offset)
      * (see i8_dot_avx2) */
     if (c->variant == I8_AVX2 && 2.0 * a_max * c->b_top > 32767.0) return 1;
+    /* and the int16 sums of that many groups' pairs must not either (int8_x86.c) */
+    const double pair = 2.0 * a_max * c->b_top;
+    c->pair_groups = pair > 0.0 ? (int64_t)(32767.0 / pair) : c->groups + 1;
     /* every tile's int32 sum must be exact: it starts at -offset * (A's sum) and adds
      * products of at most max|A| * max|B + offset| */
     double length = c->tile < c->K ? (double)c->tile : (double)c->K;
