@@ -223,5 +223,7 @@ def dense_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
     """A permutation under which ``tensor`` is contiguous (for example (1, 0) for the
     transpose of a contiguous matrix), or None. An elementwise kernel can then run
     over its memory in order, with no copy."""
+    if tensor.is_contiguous():  # the common case, without the sort (a few us a call)
+        return tuple(range(tensor.dim()))
     order = tuple(sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d)))
     return order if tensor.permute(order).is_contiguous() else None
