@@ -50,6 +50,10 @@ _FLAGS = [
      "which backward products run in the Hadamard domain. always: every one (the paper); "
      "noise: a product only when its operands' expected rounding error is smaller there, "
      "decided at every step (default: the recipe's, always; see docs/quantization.md)"),
+    ("--backward-scales", "backward_scales", str,
+     "scales of the backward's gradient and input operands. tensor: one per tensor; sample: "
+     "one per sample, as the official code's conv backward (its products then run on "
+     "dequantized values: needs unlimited backward accumulators) (default: tensor)"),
     ("--group", "group", int,
      "hadanet: values per beta along the reduction, a power of two >= 2, or 0 = one beta "
      "per row (default: the recipe's, one per row)"),
@@ -88,7 +92,7 @@ _FLAGS = [
      "into diagnostics.jsonl; they do not change the results (default: 0, off)"),
 ]
 
-_METAVARS = {"schedule": "{none,ctmq}", "hadamard_rule": "{paper,binary}", "hadamard_select": "{always,noise}", "input_clip": "{STD,none}"}
+_METAVARS = {"schedule": "{none,ctmq}", "hadamard_rule": "{paper,binary}", "hadamard_select": "{always,noise}", "backward_scales": "{tensor,sample}", "input_clip": "{STD,none}"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

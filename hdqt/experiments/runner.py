@@ -175,7 +175,10 @@ def resolved_quantization(config: RunConfig, policy) -> dict[str, Any]:
     values = {"bits": bits, "acc_bits": 0 if policy.acc_bits is None else policy.acc_bits,
               "tile": policy.tile, "saturate_backward": policy.saturate_backward,
               "hadamard_rule": policy.hadamard_rule, "hadamard_select": policy.hadamard_select,
-              "forward_hadamard": policy.forward_hadamard}
+              "forward_hadamard": policy.forward_hadamard,
+              "backward_scales": "sample" if any(
+                  q is not None and q.granularity == "sample"
+                  for q in (policy.grad_output_dx, policy.grad_output_dw, policy.backward_input)) else "tensor"}
     if policy.is_binary:  # hadanet's group (0: one per row); other recipes have none
         values["group"] = policy.binary_group or 0
     return {**values, "hadamard": policy.hadamard,
@@ -340,7 +343,11 @@ def _check_checkpoint(state: Mapping[str, Any], config: RunConfig, scenario,
     if state.get("version") != CHECKPOINT_VERSION:
         raise ConfigError(f"{path} has checkpoint version {state.get('version')!r}, "
                           f"expected {CHECKPOINT_VERSION}; use --overwrite to start afresh")
-    if state["config"] != config.identity():
+    try:  # through RunConfig: a key added since (at its default) is not a difference
+        stored = RunConfig.from_dict(state["config"]).identity()
+    except (KeyError, TypeError, ValueError):
+        stored = state["config"]
+    if stored != config.identity():
         raise ConfigMismatchError(f"{path} was written by a different configuration; "
                                   f"use --overwrite to start afresh")
     if list(state["class_order"]) != [int(c) for c in scenario.class_order]:

@@ -145,8 +145,18 @@ def list_recipes() -> list[str]:
     return sorted(_RECIPES)
 
 
-def recipe(name: str, /, **overrides) -> QuantPolicy:
+# The backward operands that have a sample dimension (weights have none): what
+# ``backward_scales="sample"`` gives one scale per sample.
+_SAMPLE_OPERANDS = ("grad_output_dx", "grad_output_dw", "backward_input")
+BACKWARD_SCALES = ("tensor", "sample")
+
+
+def recipe(name: str, /, backward_scales: str = "tensor", **overrides) -> QuantPolicy:
     """Build the named policy. Overrides: bits, acc_bits, tile, clip_ratio, group, or any QuantPolicy field.
+
+    ``backward_scales="sample"`` gives the backward's gradient and input operands one
+    scale per sample instead of one per tensor (the official code's conv backward); the
+    policy is then renamed, e.g. ``hdqt[backward_scales='sample']``.
 
     An override that changes what the recipe computes renames the policy after it
     (``recipe("hdqt", hadamard=False).name == "hdqt[hadamard=False]"``) unless ``name``
@@ -183,7 +193,22 @@ def recipe(name: str, /, **overrides) -> QuantPolicy:
         if "name" not in overrides:
             overrides["name"] = _overridden_name(policy, overrides)
         overrides.setdefault("acc_bits", acc_bits)
-    return replace(policy, **overrides) if overrides else policy
+    policy = replace(policy, **overrides) if overrides else policy
+    return _with_backward_scales(policy, backward_scales)
+
+
+def _with_backward_scales(policy: QuantPolicy, backward_scales: str) -> QuantPolicy:
+    """``policy`` with its backward gradient and input operands scaled per ``backward_scales``."""
+    if backward_scales not in BACKWARD_SCALES:
+        raise ValueError(f"backward_scales must be one of {', '.join(BACKWARD_SCALES)}, got {backward_scales!r}")
+    if backward_scales == "tensor":
+        return policy
+    changed = {op: replace(q, granularity="sample") for op in _SAMPLE_OPERANDS
+               if (q := getattr(policy, op)) is not None and q.granularity != "sample"}
+    if not changed:  # fp32, or nothing quantized in the backward: nothing to scale
+        return policy
+    # QuantPolicy's own checks refuse what per-sample scales cannot do (a limited backward accumulator)
+    return replace(policy, **changed, name=f"{policy.name}[backward_scales='sample']")
 
 
 # Fields that say how a run is checked and seeded, not what it computes: overriding

@@ -160,6 +160,21 @@ def test_hadamard_select_reaches_the_policy_and_the_identity(tmp_path):
         resolve(file_values=load_toml(path), source=str(path))
 
 
+def test_backward_scales_reach_the_policy_and_the_identity(tmp_path):
+    from hdqt.experiments.runner import build_policy
+
+    default = resolve(flags={"recipe": "hdqt"})
+    assert build_policy(default).grad_output_dw.granularity == "tensor"
+    sample = resolve(flags={"recipe": "hdqt", "backward_scales": "sample"})
+    assert build_policy(sample).grad_output_dw.granularity == "sample"
+    assert sample.identity()["backward_scales"] == "sample" and sample.identity() != default.identity()
+    path = write(tmp_path, 'backward_scales = "row"\n')
+    with pytest.raises(ConfigError, match=r"backward_scales \(from .*run.toml\) must be one of tensor, sample, got 'row'"):
+        resolve(file_values=load_toml(path), source=str(path))
+    with pytest.raises(ConfigError, match=r"--backward-scales sample.*per-sample scales"):
+        resolve(flags={"recipe": "hdqt", "backward_scales": "sample", "saturate_backward": True})
+
+
 def test_saturate_backward_and_hadamard_rule_reach_the_policy_and_the_identity():
     from hdqt.experiments.runner import build_policy
 

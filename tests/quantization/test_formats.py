@@ -308,6 +308,40 @@ def test_recipe_trains_digits(name):
     assert _train_digits(hdqt.recipe(name, seed=0)) >= 0.8
 
 
+def test_backward_scales_sample_scales_the_backward_gradients_and_inputs_per_sample():
+    policy = hdqt.recipe("hdqt", backward_scales="sample", seed=0)
+    assert policy.name == "hdqt[backward_scales='sample']"
+    for operand in ("grad_output_dx", "grad_output_dw", "backward_input"):
+        assert getattr(policy, operand).granularity == "sample", operand
+    for operand in ("forward_input", "forward_weight", "backward_weight"):  # no sample dimension
+        assert getattr(policy, operand).granularity == "tensor", operand
+    assert hdqt.recipe("hdqt", backward_scales="tensor") == hdqt.recipe("hdqt")
+    assert hdqt.recipe("fp32", backward_scales="sample") == hdqt.recipe("fp32")  # nothing to scale
+    with pytest.raises(ValueError, match="backward_scales must be one of tensor, sample, got 'row'"):
+        hdqt.recipe("hdqt", backward_scales="row")
+    with pytest.raises(ValueError, match="per-sample scales"):  # dequantized products: no accumulator units
+        hdqt.recipe("hdqt", backward_scales="sample", saturate_backward=True)
+    # dX of the quiet samples when one sample's output gradient is 10^4 times theirs: per
+    # tensor, the loud sample's scale rounds theirs (stochastically) to almost nothing
+    errors = {}
+    for scales in ("tensor", "sample"):
+        torch.manual_seed(0)
+        base = nn.Linear(32, 8, bias=False)
+        layer = hdqt.quantize_model(nn.Sequential(base), hdqt.recipe("hdqt", backward_scales=scales, seed=0))[0]
+        x = torch.randn(16, 32, requires_grad=True)
+        weights = torch.ones(16, 8)
+        weights[0] *= 1e4
+        (layer(x) * weights).sum().backward()
+        exact = weights @ base.weight.detach()
+        errors[scales] = ((x.grad[1:] - exact[1:]).norm() / exact[1:].norm()).item()
+    assert errors["sample"] < 0.3 < 0.9 < errors["tensor"], errors
+
+
+def test_backward_scales_sample_trains_digits():
+    """Wiring only, as test_recipe_trains_digits."""
+    assert _train_digits(hdqt.recipe("hdqt", backward_scales="sample", seed=0)) >= 0.8
+
+
 # ---------------------------------------------------------------- forward Hadamard
 def _layer_pair(kind, policy):
     torch.manual_seed(0)
