@@ -9,7 +9,8 @@ difference of each recipe to the first (fp32 by default: same seed, same class
 order and split).
 
 Recipes are names from `hdqt.list_recipes()`, optionally with a Hadamard block rule
-(`hdqt:binary`) and `+fh` for the forward Hadamard rotation (`luq+fh`, `int:binary+fh`).
+(`hdqt:binary`), `+fh` for the forward Hadamard rotation (`luq+fh`, `int:binary+fh`) and `+ps`
+for per-sample scales of the backward's gradients and inputs (`hdqt+ps`).
 `--input-clip 3|none` bounds the feature inputs (part of every run's identity).
 `--acc-bits` is each recipe's accumulator: integer for `int`, `hdqt` and `luq`'s forward,
 a float accumulator of that many bits for the float recipes (docs/quantization.md); it
@@ -51,7 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--datasets", default="dsads,hapt")
     parser.add_argument("--methods", default="icarl,bic,der")
     parser.add_argument("--recipes", default="fp32,int,hdqt,hdqt:binary,luq,fp134",
-                        help="first is the baseline; NAME or NAME:RULE (Hadamard block rule paper|binary)")
+                        help="first is the baseline; NAME, NAME:RULE (Hadamard block rule paper|binary), with +fh (forward Hadamard) and +ps (per-sample backward scales)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the dataset's)")
     parser.add_argument("--bits", type=int, default=4, help="operand bits of the integer/log recipes")
@@ -70,16 +71,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def recipe_spec(token: str) -> tuple[str, str | None, bool]:
-    base, plus, extra = token.partition("+")
-    if plus and extra != "fh":
-        raise ConfigError(f"--recipes: {token!r}: the only suffix is +fh (forward Hadamard)")
+# A recipe's suffixes: the run options they set.
+SUFFIXES = {"fh": ("forward_hadamard", True), "ps": ("backward_scales", "sample")}
+
+
+def recipe_spec(token: str) -> tuple[str, str | None, dict]:
+    """``NAME[:RULE][+fh][+ps]`` -> (recipe, Hadamard rule or None, the suffixes' options)."""
+    base, *extras = token.split("+")
+    options = {}
+    for extra in extras:
+        if extra not in SUFFIXES:
+            raise ConfigError(f"--recipes: {token!r}: the suffixes are +fh (forward Hadamard) and +ps "
+                              "(per-sample backward scales)")
+        key, value = SUFFIXES[extra]
+        options[key] = value
     name, _, rule = base.partition(":")
     if name not in hdqt.list_recipes():
         raise ConfigError(f"--recipes: unknown recipe {name!r}; valid: {', '.join(hdqt.list_recipes())}")
     if rule and rule not in ("paper", "binary"):
         raise ConfigError(f"--recipes: {token!r}: the rule must be paper or binary")
-    return name, rule or None, bool(plus)
+    return name, rule or None, options
 
 
 def build_points(args) -> list[tuple[int | None, str, GridPoint]]:
@@ -89,7 +100,7 @@ def build_points(args) -> list[tuple[int | None, str, GridPoint]]:
     for dataset in parse_name_list(args.datasets, "--datasets"):
         for method in parse_name_list(args.methods, "--methods"):
             for token in parse_name_list(args.recipes, "--recipes"):
-                name, rule, forward_hadamard = recipe_spec(token)
+                name, rule, options = recipe_spec(token)
                 shared = name == "fp32"
                 for acc in ([None] if shared else accs):
                     for seed in parse_int_list(args.seeds, "--seeds"):
@@ -104,8 +115,7 @@ def build_points(args) -> list[tuple[int | None, str, GridPoint]]:
                                 values["tile"] = args.tile
                         if rule:
                             values["hadamard_rule"] = rule
-                        if forward_hadamard:
-                            values["forward_hadamard"] = True
+                        values.update(options)
                         if args.input_clip is not None:
                             values["input_clip"] = args.input_clip
                         config = resolve_config(None, values, source="bench_baselines.py")
@@ -163,7 +173,7 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
         f"std over seeds ({args.seeds}); Δ: per-seed paired difference to `{base}`, mean ± std.",
         ("- Feature inputs not clipped" if str(args.input_clip).lower() == "none" and args.input_clip is not None
          else f"- Feature inputs clipped at {args.input_clip or 3} std (images are never clipped)")
-        + " (`--input-clip`); `:binary` is the binary Hadamard block rule, `+fh` the forward Hadamard rotation.",
+        + " (`--input-clip`); `:binary` is the binary Hadamard block rule, `+fh` the forward Hadamard rotation, `+ps` per-sample scales of the backward's gradients and inputs (`--backward-scales sample`).",
         f"- Code: {', '.join(sorted(codes)) or 'no finished run'}"
         + (" (the runs were made by different code versions)" if len(codes) > 1 else "") + ".",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {_torch()}, kernels: "
