@@ -6,8 +6,8 @@
  * I8B_PAIRS(b, a) (the 16 int16 sums of 2 such byte products: AVX2's vpmaddubsw),
  * with which the product's block adds several groups in int16 before widening.
  *
- * i8_block (matmul_int8.c) on two 256-bit halves of each 16-lane strip, 4 rows of A
- * per block: the same exact int32 tile sums, clamped and added to float32 totals
+ * i8_block (matmul_int8.c) on two 256-bit halves of each 16-lane strip, I8B_MR rows
+ * of A per block: the same exact int32 tile sums, clamped and added to float32 totals
  * in tile order, so Y is bit for bit that of hdqt_tiled_matmul_f32; the saturation
  * counts likewise. */
 /* Rows of A per block: 4, or 3 with I8B_PAIRS, whose 6 int16 sums, 2 strips of B and
