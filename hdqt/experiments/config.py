@@ -417,13 +417,6 @@ def _check_tile(value: int) -> None:
         raise ValueError(f"must be 0 (the whole reduction, one tile) or an integer >= 1, got {value!r}")
 
 
-def _check_backward_scales(value: str) -> None:
-    from hdqt.quantization.recipes import BACKWARD_SCALES
-
-    if value not in BACKWARD_SCALES:
-        raise ValueError(f"must be one of {', '.join(BACKWARD_SCALES)}, got {value!r}")
-
-
 def _check_policy_field(key: str, value: Any) -> None:
     from hdqt.quantization import QuantPolicy
 
@@ -471,7 +464,9 @@ def check_quantization(config: RunConfig, origin: Mapping[str, str] | None = Non
         if getattr(config, key) is not None:
             _under_name(key, origin, _check_policy_field, key, getattr(config, key))
     if config.backward_scales is not None:
-        _under_name("backward_scales", origin, _check_backward_scales, config.backward_scales)
+        from hdqt.quantization.recipes import check_backward_scales
+
+        _under_name("backward_scales", origin, check_backward_scales, config.backward_scales)
     if config.recipe == "fp32":
         return
     try:

@@ -151,6 +151,17 @@ _SAMPLE_OPERANDS = ("grad_output_dx", "grad_output_dw", "backward_input")
 BACKWARD_SCALES = ("tensor", "sample")
 
 
+def check_backward_scales(value: str) -> None:
+    if value not in BACKWARD_SCALES:
+        raise ValueError(f"backward_scales must be one of {', '.join(BACKWARD_SCALES)}, got {value!r}")
+
+
+def backward_scales_of(policy: QuantPolicy) -> str:
+    """"sample" when a backward gradient or input operand of ``policy`` is scaled per sample, else "tensor"."""
+    operands = (getattr(policy, op) for op in _SAMPLE_OPERANDS)
+    return "sample" if any(q is not None and q.granularity == "sample" for q in operands) else "tensor"
+
+
 def recipe(name: str, /, backward_scales: str = "tensor", **overrides) -> QuantPolicy:
     """Build the named policy. Overrides: bits, acc_bits, tile, clip_ratio, group, or any QuantPolicy field.
 
@@ -199,8 +210,7 @@ def recipe(name: str, /, backward_scales: str = "tensor", **overrides) -> QuantP
 
 def _with_backward_scales(policy: QuantPolicy, backward_scales: str) -> QuantPolicy:
     """``policy`` with its backward gradient and input operands scaled per ``backward_scales``."""
-    if backward_scales not in BACKWARD_SCALES:
-        raise ValueError(f"backward_scales must be one of {', '.join(BACKWARD_SCALES)}, got {backward_scales!r}")
+    check_backward_scales(backward_scales)
     if backward_scales == "tensor":
         return policy
     changed = {op: replace(q, granularity="sample") for op in _SAMPLE_OPERANDS

@@ -7,9 +7,9 @@
  * words of 4 signed bytes, B as 16-lane strips of (groups, 16 lanes, 4 bytes), a
  * tile's reduction cut into groups of 4 that never straddle two tiles. The x86
  * variants multiply unsigned bytes of B with signed bytes of A (a signed B offset
- * by +128, or on AVX2 by -min(B)); sdot multiplies signed bytes (a B in [128, 255] offset by -128). Each
- * tile's sum starts at -offset * (its part of A's row sum), so that it is exactly
- * the integer sum of the float kernel. */
+ * by +128, or on AVX2 by -min(B)); sdot multiplies signed bytes (a B in [128, 255]
+ * offset by -128). Each tile's sum starts at -offset * (its part of A's row sum), so
+ * that it is exactly the integer sum of the float kernel. */
 #ifdef HDQT_INT8_ANY
 
 #define I8_MR 8 /* rows of A per register block (AVX-512) */
@@ -58,7 +58,8 @@ static void i8_release(i8_ctx *c) {
 
 /* B's byte offset for the variant (c->variant set before), from the scan's per-worker
  * ranges of B: unsigned bytes (x86) take B in [0, 255] as it is and B in [-128, 127]
- * + 128 (AVX2: - min(B), the least that makes it unsigned); signed bytes (sdot) take B in [-128, 127] as it is and B in [0, 255] - 128.
+ * + 128 (AVX2: - min(B), the least that makes it unsigned); signed bytes (sdot) take
+ * B in [-128, 127] as it is and B in [0, 255] - 128.
  * Sets c->offset and c->b_top (the largest |B + offset|); 0, or 1 when B fits neither. */
 static int i8_offset(i8_ctx *c, int used) {
     float l = 0.0f, h = 0.0f;
