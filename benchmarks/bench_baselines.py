@@ -9,8 +9,10 @@ difference of each recipe to the first (fp32 by default: same seed, same class
 order and split).
 
 Recipes are names from `hdqt.list_recipes()`, optionally with a Hadamard block rule
-(`hdqt:binary`), `+fh` for the forward Hadamard rotation (`luq+fh`, `int:binary+fh`) and `+ps`
-for per-sample scales of the backward's gradients and inputs (`hdqt+ps`).
+(`hdqt:binary`), `+fh` for the forward Hadamard rotation (`luq+fh`, `int:binary+fh`), `+ps`
+for per-sample scales of the backward's gradients and inputs (`hdqt+ps`) and `+t0` for one
+accumulator tile as long as the whole reduction (`luq+t0`: how the official code limits LUQ's
+accumulator; the default tile is the recipe's, 32).
 `--input-clip 3|none` bounds the feature inputs (part of every run's identity).
 `--acc-bits` is each recipe's accumulator: integer for `int`, `hdqt` and `luq`'s forward,
 a float accumulator of that many bits for the float recipes (docs/quantization.md); it
@@ -52,7 +54,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--datasets", default="dsads,hapt")
     parser.add_argument("--methods", default="icarl,bic,der")
     parser.add_argument("--recipes", default="fp32,int,hdqt,hdqt:binary,luq,fp134",
-                        help="first is the baseline; NAME, NAME:RULE (Hadamard block rule paper|binary), with +fh (forward Hadamard) and +ps (per-sample backward scales)")
+                        help="first is the baseline; NAME, NAME:RULE (Hadamard block rule paper|binary), with +fh (forward "
+                             "Hadamard), +ps (per-sample backward scales) and +t0 (one tile: the whole reduction)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the dataset's)")
     parser.add_argument("--bits", type=int, default=4, help="operand bits of the integer/log recipes")
@@ -72,17 +75,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 # A recipe's suffixes: the run options they set.
-SUFFIXES = {"fh": ("forward_hadamard", True), "ps": ("backward_scales", "sample")}
+SUFFIXES = {"fh": ("forward_hadamard", True), "ps": ("backward_scales", "sample"), "t0": ("tile", 0)}
 
 
 def recipe_spec(token: str) -> tuple[str, str | None, dict]:
-    """``NAME[:RULE][+fh][+ps]`` -> (recipe, Hadamard rule or None, the suffixes' options)."""
+    """``NAME[:RULE][+fh][+ps][+t0]`` -> (recipe, Hadamard rule or None, the suffixes' options)."""
     base, *extras = token.split("+")
     options = {}
     for extra in extras:
         if extra not in SUFFIXES:
-            raise ConfigError(f"--recipes: {token!r}: the suffixes are +fh (forward Hadamard) and +ps "
-                              "(per-sample backward scales)")
+            raise ConfigError(f"--recipes: {token!r}: the suffixes are +fh (forward Hadamard), +ps "
+                              "(per-sample backward scales) and +t0 (one tile: the whole reduction)")
         key, value = SUFFIXES[extra]
         options[key] = value
     name, _, rule = base.partition(":")
@@ -93,9 +96,13 @@ def recipe_spec(token: str) -> tuple[str, str | None, dict]:
     return name, rule or None, options
 
 
-def build_points(args) -> list[tuple[int | None, str, GridPoint]]:
-    """(accumulator width or None for runs shared by every width, recipe label, point)."""
-    points = []
+def build_points(args) -> tuple[list[tuple[int | None, str, GridPoint]], dict[tuple, str]]:
+    """The points to run, as (accumulator width or None for runs shared by every width,
+    recipe label, point), and the combinations the engine refuses for their accumulator
+    alone, (dataset, method, width, label) -> the engine's reason: a table shows them
+    as refused instead of the whole grid stopping (4-bit codes on a 4-bit integer
+    accumulator, whose largest value, 7, is below one product of two codes)."""
+    points, refused = [], {}
     accs = parse_int_list(args.acc_bits, "--acc-bits")
     for dataset in parse_name_list(args.datasets, "--datasets"):
         for method in parse_name_list(args.methods, "--methods"):
@@ -118,14 +125,28 @@ def build_points(args) -> list[tuple[int | None, str, GridPoint]]:
                         values.update(options)
                         if args.input_clip is not None:
                             values["input_clip"] = args.input_clip
-                        config = resolve_config(None, values, source="bench_baselines.py")
+                        try:
+                            config = resolve_config(None, values, source="bench_baselines.py")
+                        except ConfigError as error:
+                            if not acc or not _resolves(dict(values, acc_bits=None)):
+                                raise
+                            refused[(dataset, method, acc, token)] = str(error)
+                            continue
                         where = "shared" if acc is None else f"acc{acc}"
                         clip = "" if args.input_clip is None else f"clip-{args.input_clip}"
                         out = (Path(args.out) / dataset / method / clip / where / token.replace(":", "-")
                                / f"seed{seed}")
                         points.append((acc, token, GridPoint(config, out, label=f"{dataset}/{method}/{where}/"
                                                                                  f"{token}/seed{seed}")))
-    return points
+    return points, refused
+
+
+def _resolves(values: dict) -> bool:
+    try:
+        resolve_config(None, values, source="bench_baselines.py")
+    except ConfigError:
+        return False
+    return True
 
 
 def paired(base: dict[int, dict], runs: dict[int, dict], classifier: str, key: str) -> list[float]:
@@ -152,7 +173,9 @@ def _row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float) -> str:
+def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float,
+           refused: dict[tuple, str] | None = None) -> str:
+    refused = refused or {}
     tokens = parse_name_list(args.recipes, "--recipes")
     base = tokens[0]
     accs = parse_int_list(args.acc_bits, "--acc-bits")
@@ -173,7 +196,7 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
         f"std over seeds ({args.seeds}); Δ: per-seed paired difference to `{base}`, mean ± std.",
         ("- Feature inputs not clipped" if str(args.input_clip).lower() == "none" and args.input_clip is not None
          else f"- Feature inputs clipped at {args.input_clip or 3} std (images are never clipped)")
-        + " (`--input-clip`); `:binary` is the binary Hadamard block rule, `+fh` the forward Hadamard rotation, `+ps` per-sample scales of the backward's gradients and inputs (`--backward-scales sample`).",
+        + " (`--input-clip`); `:binary` is the binary Hadamard block rule, `+fh` the forward Hadamard rotation, `+ps` per-sample scales of the backward's gradients and inputs (`--backward-scales sample`), `+t0` one accumulator tile as long as the whole reduction (`--tile 0`).",
         f"- Code: {', '.join(sorted(codes)) or 'no finished run'}"
         + (" (the runs were made by different code versions)" if len(codes) > 1 else "") + ".",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {_torch()}, kernels: "
@@ -200,6 +223,11 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
                 for token in tokens:
                     label = token + (" (float acc)" if token.partition("+")[0].partition(":")[0] in FLOAT_RECIPES
                                      else "")
+                    reason = refused.get((dataset, method, acc, token))
+                    if reason is not None:  # the engine's own words, shortened to their first sentence
+                        lines.append(_row([label, "-", f"refused by the engine: {reason.split(': a single')[0]}",
+                                           "-", "-", "-", 0]))
+                        continue
                     for classifier in classifiers:
                         values = group[token].values()
                         lines.append(_row([
@@ -229,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/bench_baselines.py", *argv])
     try:
-        triples = build_points(args)
+        triples, refused = build_points(args)
     except ConfigError as error:
         print(f"bench_baselines.py: error: {error}", file=sys.stderr)
         return 2
@@ -239,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                                   threads=args.threads)
     if outcomes is None:
         return 130
-    text = render(args, command, triples, outcomes, time.perf_counter() - started)
+    for (dataset, method, acc, token), reason in refused.items():
+        print(f"bench_baselines.py: {dataset}/{method}/acc{acc}/{token} not run: {reason}", file=sys.stderr)
+    text = render(args, command, triples, outcomes, time.perf_counter() - started, refused)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     outputs.write_text(Path(args.results), text)
     print(text)

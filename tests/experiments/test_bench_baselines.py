@@ -15,15 +15,37 @@ def test_recipe_tokens_give_the_rule_and_the_suffixes_options(bench):
     assert bench.recipe_spec("hdqt") == ("hdqt", None, {})
     assert bench.recipe_spec("hdqt:binary+ps") == ("hdqt", "binary", {"backward_scales": "sample"})
     assert bench.recipe_spec("luq+fh+ps") == ("luq", None, {"forward_hadamard": True, "backward_scales": "sample"})
-    with pytest.raises(ConfigError, match=r"'hdqt\+xx': the suffixes are \+fh .* and \+ps"):
+    assert bench.recipe_spec("luq+t0") == ("luq", None, {"tile": 0})
+    with pytest.raises(ConfigError, match=r"'hdqt\+xx': the suffixes are \+fh .*, \+ps .* and \+t0"):
         bench.recipe_spec("hdqt+xx")
     with pytest.raises(ConfigError, match="the rule must be paper or binary"):
         bench.recipe_spec("hdqt:odd")
 
 
 def test_points_carry_the_suffixes_into_the_run_configs(bench, tmp_path):
-    args = bench.parse_args(["--datasets", "digits", "--methods", "icarl", "--recipes", "fp32,hdqt,hdqt+ps",
+    args = bench.parse_args(["--datasets", "digits", "--methods", "icarl", "--recipes", "fp32,hdqt,hdqt+ps,luq+t0",
                              "--seeds", "0", "--epochs", "1", "--out", str(tmp_path)])
-    configs = {label: point.config for _, label, point in bench.build_points(args)}
+    points, refused = bench.build_points(args)
+    assert refused == {}
+    configs = {label: point.config for _, label, point in points}
     assert configs["hdqt+ps"].backward_scales == "sample" and configs["hdqt"].backward_scales is None
     assert configs["hdqt+ps"].identity() != configs["hdqt"].identity()
+    # +t0 is the command line's --tile 0: the whole reduction is one tile (the engine's None)
+    assert configs["luq+t0"].tile == 0 and configs["hdqt"].tile is None
+
+
+def test_an_accumulator_the_engine_refuses_is_reported_not_fatal(bench, tmp_path):
+    # 4-bit codes on a 4-bit integer accumulator: one product (15 x 7) is above its largest value (7)
+    args = bench.parse_args(["--datasets", "digits", "--methods", "icarl", "--recipes", "fp32,int,fp134",
+                             "--acc-bits", "4,8", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path)])
+    points, refused = bench.build_points(args)
+    assert list(refused) == [("digits", "icarl", 4, "int")]
+    assert "acc_bits=4 cannot hold one product" in refused[("digits", "icarl", 4, "int")]
+    assert [(acc, label) for acc, label, _ in points] == [(None, "fp32"), (8, "int"), (4, "fp134"), (8, "fp134")]
+    text = bench.render(args, "cmd", [], [], 0.0, refused)
+    assert "| int | - | refused by the engine: " in text and "acc_bits=4 cannot hold one product" in text
+    # a setting wrong for every accumulator is still an error
+    bad = bench.parse_args(["--datasets", "digits", "--methods", "icarl", "--recipes", "fp32,int",
+                            "--bits", "99", "--acc-bits", "8", "--out", str(tmp_path)])
+    with pytest.raises(ConfigError):
+        bench.build_points(bad)
