@@ -93,6 +93,11 @@ def backward_operands(
     layout = backward_layout(rt, a.shape[a_dim], qa, qb)
     amax_a = amax_b = None
     extra = 1.0
+    if layout is not None and _fuses_transform(rt, layout, (a, a_dim, qa), (b, b_dim, qb)):
+        # transform and quantizer in one native call per operand, seeds drawn in the same order
+        p = layout.blocks[0]
+        return (rt.quantize_row_transform(qa, a, p, a_name), rt.quantize_row_transform(qb, b, p, b_name),
+                layout.product_scale)
     if layout is not None:
         ta, tmax_a = hadamard_transform_amax(a, a_dim, layout, rt.hadamard_cache)
         tb, tmax_b = hadamard_transform_amax(b, b_dim, layout, rt.hadamard_cache)
@@ -102,6 +107,16 @@ def backward_operands(
         ):
             a, b, amax_a, amax_b, extra = ta, tb, tmax_a, tmax_b, layout.product_scale
     return rt.quantize(qa, a, a_name, amax_a), rt.quantize(qb, b, b_name, amax_b), extra
+
+
+def _fuses_transform(rt: LayerRuntime, layout: BlockLayout, *operands) -> bool:
+    """Whether every (tensor, dim, quantizer) of a backward product can be transformed and
+    quantized in one native call: uniform blocks along the last dimension, the transform
+    always applied, and quantizers that fuse it (``Quantizer.fuses_row_transform``). Decided
+    for all operands before any is quantized, so a fallback draws no seed twice."""
+    if rt.policy.hadamard_select != "always" or not layout.uniform:
+        return False
+    return all(q is not None and dim % t.dim() == t.dim() - 1 and q.fuses_row_transform(t) for t, dim, q in operands)
 
 
 def _integer_output_bound(policy, reduction: int, xq: QTensor, wq: QTensor) -> float | None:

@@ -23,6 +23,7 @@ instead of k times, which is what costs on CPU.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -46,15 +47,18 @@ class BlockLayout:
 
     blocks: tuple[int, ...]
 
-    @property
+    # Computed once a layout (cached_property writes the instance's __dict__, which a
+    # frozen dataclass allows): the paper rule on an odd width has one block per
+    # feature, and the backward asks these at every product.
+    @functools.cached_property
     def size(self) -> int:
         return sum(self.blocks)
 
-    @property
+    @functools.cached_property
     def uniform(self) -> bool:
         return len(set(self.blocks)) == 1
 
-    @property
+    @functools.cached_property
     def is_identity(self) -> bool:
         return all(p == 1 for p in self.blocks)
 
@@ -64,6 +68,7 @@ class BlockLayout:
         return 1.0 / self.blocks[0] if self.uniform else 1.0
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of (n, rule) and the layout is immutable: one per width
 def block_layout(n: int, rule: str = "paper") -> BlockLayout:
     check_rule(rule)
     if n < 1:

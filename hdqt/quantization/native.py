@@ -216,7 +216,7 @@ def threads() -> int:
 
 def usable(tensor: torch.Tensor) -> bool:
     """True when the kernels can work on ``tensor`` directly (CPU float32)."""
-    return tensor.device.type == "cpu" and tensor.dtype == torch.float32
+    return tensor.is_cpu and tensor.dtype is torch.float32  # asked at every kernel call: the cheapest spelling
 
 
 def dense_order(tensor: torch.Tensor) -> tuple[int, ...] | None:

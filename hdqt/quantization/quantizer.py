@@ -18,6 +18,7 @@ their own products (``binary.py``) rather than through this call.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -79,7 +80,7 @@ class Quantizer:
             if self.granularity != "tensor":
                 raise ValueError("ExponentBiasScaling tracks one exponent per tensor: granularity must be 'tensor'")
 
-    @property
+    @functools.cached_property  # asked at every quantization; the fields are frozen
     def native_fast(self) -> bool:
         """True for the integer grid with per-tensor dynamic scaling: the native kernels'
         case (the rest runs on torch operations)."""
@@ -134,6 +135,36 @@ class Quantizer:
             # can still land one step outside the format.
             values = round_stochastic_(values.clamp_(qmin, qmax), generator).clamp_(qmin, qmax)
         return QTensor(values, scale)
+
+    def fuses_row_transform(self, tensor: torch.Tensor) -> bool:
+        """Whether ``quantize_row_transform`` takes ``tensor``: the integer grid with
+        per-tensor dynamic scaling and a signed format, a CPU float32 tensor, and the
+        native kernels loaded."""
+        return (self.native_fast and self.format.signed == "signed" and native.usable(tensor)
+                and native.load() is not None)
+
+    def quantize_row_transform(self, tensor: torch.Tensor, p: int, generator: torch.Generator | None = None, *,
+                               nonfinite: str = "raise", role: str = "tensor") -> QTensor:
+        """The unnormalised Hadamard transform of every length-``p`` block along the last
+        dimension of ``tensor`` (not modified), quantized: value for value
+        ``quantize(t, generator, amax=amax)`` of ``t, amax = hadamard_transform_amax(...)``,
+        the same random stream included, in one native call and one pass fewer. Only
+        where ``fuses_row_transform(tensor)``."""
+        if not self.fuses_row_transform(tensor):
+            raise ValueError(f"quantize_row_transform: not for this quantizer or tensor ({self.to_dict()}, "
+                             f"{tensor.dtype} on {tensor.device}); check fuses_row_transform first")
+        # one contiguous copy (also of a transposed view), transformed and rounded in place
+        out = tensor.detach().clone(memory_format=torch.contiguous_format)
+        n = out.shape[-1] if out.dim() else 1
+        seed = self.stream_seed(generator) if self.rounding == "stochastic" else 0
+        scale = ctypes.c_double()
+        status = native.load().hdqt_fwht_quantize_f32(
+            out.data_ptr(), out.data_ptr(), out.numel() // n if n else 0, n, p, self.rounding == "stochastic",
+            self.scaling.clip_ratio, self.format.signed_max, seed, ctypes.byref(scale), native.threads(),
+        )
+        if status != 0:
+            return _nonfinite(out, nonfinite, role)
+        return QTensor(out, scale.value)
 
     def _quantize_general(self, tensor, generator, nonfinite, role, state, sample_dim) -> QTensor:
         """Any format, scaling and granularity, on torch operations (any device)."""

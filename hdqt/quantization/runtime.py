@@ -148,6 +148,13 @@ class LayerRuntime:
             return QTensor(q.values.mul_(q.scale), 1.0)
         return q
 
+    def quantize_row_transform(self, quantizer: Quantizer, tensor: torch.Tensor, p: int, operand: str) -> QTensor:
+        """``quantize`` of the Hadamard transform (blocks of ``p``) along ``tensor``'s last
+        dimension, in one native call (``Quantizer.quantize_row_transform``)."""
+        gen = self.generator(tensor.device) if quantizer.rounding == "stochastic" else None
+        return quantizer.quantize_row_transform(tensor, p, gen, nonfinite=self.policy.nonfinite,
+                                                role=f"{operand} of layer {self.name!r}")
+
     def scaling_states(self) -> dict[str, dict]:
         return {op: dict(st) for op, st in self.scaling_state.items()}
 

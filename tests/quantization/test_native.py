@@ -411,3 +411,65 @@ def test_conv_training_step_native_and_torch_paths_agree(monkeypatch):
         one_draw = (a[0] - b[0]).norm() / b.mean(0).norm()
         means = (a.mean(0) - b.mean(0)).norm() / b.mean(0).norm()
         assert means < one_draw / 3
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("shape,p,transposed", [((405, 128), 128, True), ((128, 96), 32, False), ((7, 16), 2, False),
+                                                ((3, 256), 256, False), ((1, 1), 1, False)])
+def test_fused_row_transform_and_quantizer_equal_the_two_calls(rounding, shape, p, transposed):
+    """Quantizer.quantize_row_transform: transform and quantizer in one native call,
+    value for value the transform's result quantized with its max|.|, same seeds."""
+    q = int_quantizer(4, rounding=rounding)
+    base = torch.randn(shape[::-1] if transposed else shape) * 3
+    t = base.T if transposed else base  # a transposed view (the dW operands) is copied once
+    layout = hdqt.quantization.hadamard.BlockLayout((p,) * (shape[1] // p))
+    transformed, amax = hdqt.quantization.hadamard.hadamard_transform_amax(t, 1, layout)
+    expected = q.quantize(transformed, torch.Generator().manual_seed(3), amax=amax)
+    assert q.fuses_row_transform(t)
+    got = q.quantize_row_transform(t, p, torch.Generator().manual_seed(3))
+    assert got.scale == expected.scale and torch.equal(got.values, expected.values)
+    assert got.values.is_contiguous() and torch.equal(t, base.T if transposed else base)  # input untouched
+
+
+def test_fused_row_transform_reports_nonfinite_and_refuses_other_quantizers():
+    q = int_quantizer(4)
+    t = torch.randn(8, 32)
+    t[2, 5] = float("inf")
+    with pytest.raises(hdqt.quantization.NonFiniteError, match="grad rows"):
+        q.quantize_row_transform(t, 32, role="grad rows")
+    assert torch.isnan(q.quantize_row_transform(t, 32, nonfinite="propagate").values).all()
+    auto = int_quantizer(4, signed="auto")  # its grid depends on the sign: the two-call path
+    assert not auto.fuses_row_transform(t) and not q.fuses_row_transform(t.double())
+    with pytest.raises(ValueError, match="check fuses_row_transform first"):
+        auto.quantize_row_transform(t, 32)
+
+
+def test_backward_gradients_are_the_same_with_and_without_the_fused_transform(monkeypatch):
+    """The fused path (functional._fuses_transform) changes no gradient bit (dX and dW,
+    stochastic rounding seeded alike), and runs for every transformed operand here."""
+    from hdqt.quantization import functional
+    from hdqt.quantization.quantizer import Quantizer
+
+    def train(fuse: bool) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.ReLU(),
+                                  torch.nn.Linear(96, 10, bias=False))
+        model = hdqt.quantize_model(net, hdqt.recipe("hdqt"))
+        x = torch.randn(128, 64)
+        with monkeypatch.context() as patch:
+            if not fuse:
+                patch.setattr(functional, "_fuses_transform", lambda *args: False)
+            for _ in range(3):
+                model.zero_grad()
+                model(x).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    fused_call = Quantizer.quantize_row_transform
+    monkeypatch.setattr(Quantizer, "quantize_row_transform",
+                        lambda self, *a, **k: calls.append(1) or fused_call(self, *a, **k))
+    fused = train(True)
+    # per step: both dW products (along the batch, 128) and the second layer's dX (along 10 = 5 x 2)
+    assert len(calls) == 3 * 6
+    assert all(torch.equal(a, b) for a, b in zip(fused, train(False)))
+    assert len(calls) == 3 * 6  # the reference made no fused call

@@ -132,3 +132,25 @@ float hdqt_fwht_rows_f32(float *x, int64_t rows, int64_t row_len, int64_t p, int
     int used = parallel_for(rows, threads, grain, fwht_range, &c);
     return reduce_amax(c.amax, used);
 }
+
+/* hdqt_fwht_rows_f32, then the dynamic per-tensor quantizer on a signed grid of
+ * [-qmax, qmax] from the max|result| the transform returned (Quantizer.grid with
+ * lo = -amax: scale = clip_ratio * amax / qmax, or 1 for an all-zero result), then
+ * rounding to nearest (stochastic = 0) or stochastically (seed), into out, which
+ * may be x. Value for value what the transform and the rounding give as two calls:
+ * one pass fewer over memory and one call fewer from Python (a backward operand
+ * in the Hadamard domain). Writes the scale to *scale_out. Returns 0, or 1 if the
+ * result holds NaN or Inf (x then holds the transform and out is untouched). */
+int hdqt_fwht_quantize_f32(float *x, float *out, int64_t rows, int64_t row_len, int64_t p, int stochastic,
+                           double clip_ratio, double qmax, uint64_t seed, double *scale_out, int threads) {
+    float amax = hdqt_fwht_rows_f32(x, rows, row_len, p, threads);
+    uint32_t bits;
+    memcpy(&bits, &amax, sizeof bits);
+    if ((bits & 0x7fffffffu) >= 0x7f800000u) return 1; /* Inf or NaN */
+    double clip = clip_ratio * (double)amax;
+    double scale = clip > 0.0 ? clip / qmax : 1.0;
+    *scale_out = scale;
+    round_ctx c = {x, out, (float)scale, (float)-qmax, (float)qmax, (uint32_t)seed, (uint32_t)(seed >> 32)};
+    parallel_for(rows * row_len, threads, 1 << 16, stochastic ? sr_range : rtn_range, &c);
+    return 0;
+}
