@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import hdqt
 from hdqt.quantization import int_quantizer, native
-from hdqt.quantization.hadamard import block_layout, dense_block_matrix, hadamard_transform
+from hdqt.quantization.hadamard import (BlockLayout, block_layout, dense_block_matrix, hadamard_transform,
+                                        hadamard_transform_amax)
 from hdqt.quantization.im2col import fused_weight_grad, tiled_conv2d, unfold_channel_major
 from hdqt.quantization.matmul import tiled_matmul, tiled_matmul_batched, tiled_matmul_kj
 
@@ -53,6 +54,18 @@ def test_native_fwht_equals_torch_path(monkeypatch):
     _torch_only(monkeypatch)
     slow = hadamard_transform(x, 2, layout)
     assert torch.allclose(fast, slow, atol=1e-3)
+
+
+@pytest.mark.parametrize("p", [2, 8, 16, 32, 64, 128, 256, 512, 1024])
+def test_narrow_transform_equals_wide_bit_for_bit(p, monkeypatch):
+    # fwht_row_narrow (AVX2, NEON) runs the stages in fwht_row's order: the same floats.
+    x = torch.randn(5, 2048) * 100
+    layout = BlockLayout((p,) * (2048 // p))
+    results = {}
+    for width in ("wide", "narrow"):
+        monkeypatch.setenv("HDQT_VECTORS", width)
+        results[width] = hadamard_transform_amax(x, 1, layout)
+    assert torch.equal(results["wide"][0], results["narrow"][0]) and results["wide"][1] == results["narrow"][1]
 
 
 def test_native_nearest_rounding_equals_torch_path(monkeypatch):
@@ -422,8 +435,8 @@ def test_fused_row_transform_and_quantizer_equal_the_two_calls(rounding, shape, 
     q = int_quantizer(4, rounding=rounding)
     base = torch.randn(shape[::-1] if transposed else shape) * 3
     t = base.T if transposed else base  # a transposed view (the dW operands) is copied once
-    layout = hdqt.quantization.hadamard.BlockLayout((p,) * (shape[1] // p))
-    transformed, amax = hdqt.quantization.hadamard.hadamard_transform_amax(t, 1, layout)
+    layout = BlockLayout((p,) * (shape[1] // p))
+    transformed, amax = hadamard_transform_amax(t, 1, layout)
     expected = q.quantize(transformed, torch.Generator().manual_seed(3), amax=amax)
     assert q.fuses_row_transform(t)
     got = q.quantize_row_transform(t, p, torch.Generator().manual_seed(3))

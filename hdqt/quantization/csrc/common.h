@@ -45,8 +45,8 @@ static inline __mmask16 fits16(__m512 v, __m512i q, float lo, float hi, __mmask1
  * instruction set, but where no register holds 64 bytes (AVX2, NEON) GCC keeps
  * such variables in memory: register-blocked kernels written on it ran several
  * times slower there (a -march=x86-64-v3 build: 94 ms against 9 ms for the
- * benchmark's conv forward). The tiled product and the conv dW's multiply have
- * narrow variants (vfn below); the transforms do not yet. */
+ * benchmark's conv forward). The tiled product, the conv dW's multiply and the
+ * Walsh-Hadamard transforms have narrow variants (vfn below). */
 typedef float vf16 __attribute__((vector_size(64)));
 #define NV 16 /* lanes of vf16 */
 #define MR 8  /* rows of a register block: each vector load feeds MR multiply-adds */

@@ -84,6 +84,98 @@ static void fwht_row(float *r, int64_t n, int64_t p) {
     }
 }
 
+#ifdef HDQT_NARROW_BYTES
+/* The transforms on narrow vectors (vfn: 8 floats on AVX2, 4 on NEON). A vf16
+ * variable lives in memory where no register holds 16 floats (common.h), and
+ * fwht_row's 256-float block and the conv dW's 16-row block each keep 16 of them:
+ * on AVX2 every butterfly went through the stack. The same stages in the same
+ * order (h = 1, 2, 4, ... ; each a + b or a - b of the same two values), so the
+ * same floats, bit for bit: 16 vfn (16 ymm on AVX2) cover 16 * NL values. */
+#if NL == 8
+#define NARROW_SIGNS(h)                                                                                \
+    ((vfn){(0 & h) ? -1.f : 1.f, (1 & h) ? -1.f : 1.f, (2 & h) ? -1.f : 1.f, (3 & h) ? -1.f : 1.f,     \
+           (4 & h) ? -1.f : 1.f, (5 & h) ? -1.f : 1.f, (6 & h) ? -1.f : 1.f, (7 & h) ? -1.f : 1.f})
+#else
+#define NARROW_SIGNS(h) ((vfn){(0 & h) ? -1.f : 1.f, (1 & h) ? -1.f : 1.f, (2 & h) ? -1.f : 1.f, (3 & h) ? -1.f : 1.f})
+#endif
+
+/* The stages h = 1 .. NL/2 inside one vfn: lane i becomes x[i ^ h] + x[i] or x[i ^ h] - x[i]. */
+typedef int32_t vin __attribute__((vector_size(HDQT_NARROW_BYTES)));
+#if NL == 8
+#define NARROW_PERMUTE(h) 0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h
+#else
+#define NARROW_PERMUTE(h) 0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h
+#endif
+#if defined(__clang__)
+#define SWAP_NARROW(x, h) __builtin_shufflevector(x, x, NARROW_PERMUTE(h))
+#else
+#define SWAP_NARROW(x, h) __builtin_shuffle(x, (vin){NARROW_PERMUTE(h)})
+#endif
+NARROW_TARGET
+static inline vfn lanes_narrow(vfn v) {
+    v = SWAP_NARROW(v, 1) + NARROW_SIGNS(1) * v;
+    v = SWAP_NARROW(v, 2) + NARROW_SIGNS(2) * v;
+#if NL == 8
+    v = SWAP_NARROW(v, 4) + NARROW_SIGNS(4) * v;
+#endif
+    return v;
+}
+
+#define BF_N(i, j)                                                                                     \
+    do {                                                                                               \
+        vfn t_ = v[i];                                                                                 \
+        v[i] = t_ + v[j];                                                                              \
+        v[j] = t_ - v[j];                                                                              \
+    } while (0)
+/* The four stages between 16 vfn (vectors 1, 2, 4, 8 apart). */
+NARROW_TARGET
+static inline void butterflies16_narrow(vfn *v) {
+    BF_N(0, 1); BF_N(2, 3); BF_N(4, 5); BF_N(6, 7); BF_N(8, 9); BF_N(10, 11); BF_N(12, 13); BF_N(14, 15);
+    BF_N(0, 2); BF_N(1, 3); BF_N(4, 6); BF_N(5, 7); BF_N(8, 10); BF_N(9, 11); BF_N(12, 14); BF_N(13, 15);
+    BF_N(0, 4); BF_N(1, 5); BF_N(2, 6); BF_N(3, 7); BF_N(8, 12); BF_N(9, 13); BF_N(10, 14); BF_N(11, 15);
+    BF_N(0, 8); BF_N(1, 9); BF_N(2, 10); BF_N(3, 11); BF_N(4, 12); BF_N(5, 13); BF_N(6, 14); BF_N(7, 15);
+}
+#undef BF_N
+
+/* fwht_row on vfn: stages 1 .. 8 NL on 16 NL floats at a time in registers, the
+ * rest as fwht_row's loop (contiguous, vectorised). */
+NARROW_TARGET
+static void fwht_row_narrow(float *r, int64_t n, int64_t p) {
+    if (p < 2) return;
+    int64_t h = 1;
+    if (p >= 16 * NL) {
+        for (int64_t i = 0; i < n; i += 16 * NL) {
+            vfn v[16];
+            memcpy(v, r + i, sizeof v);
+            for (int j = 0; j < 16; ++j) v[j] = lanes_narrow(v[j]);
+            butterflies16_narrow(v);
+            memcpy(r + i, v, sizeof v);
+        }
+        h = 16 * NL;
+    } else if (p >= NL) {
+        for (int64_t i = 0; i < n; i += NL) {
+            vfn v;
+            memcpy(&v, r + i, sizeof v);
+            v = lanes_narrow(v);
+            memcpy(r + i, &v, sizeof v);
+        }
+        h = NL;
+    }
+    for (; h < p; h <<= 1) {
+        for (int64_t block = 0; block < n; block += p) {
+            for (int64_t i = block; i < block + p; i += h << 1) {
+                float *lo = r + i, *hi = r + i + h;
+                for (int64_t j = 0; j < h; ++j) {
+                    float a = lo[j], b = hi[j];
+                    lo[j] = a + b;
+                    hi[j] = a - b;
+                }
+            }
+        }
+    }
+}
+#endif /* HDQT_NARROW_BYTES */
+
 HDQT_CLONES
 static float absmax_row(const float *r, int64_t n) {
     /* On the bits of |v| an unsigned max orders like the floats, and every NaN
@@ -103,6 +195,7 @@ static float absmax_row(const float *r, int64_t n) {
 typedef struct {
     float *x;
     int64_t row_len, p;
+    int narrow; /* fwht_row_narrow (narrow_vectors) */
     float amax[HDQT_MAX_THREADS];
 } fwht_ctx;
 
@@ -111,6 +204,13 @@ static void fwht_range(void *arg, int64_t begin, int64_t end, int worker) {
     float m = 0.0f;
     for (int64_t row = begin; row < end; ++row) {
         float *r = c->x + row * c->row_len;
+#ifdef HDQT_NARROW_BYTES
+        if (c->narrow) {
+            fwht_row_narrow(r, c->row_len, c->p);
+            m = absmax_step(m, absmax_row(r, c->row_len));
+            continue;
+        }
+#endif
         fwht_row(r, c->row_len, c->p);
         m = absmax_step(m, absmax_row(r, c->row_len));
     }
@@ -127,7 +227,7 @@ static float reduce_amax(const float *amax, int used) {
  * Returns max|result| (NaN if any element is NaN). */
 float hdqt_fwht_rows_f32(float *x, int64_t rows, int64_t row_len, int64_t p, int threads) {
     fwht_ctx c;
-    c.x = x, c.row_len = row_len, c.p = p;
+    c.x = x, c.row_len = row_len, c.p = p, c.narrow = narrow_vectors();
     int64_t grain = (1 << 15) / (row_len > 0 ? row_len : 1);
     int used = parallel_for(rows, threads, grain, fwht_range, &c);
     return reduce_amax(c.amax, used);

@@ -37,6 +37,7 @@ typedef struct {
     const float *x;
     float *out;
     int64_t p, channel_major;
+    int narrow; /* fwht_row_narrow (narrow_vectors) */
     float amax[HDQT_MAX_THREADS];
 } im2col_ctx;
 
@@ -51,6 +52,10 @@ static void im2col_range(void *arg, int64_t begin, int64_t end, int worker) {
         float *r = c->out + (c->channel_major ? k * c->g.B + b : row) * L;
         gather_row(&c->g, c->x, b, k, r);
         if (c->p > 1) {
+#ifdef HDQT_NARROW_BYTES
+            if (c->narrow) fwht_row_narrow(r, L, c->p);
+            else
+#endif
             fwht_row(r, L, c->p);
             m = absmax_step(m, absmax_row(r, L));
         }
@@ -74,7 +79,7 @@ float hdqt_im2col_fwht_f32(const float *x, float *out, int64_t B, int64_t C, int
                            int64_t OH, int64_t OW, int64_t p, int64_t channel_major, int threads) {
     im2col_ctx c;
     c.g = make_geom(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW);
-    c.x = x, c.out = out, c.p = p, c.channel_major = channel_major;
+    c.x = x, c.out = out, c.p = p, c.channel_major = channel_major, c.narrow = narrow_vectors();
     int64_t L = OH * OW;
     int64_t grain = (1 << 15) / (L > 0 ? L : 1);
     int used = parallel_for(B * C * kh * kw, threads, grain, im2col_range, &c);
