@@ -26,6 +26,9 @@ is a list, 0 meaning unlimited. fp32 runs once and is the baseline of every tabl
 
 Interrupt it at any time: rerunning the same command reuses finished runs and
 resumes unfinished ones after their last finished task (the runner's rule).
+Runs live under --out by dataset, method, input clip, accumulator width (with `-bitsN`
+and `-tileN` where --bits and --tile are off their defaults), recipe and seed: give
+another --epochs its own --out (a folder holding another configuration is refused).
 """
 from __future__ import annotations
 
@@ -132,7 +135,11 @@ def build_points(args) -> tuple[list[tuple[int | None, str, GridPoint]], dict[tu
                                 raise
                             refused[(dataset, method, acc, token)] = str(error)
                             continue
-                        where = "shared" if acc is None else f"acc{acc}"
+                        # --bits and --tile off their defaults get their own folder: runs that differ
+                        # only there would otherwise claim one directory (the grid refuses that)
+                        where = "shared" if acc is None else (
+                            f"acc{acc}" + (f"-bits{args.bits}" if "bits" in values and args.bits != 4 else "")
+                            + (f"-tile{args.tile}" if args.tile is not None else ""))
                         clip = "" if args.input_clip is None else f"clip-{args.input_clip}"
                         out = (Path(args.out) / dataset / method / clip / where / token.replace(":", "-")
                                / f"seed{seed}")

@@ -49,3 +49,15 @@ def test_an_accumulator_the_engine_refuses_is_reported_not_fatal(bench, tmp_path
                             "--bits", "99", "--acc-bits", "8", "--out", str(tmp_path)])
     with pytest.raises(ConfigError):
         bench.build_points(bad)
+
+
+def test_bits_and_tile_off_their_defaults_get_their_own_folders(bench, tmp_path):
+    def folders(*extra):
+        args = bench.parse_args(["--datasets", "digits", "--methods", "icarl", "--recipes", "fp32,int,fp134",
+                                 "--seeds", "0", "--out", str(tmp_path), *extra])
+        return {label: point.out_dir.relative_to(tmp_path).parts[2] for _, label, point in bench.build_points(args)[0]}
+
+    assert folders() == {"fp32": "shared", "int": "acc8", "fp134": "acc8"}
+    # fp32 and the float recipes take no --bits: their runs are shared with the 4-bit grid
+    assert folders("--bits", "3") == {"fp32": "shared", "int": "acc8-bits3", "fp134": "acc8"}
+    assert folders("--tile", "0") == {"fp32": "shared", "int": "acc8-tile0", "fp134": "acc8-tile0"}
