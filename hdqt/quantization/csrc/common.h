@@ -46,7 +46,9 @@ static inline __mmask16 fits16(__m512 v, __m512i q, float lo, float hi, __mmask1
  * such variables in memory: register-blocked kernels written on it ran several
  * times slower there (a -march=x86-64-v3 build: 94 ms against 9 ms for the
  * benchmark's conv forward). The tiled product, the conv dW's multiply and the
- * Walsh-Hadamard transforms have narrow variants (vfn below). */
+ * transform of contiguous rows have narrow variants (vfn below). The conv dW's
+ * shared-width rows (build_channel_rows) do not: a narrow version ran no faster on
+ * the AVX2 VM (42 ms either way for the benchmark conv's fused dW, 5274159). */
 typedef float vf16 __attribute__((vector_size(64)));
 #define NV 16 /* lanes of vf16 */
 #define MR 8  /* rows of a register block: each vector load feeds MR multiply-adds */

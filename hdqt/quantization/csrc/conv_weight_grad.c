@@ -23,7 +23,7 @@ typedef struct {
      * and their sums; bytes == NULL: float32 only */
     int64_t padded_len;
     uint8_t *bytes;
-    int narrow; /* narrow vectors (narrow_vectors): dot_rows_narrow and the narrow transforms */
+    int narrow; /* narrow vectors (narrow_vectors): dot_rows_narrow, fwht_row_narrow */
     int i8_variant; /* the int8 variant of the byte path (dw_int8_variant) */
     int64_t byte_samples[HDQT_MAX_THREADS]; /* samples multiplied as bytes, per worker */
 } dw_ctx;
@@ -42,77 +42,6 @@ static int64_t is_pow2(int64_t v) {
 static int rows_share_width_transform(const conv_geom *g, int64_t p) {
     return is_pow2(g->OW) && g->OW >= NV && p % g->OW == 0 && p / g->OW >= NV;
 }
-
-#ifdef HDQT_NARROW_BYTES
-/* build_channel_rows' shared path (rows_share_width_transform) on narrow vectors:
- * its 16 rows in registers were 16 vf16, which live in memory where no register
- * holds 16 floats (AVX2, NEON); here a strip is NL columns, 16 vfn. The same stages
- * in the same order (along the width, then across rows 1, 2, 4, ... apart), so the
- * same floats as build_channel_rows. */
-NARROW_TARGET
-static void build_channel_rows_shared_narrow(const dw_ctx *c, int64_t b, int64_t ch, float *out, float *scratch) {
-    const conv_geom *g = &c->g;
-    const int64_t OW = g->OW, m = c->p / OW;
-    const float *img = c->x + (b * g->C + ch) * g->H * g->W;
-    float *padded = scratch + g->kw * g->H * OW; /* one zero-padded input row */
-    const int64_t padded_len = (OW - 1) * g->sw + (g->kw - 1) * g->dw + 1;
-    for (int64_t i = 0; i < padded_len; ++i) padded[i] = 0.0f;
-    for (int64_t ih = 0; ih < g->H; ++ih) {
-        const int64_t copy = g->W < padded_len - g->pw ? g->W : padded_len - g->pw;
-        if (copy > 0) memcpy(padded + g->pw, img + ih * g->W, (size_t)copy * sizeof(float));
-        for (int64_t kj = 0; kj < g->kw; ++kj) {
-            const float *src = padded + kj * g->dw;
-            float *d = scratch + (kj * g->H + ih) * OW;
-            if (g->sw == 1 && (OW == 2 * NL || OW == 4 * NL)) { /* 16 or 32 wide on AVX2: in registers */
-                vfn v[4];
-                const int count = (int)(OW / NL);
-                memcpy(v, src, (size_t)count * sizeof v[0]);
-                for (int i = 0; i < count; ++i) v[i] = lanes_narrow(v[i]);
-                for (int h = 1; h < count; h <<= 1) { /* stages NL, 2 NL: between vectors h apart */
-                    for (int i = 0; i < count; ++i) {
-                        if (i & h) continue;
-                        vfn t = v[i];
-                        v[i] = t + v[i + h], v[i + h] = t - v[i + h];
-                    }
-                }
-                memcpy(d, v, (size_t)count * sizeof v[0]);
-                continue;
-            }
-            for (int64_t ow = 0; ow < OW; ++ow) d[ow] = src[ow * g->sw];
-            fwht_row_narrow(d, OW, OW);
-        }
-    }
-    static const float zeros[NV] = {0};
-    for (int64_t ki = 0; ki < g->kh; ++ki) {
-        for (int64_t kj = 0; kj < g->kw; ++kj) {
-            float *dst = out + (ki * g->kw + kj) * (g->OH * OW);
-            const float *shifted = scratch + kj * g->H * OW;
-            for (int64_t s = 0; s < OW; s += NL) {         /* a strip of NL columns */
-                for (int64_t r0 = 0; r0 < g->OH; r0 += 16) { /* 16 output rows in registers */
-                    vfn v[16];
-                    for (int i = 0; i < 16; ++i) { /* row i's input row, or zeros outside the image */
-                        int64_t ih = (r0 + i) * g->sh - g->ph + ki * g->dh;
-                        memcpy(&v[i], ih >= 0 && ih < g->H ? shifted + ih * OW + s : zeros, sizeof v[i]);
-                    }
-                    butterflies16_narrow(v);
-                    for (int i = 0; i < 16; ++i) memcpy(dst + (r0 + i) * OW + s, &v[i], sizeof v[i]);
-                }
-                for (int64_t h = 16; h < m; h <<= 1) { /* the remaining stages across rows, within blocks of m */
-                    for (int64_t r = 0; r < g->OH; ++r) {
-                        if (r & h) continue;
-                        vfn lo, hi, sum, diff;
-                        memcpy(&lo, dst + r * OW + s, sizeof lo);
-                        memcpy(&hi, dst + (r + h) * OW + s, sizeof hi);
-                        sum = lo + hi, diff = lo - hi;
-                        memcpy(dst + r * OW + s, &sum, sizeof sum);
-                        memcpy(dst + (r + h) * OW + s, &diff, sizeof diff);
-                    }
-                }
-            }
-        }
-    }
-}
-#endif
 
 /* The kh * kw rows of channel ch of sample b into out (row i = kernel offset i),
  * each transformed along the positions in blocks of p (p = 1: plain unfold).
@@ -134,12 +63,6 @@ static void build_channel_rows(const dw_ctx *c, int64_t b, int64_t ch, float *ou
         }
         return;
     }
-#ifdef HDQT_NARROW_BYTES
-    if (c->narrow) {
-        build_channel_rows_shared_narrow(c, b, ch, out, scratch);
-        return;
-    }
-#endif
     const float *img = c->x + (b * g->C + ch) * g->H * g->W;
     const int64_t OW = g->OW, m = c->p / OW;
     /* every input row, shifted by kj and transformed along the width */

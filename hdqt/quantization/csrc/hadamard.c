@@ -46,6 +46,23 @@ static inline __attribute__((always_inline)) vf16 lanes16(vf16 v) {
     return SWAP_LANES(v, 8) + s8 * v;
 }
 
+/* The stages h, 2h, ... < p of the transform of every length-p block of a row of n
+ * floats, in memory (contiguous inner loops: vectorised in each caller's target). */
+static inline __attribute__((always_inline)) void fwht_stages(float *r, int64_t n, int64_t p, int64_t h) {
+    for (; h < p; h <<= 1) {
+        for (int64_t block = 0; block < n; block += p) {
+            for (int64_t i = block; i < block + p; i += h << 1) {
+                float *lo = r + i, *hi = r + i + h;
+                for (int64_t j = 0; j < h; ++j) {
+                    float a = lo[j], b = hi[j];
+                    lo[j] = a + b;
+                    hi[j] = a - b;
+                }
+            }
+        }
+    }
+}
+
 /* Unnormalised Sylvester transform of every length-p block of a row of n floats
  * (p a power of two dividing n). */
 HDQT_CLONES
@@ -70,18 +87,7 @@ static void fwht_row(float *r, int64_t n, int64_t p) {
         }
         h = NV;
     }
-    for (; h < p; h <<= 1) {
-        for (int64_t block = 0; block < n; block += p) {
-            for (int64_t i = block; i < block + p; i += h << 1) {
-                float *lo = r + i, *hi = r + i + h;
-                for (int64_t j = 0; j < h; ++j) { /* contiguous: vectorised */
-                    float a = lo[j], b = hi[j];
-                    lo[j] = a + b;
-                    hi[j] = a - b;
-                }
-            }
-        }
-    }
+    fwht_stages(r, n, p, h);
 }
 
 #ifdef HDQT_NARROW_BYTES
@@ -161,18 +167,7 @@ static void fwht_row_narrow(float *r, int64_t n, int64_t p) {
         }
         h = NL;
     }
-    for (; h < p; h <<= 1) {
-        for (int64_t block = 0; block < n; block += p) {
-            for (int64_t i = block; i < block + p; i += h << 1) {
-                float *lo = r + i, *hi = r + i + h;
-                for (int64_t j = 0; j < h; ++j) {
-                    float a = lo[j], b = hi[j];
-                    lo[j] = a + b;
-                    hi[j] = a - b;
-                }
-            }
-        }
-    }
+    fwht_stages(r, n, p, h);
 }
 #endif /* HDQT_NARROW_BYTES */
 
