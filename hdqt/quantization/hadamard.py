@@ -47,7 +47,7 @@ class BlockLayout:
 
     blocks: tuple[int, ...]
 
-    # Computed once a layout (cached_property writes the instance's __dict__, which a
+    # Computed once per layout (cached_property writes the instance's __dict__, which a
     # frozen dataclass allows): the paper rule on an odd width has one block per
     # feature, and the backward asks these at every product.
     @functools.cached_property

@@ -153,9 +153,12 @@ class Quantizer:
         if not self.fuses_row_transform(tensor):
             raise ValueError(f"quantize_row_transform: not for this quantizer or tensor ({self.to_dict()}, "
                              f"{tensor.dtype} on {tensor.device}); check fuses_row_transform first")
+        n = tensor.shape[-1] if tensor.dim() else 1
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1 or p & (p - 1) or n % p:
+            raise ValueError(f"quantize_row_transform: p must be a power of two dividing the last dimension "
+                             f"({n}), got {p!r}")
         # one contiguous copy (also of a transposed view), transformed and rounded in place
         out = tensor.detach().clone(memory_format=torch.contiguous_format)
-        n = out.shape[-1] if out.dim() else 1
         seed = self.stream_seed(generator) if self.rounding == "stochastic" else 0
         scale = ctypes.c_double()
         status = native.load().hdqt_fwht_quantize_f32(

@@ -455,6 +455,9 @@ def test_fused_row_transform_reports_nonfinite_and_refuses_other_quantizers():
     assert not auto.fuses_row_transform(t) and not q.fuses_row_transform(t.double())
     with pytest.raises(ValueError, match="check fuses_row_transform first"):
         auto.quantize_row_transform(t, 32)
+    for bad in (3, 64, 0):  # not a power of two, not dividing 32, not positive
+        with pytest.raises(ValueError, match=r"p must be a power of two dividing the last dimension \(32\)"):
+            q.quantize_row_transform(t, bad)
 
 
 def test_backward_gradients_are_the_same_with_and_without_the_fused_transform(monkeypatch):

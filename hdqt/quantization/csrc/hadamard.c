@@ -91,12 +91,12 @@ static void fwht_row(float *r, int64_t n, int64_t p) {
 }
 
 #ifdef HDQT_NARROW_BYTES
-/* The transforms on narrow vectors (vfn: 8 floats on AVX2, 4 on NEON). A vf16
+/* The row transform on narrow vectors (vfn: 8 floats on AVX2, 4 on NEON). A vf16
  * variable lives in memory where no register holds 16 floats (common.h), and
- * fwht_row's 256-float block and the conv dW's 16-row block each keep 16 of them:
- * on AVX2 every butterfly went through the stack. The same stages in the same
- * order (h = 1, 2, 4, ... ; each a + b or a - b of the same two values), so the
- * same floats, bit for bit: 16 vfn (16 ymm on AVX2) cover 16 * NL values. */
+ * fwht_row's 256-float block keeps 16 of them: on AVX2 every butterfly went through
+ * the stack. Here 16 vfn (16 ymm on AVX2) hold 16 * NL values, and the stages run in
+ * fwht_row's order (h = 1, 2, 4, ...; each a + b or a - b of the same two values),
+ * so the floats are the same, bit for bit. */
 #if NL == 8
 #define NARROW_SIGNS(h)                                                                                \
     ((vfn){(0 & h) ? -1.f : 1.f, (1 & h) ? -1.f : 1.f, (2 & h) ? -1.f : 1.f, (3 & h) ? -1.f : 1.f,     \
@@ -200,11 +200,8 @@ static void fwht_range(void *arg, int64_t begin, int64_t end, int worker) {
     for (int64_t row = begin; row < end; ++row) {
         float *r = c->x + row * c->row_len;
 #ifdef HDQT_NARROW_BYTES
-        if (c->narrow) {
-            fwht_row_narrow(r, c->row_len, c->p);
-            m = absmax_step(m, absmax_row(r, c->row_len));
-            continue;
-        }
+        if (c->narrow) fwht_row_narrow(r, c->row_len, c->p);
+        else
 #endif
         fwht_row(r, c->row_len, c->p);
         m = absmax_step(m, absmax_row(r, c->row_len));
