@@ -193,10 +193,13 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
         if outcome.metrics is not None:
             group[c.seed] = outcome.metrics
     codes = {describe(stored_code(o.point.out_dir)) for o in outcomes if o.metrics is not None}
+    epochs = sorted({point.config.epochs for _, _, point in triples})  # the datasets' defaults resolved
     lines = [
         "# Baseline FQT recipes in one engine", "",
         f"Written by `benchmarks/bench_baselines.py` on {datetime.date.today().isoformat()}; reproduce with:", "",
         "```", command, "```", "",
+        f"- {', '.join(map(str, epochs)) or 'n/a'} epoch(s) per task"
+        + (" (the datasets' defaults)" if args.epochs is None else "") + ".",
         f"- {args.bits}-bit operands for the integer and log recipes (`int`, `hdqt`, `luq`); the float recipes "
         "use their format's width and a float accumulator of the table's width (marked `float acc`).",
         "- Accuracy: average incremental accuracy (%), forgetting: average forgetting (points), mean ± sample "

@@ -42,8 +42,9 @@ def test_an_accumulator_the_engine_refuses_is_reported_not_fatal(bench, tmp_path
     assert list(refused) == [("digits", "icarl", 4, "int")]
     assert "acc_bits=4 cannot hold one product" in refused[("digits", "icarl", 4, "int")]
     assert [(acc, label) for acc, label, _ in points] == [(None, "fp32"), (8, "int"), (4, "fp134"), (8, "fp134")]
-    text = bench.render(args, "cmd", [], [], 0.0, refused)
+    text = bench.render(args, "cmd", points, [], 0.0, refused)
     assert "| int | - | refused by the engine: " in text and "acc_bits=4 cannot hold one product" in text
+    assert "- 1 epoch(s) per task." in text
     # a setting wrong for every accumulator is still an error
     bad = bench.parse_args(["--datasets", "digits", "--methods", "icarl", "--recipes", "fp32,int",
                             "--bits", "99", "--acc-bits", "8", "--out", str(tmp_path)])
