@@ -37,6 +37,7 @@ from hdqt.experiments.config import RunConfig
 # Seconds a stopped worker gets to unwind (and remove its temporary files) before it
 # is killed.
 STOP_GRACE_SECONDS = 10.0
+OWN_STOP_SECONDS = 5.0  # Ray tasks that got the terminal's Ctrl-C themselves: see _cancel_ray
 
 
 @dataclass(frozen=True)
@@ -437,10 +438,18 @@ def _shutdown_local_ray(ray) -> None:
 
 
 def _cancel_ray(ray, refs: list) -> None:
-    """Cancel the tasks (KeyboardInterrupt in each, so that it unwinds), then force
-    what is left after STOP_GRACE_SECONDS."""
+    """Let the tasks that are ending on their own end (up to OWN_STOP_SECONDS), cancel
+    the rest (KeyboardInterrupt in each, so that it unwinds), then force what is left
+    after STOP_GRACE_SECONDS.
+
+    From a terminal, Ctrl-C reaches a local instance's workers too (one process group):
+    their tasks unwind by themselves, and cancelling a task while its end is on the way
+    tripped a check in Ray's core worker ("Tried to complete task that was not pending",
+    Ray 2.60), which aborted the sweep with status 1 instead of 130 (one CI run)."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        if refs:
+            _, refs = ray.wait(refs, num_returns=len(refs), timeout=OWN_STOP_SECONDS)
         for ref in refs:
             ray.cancel(ref)
         if refs:
