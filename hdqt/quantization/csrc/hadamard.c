@@ -239,8 +239,7 @@ int hdqt_fwht_quantize_f32(float *x, float *out, int64_t rows, int64_t row_len, 
     uint32_t bits;
     memcpy(&bits, &amax, sizeof bits);
     if ((bits & 0x7fffffffu) >= 0x7f800000u) return 1; /* Inf or NaN */
-    double clip = clip_ratio * (double)amax;
-    double scale = clip > 0.0 ? clip / qmax : 1.0;
+    double scale = grid_scale(clip_ratio, (double)amax, qmax);
     *scale_out = scale;
     round_ctx c = {x, out, (float)scale, (float)-qmax, (float)qmax, (uint32_t)seed, (uint32_t)(seed >> 32)};
     parallel_for(rows * row_len, threads, 1 << 16, stochastic ? sr_range : rtn_range, &c);

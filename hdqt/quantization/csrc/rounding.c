@@ -107,6 +107,13 @@ static void range_scan(void *arg, int64_t begin, int64_t end, int worker) {
     c->top[worker] = top, c->negative[worker] = negative;
 }
 
+/* The grid's scale (Quantizer.grid): clip = clip_ratio * max|x|, scale = clip / qmax,
+ * or 1 for an all-zero tensor, so that it maps to zeros and not NaN. */
+static double grid_scale(double clip_ratio, double amax, double qmax) {
+    double clip = clip_ratio * amax;
+    return clip > 0.0 ? clip / qmax : 1.0;
+}
+
 /* The whole dynamic per-tensor quantizer in one call: min and max, the grid (the
  * same rule as Quantizer.grid in quantizer.py: sign_mode 0 signed, 1 unsigned,
  * 2 signed only if the tensor has a negative value; clip = clip_ratio * max|x|, scale =
@@ -129,8 +136,7 @@ int hdqt_quantize_f32(const float *x, float *out, int64_t n, int stochastic, int
     double amax = amax_f;
     int is_signed = sign_mode == 0 || (sign_mode == 2 && negative);
     double qmax = is_signed ? signed_max : unsigned_max, qmin = is_signed ? -qmax : 0.0;
-    double clip = clip_ratio * amax;
-    double scale = clip > 0.0 ? clip / qmax : 1.0;
+    double scale = grid_scale(clip_ratio, amax, qmax);
     *scale_out = scale;
     round_ctx c = {x, out, (float)scale, (float)qmin, (float)qmax, (uint32_t)seed, (uint32_t)(seed >> 32)};
     parallel_for(n, threads, 1 << 16, stochastic ? sr_range : rtn_range, &c);
