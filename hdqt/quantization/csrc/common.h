@@ -19,6 +19,11 @@
 #endif
 
 #define HDQT_MAX_THREADS 64
+/* Elements per worker, at least, for the one-pass elementwise kernels (rounding,
+ * scans, packing): about 10-20 us of work, several times what handing a range to
+ * one of torch's OpenMP threads costs, and small enough that a layer's activations
+ * at batch 128 (128 x 405 = 51840 values) are split over two threads. */
+#define ELEMENT_GRAIN ((int64_t)1 << 14)
 
 /* 8-bit integer dot products: the variants this build has and the one a call uses
  * (hdqt_int8_dot_available, hdqt_int8_variant). */

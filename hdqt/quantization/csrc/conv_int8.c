@@ -179,7 +179,7 @@ int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int
     p.limit = limit >= 2147483647.0f ? 2147483647 : (int32_t)limit;
     p.variant = variant;
     const i8_kernels kernels = i8_kernels_for(&p);
-    int used = parallel_for(B * C * H * W, threads, 1 << 16, kernels.scan_b, &p); /* x as B, flat */
+    int used = parallel_for(B * C * H * W, threads, ELEMENT_GRAIN, kernels.scan_b, &p); /* x as B, flat */
     if (any_bad(p.bad, used)) return 1;
     if (i8_offset(&p, used) != 0) return 1;
     int status = i8_setup_a(&p, threads);

@@ -220,7 +220,7 @@ static float reduce_amax(const float *amax, int used) {
 float hdqt_fwht_rows_f32(float *x, int64_t rows, int64_t row_len, int64_t p, int threads) {
     fwht_ctx c;
     c.x = x, c.row_len = row_len, c.p = p, c.narrow = narrow_vectors();
-    int64_t grain = (1 << 15) / (row_len > 0 ? row_len : 1);
+    int64_t grain = ELEMENT_GRAIN / (row_len > 0 ? row_len : 1);
     int used = parallel_for(rows, threads, grain, fwht_range, &c);
     return reduce_amax(c.amax, used);
 }
@@ -242,6 +242,6 @@ int hdqt_fwht_quantize_f32(float *x, float *out, int64_t rows, int64_t row_len, 
     double scale = grid_scale(clip_ratio, (double)amax, qmax);
     *scale_out = scale;
     round_ctx c = {x, out, (float)scale, (float)-qmax, (float)qmax, (uint32_t)seed, (uint32_t)(seed >> 32)};
-    parallel_for(rows * row_len, threads, 1 << 16, stochastic ? sr_range : rtn_range, &c);
+    parallel_for(rows * row_len, threads, ELEMENT_GRAIN, stochastic ? sr_range : rtn_range, &c);
     return 0;
 }

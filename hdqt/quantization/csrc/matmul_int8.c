@@ -304,7 +304,7 @@ int hdqt_tiled_matmul_i8(const float *A, int64_t sm, int64_t sk, const float *B,
     c.b_transposed = b_transposed, c.variant = variant;
     c.limit = limit >= 2147483647.0f ? 2147483647 : (int32_t)limit;
     const i8_kernels kernels = i8_kernels_for(&c);
-    int used = parallel_for(K * J, threads, 1 << 16, kernels.scan_b, &c);
+    int used = parallel_for(K * J, threads, ELEMENT_GRAIN, kernels.scan_b, &c);
     if (any_bad(c.bad, used)) return 1;
     if (i8_offset(&c, used) != 0) return 1; /* neither unsigned nor signed bytes */
     int status = i8_setup_a(&c, threads);

@@ -52,7 +52,7 @@ static int any_negative(const pack_ctx *c, int used) {
  * Returns 1 if a code is negative (the "auto" sign of the nibbles), else 0. */
 int hdqt_pack_nibbles_f32(const float *codes, int64_t n, uint8_t *out, int threads) {
     pack_ctx c = {.x = codes, .bytes = out, .n = n, .half = (n + 1) / 2};
-    int used = parallel_for(c.half, threads, 1 << 16, nibble_pack_range, &c);
+    int used = parallel_for(c.half, threads, ELEMENT_GRAIN, nibble_pack_range, &c);
     return any_negative(&c, used);
 }
 
@@ -79,7 +79,7 @@ static void nibble_unpack_range(void *arg, int64_t begin, int64_t end, int worke
 /* The n codes hdqt_pack_nibbles_f32 stored in packed (ceil(n/2) bytes), as float32. */
 void hdqt_unpack_nibbles_f32(const uint8_t *packed, int64_t n, int is_signed, float *out, int threads) {
     pack_ctx c = {.in = packed, .out = out, .n = n, .half = (n + 1) / 2, .is_signed = is_signed};
-    parallel_for(c.half, threads, 1 << 16, nibble_unpack_range, &c);
+    parallel_for(c.half, threads, ELEMENT_GRAIN, nibble_unpack_range, &c);
 }
 
 HDQT_CLONES
@@ -101,7 +101,7 @@ static void byte_pack_range(void *arg, int64_t begin, int64_t end, int worker) {
  * negative, else 0. */
 int hdqt_pack_bytes_f32(const float *codes, int64_t n, uint8_t *out, int threads) {
     pack_ctx c = {.x = codes, .bytes = out, .n = n};
-    int used = parallel_for(n, threads, 1 << 16, byte_pack_range, &c);
+    int used = parallel_for(n, threads, ELEMENT_GRAIN, byte_pack_range, &c);
     return any_negative(&c, used);
 }
 
@@ -120,7 +120,7 @@ static void byte_unpack_range(void *arg, int64_t begin, int64_t end, int worker)
 /* The n bytes of hdqt_pack_bytes_f32 as float32 codes (int8 when is_signed, else uint8). */
 void hdqt_unpack_bytes_f32(const uint8_t *bytes, int64_t n, int is_signed, float *out, int threads) {
     pack_ctx c = {.in = bytes, .out = out, .n = n, .is_signed = is_signed};
-    parallel_for(n, threads, 1 << 16, byte_unpack_range, &c);
+    parallel_for(n, threads, ELEMENT_GRAIN, byte_unpack_range, &c);
 }
 
 /* ------------------------------------------------------------- ReLU masks */

@@ -59,7 +59,7 @@ static void sr_range(void *arg, int64_t begin, int64_t end, int worker) {
 void hdqt_sr_quantize_f32(const float *x, float *out, int64_t n, float scale, float qmin, float qmax,
                           uint64_t seed, int threads) {
     round_ctx c = {x, out, scale, qmin, qmax, (uint32_t)seed, (uint32_t)(seed >> 32)};
-    parallel_for(n, threads, 1 << 16, sr_range, &c);
+    parallel_for(n, threads, ELEMENT_GRAIN, sr_range, &c);
 }
 
 HDQT_CLONES
@@ -81,7 +81,7 @@ static void rtn_range(void *arg, int64_t begin, int64_t end, int worker) {
 void hdqt_rtn_quantize_f32(const float *x, float *out, int64_t n, float scale, float qmin, float qmax,
                            int threads) {
     round_ctx c = {x, out, scale, qmin, qmax, 0, 0};
-    parallel_for(n, threads, 1 << 16, rtn_range, &c);
+    parallel_for(n, threads, ELEMENT_GRAIN, rtn_range, &c);
 }
 
 /* max|x| and whether any x < 0, in one pass over the bits: on the bits of |x| an
@@ -124,7 +124,7 @@ int hdqt_quantize_f32(const float *x, float *out, int64_t n, int stochastic, int
                       double signed_max, double unsigned_max, uint64_t seed, double *scale_out, int threads) {
     range_ctx rc;
     rc.x = x;
-    int used = parallel_for(n, threads, 1 << 16, range_scan, &rc);
+    int used = parallel_for(n, threads, ELEMENT_GRAIN, range_scan, &rc);
     uint32_t top = 0, negative = 0;
     for (int t = 0; t < used; ++t) {
         top = rc.top[t] > top ? rc.top[t] : top;
@@ -139,6 +139,6 @@ int hdqt_quantize_f32(const float *x, float *out, int64_t n, int stochastic, int
     double scale = grid_scale(clip_ratio, amax, qmax);
     *scale_out = scale;
     round_ctx c = {x, out, (float)scale, (float)qmin, (float)qmax, (uint32_t)seed, (uint32_t)(seed >> 32)};
-    parallel_for(n, threads, 1 << 16, stochastic ? sr_range : rtn_range, &c);
+    parallel_for(n, threads, ELEMENT_GRAIN, stochastic ? sr_range : rtn_range, &c);
     return 0;
 }
