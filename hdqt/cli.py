@@ -24,6 +24,10 @@ _SUBCOMMANDS = {
     "report": ("hdqt.reports.cli", "tables, plots and an HTML page from run directories"),
 }
 
+# Commands that train: each step frees and reallocates large temporaries, which glibc
+# would hand back to the OS every time (hdqt/allocator.py; HDQT_KEEP_FREED_MEMORY=0 opts out).
+_TRAINING_COMMANDS = ("run", "sweep", "diagnose")
+
 
 def build_parser(commands=None) -> argparse.ArgumentParser:
     """The ``hdqt`` parser. ``commands`` names the sub-commands whose own parsers are
@@ -46,6 +50,11 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command. Called without ``argv`` (the console script: this process is
+    the command), a training command first keeps freed memory for reuse
+    (``hdqt.allocator``); called from Python with ``argv``, the process's allocator is
+    the caller's business and stays as it is."""
+    as_command = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
@@ -54,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    if as_command and args.command in _TRAINING_COMMANDS:
+        from hdqt.allocator import keep_freed_memory, keep_freed_memory_requested
+
+        if keep_freed_memory_requested():
+            keep_freed_memory()
     return int(args.func(args) or 0)
 
 

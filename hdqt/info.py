@@ -46,5 +46,10 @@ def info_command(args: argparse.Namespace) -> int:
     print(f"binary (hadanet) product: {binary}; this CPU runs: {', '.join(binary_kernel.available())} "
           "(HDQT_BINARY=auto or a name chooses)")
     print(f"torch threads: {torch.get_num_threads()}; devices: {', '.join(devices)}")
+    from hdqt.allocator import keep_freed_memory_requested
+
+    print("freed memory: " + ("kept for reuse by the training commands (run, sweep, diagnose; "
+                              "HDQT_KEEP_FREED_MEMORY=0 opts out)" if keep_freed_memory_requested() else
+                              "handed back to the OS as the C library decides (HDQT_KEEP_FREED_MEMORY=0)"))
     print("data roots: " + ", ".join(str(root) for root in data_roots()))
     return 0
