@@ -303,17 +303,24 @@ def _conv_weight_grad(rt: LayerRuntime, grad_cols, x_values, kernel, conv, acc) 
     policy = rt.policy
     b, n, positions = grad_cols.shape
     layout = backward_layout(rt, positions, policy.grad_output_dw, policy.backward_input)
-    g = grad_cols.transpose(0, 1).contiguous()  # (N, B, L): the same row layout as the columns
+    g = grad_cols.transpose(0, 1)  # (N, B, L): the same row layout as the columns
     qx = policy.backward_input
     amax_g, extra = None, 1.0
-    if layout is not None:
-        g_t, amax_t = hadamard_transform_amax(g, 2, layout, rt.hadamard_cache)
-        if policy.hadamard_select == "always" or _conv_transform_helps(rt, g, g_t, amax_t, x_values, kernel, conv,
-                                                                       layout):
-            g, amax_g, extra = g_t, amax_t, layout.product_scale
-        else:
-            layout = None
-    gq = rt.quantize(policy.grad_output_dw, g, "output gradient (dW)", amax_g)
+    if layout is not None and _fuses_transform(rt, layout, (g, 2, policy.grad_output_dw)):
+        # the (N, B, L) copy, its transform and its rounding in one native call: two
+        # passes and two (B, N, L)-sized buffers fewer, the same values and draws
+        gq = rt.quantize_row_transform(policy.grad_output_dw, g, layout.blocks[0], "output gradient (dW)")
+        extra = layout.product_scale
+    else:
+        g = g.contiguous()
+        if layout is not None:
+            g_t, amax_t = hadamard_transform_amax(g, 2, layout, rt.hadamard_cache)
+            if policy.hadamard_select == "always" or _conv_transform_helps(rt, g, g_t, amax_t, x_values, kernel,
+                                                                           conv, layout):
+                g, amax_g, extra = g_t, amax_t, layout.product_scale
+            else:
+                layout = None
+        gq = rt.quantize(policy.grad_output_dw, g, "output gradient (dW)", amax_g)
     if acc is None and qx is not None and qx.rounding == "stochastic" and qx.native_fast and qx.format.signed != "auto":
         fused = fused_weight_grad(x_values, gq.values, kernel, *conv, layout, qx, rt.generator(x_values.device))
         if fused is not None:

@@ -489,3 +489,37 @@ def test_backward_gradients_are_the_same_with_and_without_the_fused_transform(mo
     assert len(calls) == 3 * 6
     assert all(torch.equal(a, b) for a, b in zip(fused, train(False)))
     assert len(calls) == 3 * 6  # the reference made no fused call
+
+
+def test_conv_weight_gradient_is_the_same_with_and_without_the_fused_transform(monkeypatch):
+    """A conv's dW gradient operand takes the fused call too (copy to (N, B, L), transform
+    along the positions and rounding in one): no gradient bit changes (three steps, the
+    stochastic rounding seeded alike), and the input gradient neither."""
+    from hdqt.quantization import functional
+    from hdqt.quantization.quantizer import Quantizer
+
+    def train(fuse: bool) -> list[torch.Tensor]:
+        torch.manual_seed(2)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(8, 4, 3, padding=1, bias=False))
+        model = hdqt.quantize_model(net, hdqt.recipe("hdqt"))
+        x = torch.randn(16, 3, 16, 16, requires_grad=True)
+        with monkeypatch.context() as patch:
+            if not fuse:
+                patch.setattr(functional, "_fuses_transform", lambda *args: False)
+            for _ in range(3):
+                model.zero_grad()
+                x.grad = None
+                model(x).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+
+    calls = []
+    fused_call = Quantizer.quantize_row_transform
+    monkeypatch.setattr(Quantizer, "quantize_row_transform",
+                        lambda self, *a, **k: calls.append(a[0].shape) or fused_call(self, *a, **k))
+    fused = train(True)
+    # per step, each conv's dW gradient operand: (N, B, L) = (8 or 4, 16, 256), along the positions
+    assert sorted(calls) == sorted([(4, 16, 256), (8, 16, 256)] * 3)
+    reference = train(False)
+    assert len(calls) == 6  # the reference made no fused call
+    assert all(torch.equal(a, b) for a, b in zip(fused, reference))
