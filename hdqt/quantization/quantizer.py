@@ -140,8 +140,13 @@ class Quantizer:
         """Whether ``quantize_row_transform`` takes ``tensor``: the integer grid with
         per-tensor dynamic scaling and a signed format, a CPU float32 tensor, and the
         native kernels loaded."""
-        return (self.native_fast and self.format.signed == "signed" and native.usable(tensor)
-                and native.load() is not None)
+        return self._row_transform_kernels(tensor) is not None
+
+    def _row_transform_kernels(self, tensor: torch.Tensor):
+        """The native library when ``fuses_row_transform(tensor)``, else None."""
+        if not (self.native_fast and self.format.signed == "signed" and native.usable(tensor)):
+            return None
+        return native.load()
 
     def quantize_row_transform(self, tensor: torch.Tensor, p: int, generator: torch.Generator | None = None, *,
                                nonfinite: str = "raise", role: str = "tensor") -> QTensor:
@@ -150,7 +155,8 @@ class Quantizer:
         ``quantize(t, generator, amax=amax)`` of ``t, amax = hadamard_transform_amax(...)``,
         the same random stream included, in one native call and one pass fewer. Only
         where ``fuses_row_transform(tensor)``."""
-        if not self.fuses_row_transform(tensor):
+        lib = self._row_transform_kernels(tensor)
+        if lib is None:
             raise ValueError(f"quantize_row_transform: not for this quantizer or tensor ({self.to_dict()}, "
                              f"{tensor.dtype} on {tensor.device}); check fuses_row_transform first")
         n = tensor.shape[-1] if tensor.dim() else 1
@@ -161,7 +167,7 @@ class Quantizer:
         out = tensor.detach().clone(memory_format=torch.contiguous_format)
         seed = self.stream_seed(generator) if self.rounding == "stochastic" else 0
         scale = ctypes.c_double()
-        status = native.load().hdqt_fwht_quantize_f32(
+        status = lib.hdqt_fwht_quantize_f32(
             out.data_ptr(), out.data_ptr(), out.numel() // n if n else 0, n, p, self.rounding == "stochastic",
             self.scaling.clip_ratio, self.format.signed_max, seed, ctypes.byref(scale), native.threads(),
         )
