@@ -207,6 +207,7 @@ def fused_weight_grad(
     layout: BlockLayout | None,
     quantizer,
     generator: torch.Generator,
+    allow_int16: bool = True,
 ) -> tuple[torch.Tensor, float] | None:
     """``grad_q (N, B, L) @ Q_sr(H cols)^T`` without materialising the columns.
 
@@ -217,6 +218,10 @@ def fused_weight_grad(
     the columns' scale, that scale), or None where this path does not apply (no
     native kernels, a non-uniform layout, or a non-finite column: the general path
     then handles it and raises or propagates as the policy says).
+
+    ``allow_int16``: where ``x`` holds small integers (the codes of a quantized input) the
+    kernels build the transformed columns on int16, exactly, so with the same values as
+    the float32 build (False: float32 only, for comparison).
     """
     if not (native.usable(x) and native.usable(grad_q)) or (layout is not None and not layout.uniform):
         return None
@@ -227,7 +232,7 @@ def fused_weight_grad(
     block = 1 if layout is None else layout.blocks[0]
     src, gq = x.contiguous(), grad_q.contiguous()
     geometry = (*geo.native_args(), block)
-    amax = lib.hdqt_conv_cols_amax_f32(src.data_ptr(), *geometry, native.threads())
+    amax = lib.hdqt_conv_cols_amax_f32(src.data_ptr(), *geometry, allow_int16, native.threads())
     if amax < 0:
         raise MemoryError("hdqt native weight gradient: could not allocate its row buffers")
     if not math.isfinite(amax):
@@ -237,7 +242,7 @@ def fused_weight_grad(
     grad_w = torch.empty(n, geo.k, dtype=x.dtype)
     status = lib.hdqt_conv_dw_sr_f32(
         src.data_ptr(), gq.data_ptr(), grad_w.data_ptr(), n, *geometry, scale, qmin, qmax,
-        quantizer.stream_seed(generator), native.int8_dot(lib), native.threads(),
+        quantizer.stream_seed(generator), native.int8_dot(lib), allow_int16, native.threads(),
     )  # how many samples it multiplied as bytes (the same result as floats), or -1
     if status < 0:
         raise MemoryError("hdqt native weight gradient: could not allocate its row buffers")

@@ -173,13 +173,13 @@ def test_conv_weight_gradient_multiply_equals_float_kernel(variant, case, bits, 
     g = torch.randint(*g_range, (n, b, geo.out_h * geo.out_w), generator=gen).float()
     g.view(-1)[0], g.view(-1)[-1] = g_range[0], g_range[1] - 1
     lib, block = native.load(), 1
-    amax = lib.hdqt_conv_cols_amax_f32(x.data_ptr(), *geo.native_args(), block, 2)
+    amax = lib.hdqt_conv_cols_amax_f32(x.data_ptr(), *geo.native_args(), block, 1, 2)
     scale, qmin, qmax = int_quantizer(bits, rounding="stochastic").grid(amax, -amax)
     results, samples = [], []
     for use_int8 in (1, 0):
         dw = torch.empty(n, geo.k)
         samples.append(lib.hdqt_conv_dw_sr_f32(x.data_ptr(), g.data_ptr(), dw.data_ptr(), n, *geo.native_args(),
-                                               block, scale, qmin, qmax, 1234, use_int8, 2))
+                                               block, scale, qmin, qmax, 1234, use_int8, 1, 2))
         results.append(dw)
     kernel_rows = 4 * kernel[0] * kernel[1] // math.gcd(4, kernel[0] * kernel[1])
     on_bytes = kernel_rows <= 128 and (variant in ("avx512vnni", "avxvnni") or

@@ -346,6 +346,26 @@ def test_fused_weight_gradient_matches_materialised_columns(case):
     assert torch.allclose(dw * scale, exact, rtol=0, atol=1e-3 * float(exact.abs().max()))
 
 
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("values", ["codes", "some not codes", "too large"])
+def test_int16_column_build_gives_the_float32_build_bit_for_bit(case, values, monkeypatch):
+    # The columns of integer codes are built on int16 where that is exact (shared-width
+    # geometries: whole output rows of width 16 or 32 in a Hadamard block); the scale
+    # and every stochastically rounded column, so dW, are those of the float32 build.
+    # Channels whose values are not small integers take the float32 build in the same call.
+    (x, g, kernel, stride, padding, dilation, layout), _, _ = _fused_dw_case(case)
+    if values == "some not codes":
+        x[:, 0] += 0.5
+    elif values == "too large":
+        x[0, -1, 0, 0] = 40000.0
+    q4 = int_quantizer(4, rounding="stochastic")
+    monkeypatch.setenv("HDQT_INT8", "0")  # the float32 dot: both builds then meet the same multiply
+    runs = [fused_weight_grad(x, g, kernel, stride, padding, dilation, layout, q4, torch.Generator().manual_seed(3),
+                              allow_int16=allow) for allow in (True, False)]
+    assert runs[0][1] == runs[1][1]  # the scale: max|H cols| alike
+    assert torch.equal(runs[0][0], runs[1][0])
+
+
 @pytest.mark.skipif(not _int8_available(), reason="no int8 dot products on this CPU (or HDQT_INT8=0)")
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_fused_weight_gradient_on_bytes_equals_float32_bit_for_bit(case, monkeypatch):
@@ -356,13 +376,13 @@ def test_fused_weight_gradient_on_bytes_equals_float32_bit_for_bit(case, monkeyp
     geo = ConvGeometry.of(x, kernel, stride, padding, dilation)
     lib = native.load()
     block = 1 if layout is None else layout.blocks[0]
-    amax = lib.hdqt_conv_cols_amax_f32(x.data_ptr(), *geo.native_args(), block, 2)
+    amax = lib.hdqt_conv_cols_amax_f32(x.data_ptr(), *geo.native_args(), block, 1, 2)
     scale, qmin, qmax = q4.grid(amax, -amax)
     results = []
     for use_int8 in (1, 0):
         dw = torch.empty(g.shape[0], geo.k)
         samples = lib.hdqt_conv_dw_sr_f32(x.data_ptr(), g.data_ptr(), dw.data_ptr(), g.shape[0], *geo.native_args(),
-                                          block, scale, qmin, qmax, 1234, use_int8, 2)
+                                          block, scale, qmin, qmax, 1234, use_int8, 1, 2)
         # every sample's gradient rows are bytes: all multiplied as bytes, or none when not asked
         kernel_rows = 4 * kernel[0] * kernel[1] // math.gcd(4, kernel[0] * kernel[1])
         assert samples == (x.shape[0] if use_int8 and kernel_rows <= 128 else 0)
@@ -373,7 +393,7 @@ def test_fused_weight_gradient_on_bytes_equals_float32_bit_for_bit(case, monkeyp
     g_half[:, 0] += 0.5
     dw = torch.empty(g.shape[0], geo.k)
     samples = lib.hdqt_conv_dw_sr_f32(x.data_ptr(), g_half.data_ptr(), dw.data_ptr(), g.shape[0],
-                                      *geo.native_args(), block, scale, qmin, qmax, 1234, 1, 2)
+                                      *geo.native_args(), block, scale, qmin, qmax, 1234, 1, 1, 2)
     assert samples == x.shape[0] - 1
 
 

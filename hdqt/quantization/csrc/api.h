@@ -46,14 +46,15 @@ int hdqt_conv_tiled_i8(const float *x, const float *wt, float *y, int64_t B, int
                        int64_t OH, int64_t OW, int64_t N, int64_t tile, float limit, double *saturation,
                        int threads);
 
-/* conv_weight_grad.c */
+/* conv_weight_grad.c (allow_int16: build the columns on int16 where that is exact, the
+ * same values; 0: float32 builds only) */
 float hdqt_conv_cols_amax_f32(const float *x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
                               int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t OH,
-                              int64_t OW, int64_t p, int threads);
+                              int64_t OW, int64_t p, int allow_int16, int threads);
 int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t N, int64_t B, int64_t C, int64_t H,
                         int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
                         int64_t dw, int64_t OH, int64_t OW, int64_t p, float scale, float qmin, float qmax,
-                        uint64_t seed, int use_int8, int threads);
+                        uint64_t seed, int use_int8, int allow_int16, int threads);
 
 /* binary.c: HadaNets' bit-packed signs and their product (variant: 0 auto, 1 portable,
  * 2 avx2, 3 avx512, 4 neon; hdqt_binary_variant gives what a request runs, or -1) */

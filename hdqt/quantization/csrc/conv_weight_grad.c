@@ -26,6 +26,11 @@ typedef struct {
     int narrow; /* narrow vectors (narrow_vectors): dot_rows_narrow, fwht_row_narrow */
     int i8_variant; /* the int8 variant of the byte path (dw_int8_variant) */
     int64_t byte_samples[HDQT_MAX_THREADS]; /* samples multiplied as bytes, per worker */
+    /* int16 builds (build_channel_rows16): the largest |x| for which they are exact
+     * (32767 / p; 0: float builds only); per worker, the rows and the scratch as int16 */
+    int64_t code_bound;
+    int use16;
+    int16_t *rows16, *scratch16;
 } dw_ctx;
 
 static int64_t is_pow2(int64_t v) {
@@ -127,19 +132,174 @@ static void build_channel_rows(const dw_ctx *c, int64_t b, int64_t ch, float *ou
     }
 }
 
+/* The shared-width build on int16 lanes. The columns of a conv's saved input are
+ * integer codes (|x| <= 15 at 4 bits), and the transform of a block of p of them only
+ * adds and subtracts, so every intermediate is an integer of at most p * max|x|: exact
+ * in int16 while that is <= 32767, and exact in float32 as well (below 2^24). Both builds
+ * therefore give the same numbers, and the int16 one moves half the bytes and holds
+ * 16 values a 256-bit register, so 16 rows of a strip stay in AVX2's 16 registers (the
+ * float build's 16 vf16 do not). Used where the width is 16 or 32 at width stride 1, for
+ * every channel whose values are integers of at most 32767 / p in magnitude (checked as
+ * it is read: others take the float build). */
+typedef int16_t vs16 __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define SWAP16(x, h)                                                                                   \
+    __builtin_shufflevector(x, x, 0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h, 8 ^ h, 9 ^ h, \
+                            10 ^ h, 11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h)
+#else
+#define SWAP16(x, h)                                                                                   \
+    __builtin_shuffle(x, (vs16){0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h, 8 ^ h, 9 ^ h,  \
+                               10 ^ h, 11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h})
+#endif
+#define SIGNS16(h)                                                                                     \
+    ((vs16){(0 & h) ? -1 : 1, (1 & h) ? -1 : 1, (2 & h) ? -1 : 1, (3 & h) ? -1 : 1, (4 & h) ? -1 : 1,  \
+            (5 & h) ? -1 : 1, (6 & h) ? -1 : 1, (7 & h) ? -1 : 1, (8 & h) ? -1 : 1, (9 & h) ? -1 : 1,  \
+            (10 & h) ? -1 : 1, (11 & h) ? -1 : 1, (12 & h) ? -1 : 1, (13 & h) ? -1 : 1,                \
+            (14 & h) ? -1 : 1, (15 & h) ? -1 : 1})
+
+/* lanes16 on int16 lanes: the four stages inside one 16-lane vector. */
+static inline __attribute__((always_inline)) vs16 lanes16_i16(vs16 v) {
+    v = SWAP16(v, 1) + SIGNS16(1) * v;
+    v = SWAP16(v, 2) + SIGNS16(2) * v;
+    v = SWAP16(v, 4) + SIGNS16(4) * v;
+    return SWAP16(v, 8) + SIGNS16(8) * v;
+}
+
+#define BF16(i, j)                                                                                     \
+    do {                                                                                               \
+        vs16 t_ = v[i];                                                                                \
+        v[i] = t_ + v[j];                                                                              \
+        v[j] = t_ - v[j];                                                                              \
+    } while (0)
+/* butterflies16 on int16 vectors: the four stages between 16 of them. */
+static inline __attribute__((always_inline)) void butterflies16_i16(vs16 *v) {
+    BF16(0, 1); BF16(2, 3); BF16(4, 5); BF16(6, 7); BF16(8, 9); BF16(10, 11); BF16(12, 13); BF16(14, 15);
+    BF16(0, 2); BF16(1, 3); BF16(4, 6); BF16(5, 7); BF16(8, 10); BF16(9, 11); BF16(12, 14); BF16(13, 15);
+    BF16(0, 4); BF16(1, 5); BF16(2, 6); BF16(3, 7); BF16(8, 12); BF16(9, 13); BF16(10, 14); BF16(11, 15);
+    BF16(0, 8); BF16(1, 9); BF16(2, 10); BF16(3, 11); BF16(4, 12); BF16(5, 13); BF16(6, 14); BF16(7, 15);
+}
+#undef BF16
+
+static int build16_applies(const conv_geom *g, int64_t p, int64_t code_bound) {
+    return rows_share_width_transform(g, p) && g->sw == 1 && (g->OW == 16 || g->OW == 32) && code_bound > 0 &&
+           code_bound * p <= 32767;
+}
+
+/* The int16 scratch per worker: the shifted, width-transformed rows and one padded row. */
+static int64_t scratch16_len(const conv_geom *g) {
+    return g->kw * g->H * g->OW + (g->OW - 1) * g->sw + (g->kw - 1) * g->dw + 1;
+}
+
+/* build_channel_rows' shared-width path on int16 (where build16_applies). Returns 0,
+ * or 1 when a value of the channel is not an integer of at most c->code_bound in
+ * magnitude (out is then not written: the float build takes the channel). */
+HDQT_CLONES
+static int build_channel_rows16(const dw_ctx *c, int64_t b, int64_t ch, int16_t *out, int16_t *scratch) {
+    const conv_geom *g = &c->g;
+    const float *img = c->x + (b * g->C + ch) * g->H * g->W;
+    const float bound = (float)c->code_bound;
+    int bad = 0;
+    for (int64_t i = 0; i < g->H * g->W; ++i) { /* integers within the bound (NaN is not) */
+        float v = img[i];
+        bad |= !(v >= -bound && v <= bound) || (float)(int32_t)(v >= -bound && v <= bound ? v : 0.0f) != v;
+    }
+    if (bad) return 1;
+    const int64_t OW = g->OW, m = c->p / OW;
+    int16_t *padded = scratch + g->kw * g->H * OW;
+    const int64_t padded_len = (OW - 1) + (g->kw - 1) * g->dw + 1;
+    for (int64_t i = 0; i < padded_len; ++i) padded[i] = 0;
+    const int64_t copy = g->W < padded_len - g->pw ? g->W : padded_len - g->pw;
+    for (int64_t ih = 0; ih < g->H; ++ih) {
+        for (int64_t i = 0; i < copy; ++i) padded[g->pw + i] = (int16_t)(int32_t)img[ih * g->W + i];
+        for (int64_t kj = 0; kj < g->kw; ++kj) {
+            const int16_t *src = padded + kj * g->dw;
+            int16_t *d = scratch + (kj * g->H + ih) * OW;
+            vs16 v0;
+            memcpy(&v0, src, sizeof v0);
+            v0 = lanes16_i16(v0);
+            if (OW == NV) {
+                memcpy(d, &v0, sizeof v0);
+                continue;
+            }
+            vs16 v1;
+            memcpy(&v1, src + NV, sizeof v1);
+            v1 = lanes16_i16(v1);
+            vs16 sum = v0 + v1, diff = v0 - v1;
+            memcpy(d, &sum, sizeof sum);
+            memcpy(d + NV, &diff, sizeof diff);
+        }
+    }
+    static const int16_t zeros[NV] = {0};
+    const int64_t L = g->OH * OW;
+    for (int64_t ki = 0; ki < g->kh; ++ki) {
+        for (int64_t kj = 0; kj < g->kw; ++kj) {
+            int16_t *dst = out + (ki * g->kw + kj) * L;
+            const int16_t *shifted = scratch + kj * g->H * OW;
+            for (int64_t s = 0; s < OW; s += NV) {
+                for (int64_t r0 = 0; r0 < g->OH; r0 += NV) {
+                    vs16 v[NV];
+                    for (int i = 0; i < NV; ++i) {
+                        int64_t ih = (r0 + i) * g->sh - g->ph + ki * g->dh;
+                        memcpy(&v[i], ih >= 0 && ih < g->H ? shifted + ih * OW + s : zeros, sizeof v[i]);
+                    }
+                    butterflies16_i16(v);
+                    for (int i = 0; i < NV; ++i) memcpy(dst + (r0 + i) * OW + s, &v[i], sizeof v[i]);
+                }
+                for (int64_t h = NV; h < m; h <<= 1) {
+                    for (int64_t r = 0; r < g->OH; ++r) {
+                        if (r & h) continue;
+                        vs16 lo, hi, sum, diff;
+                        memcpy(&lo, dst + r * OW + s, sizeof lo);
+                        memcpy(&hi, dst + (r + h) * OW + s, sizeof hi);
+                        sum = lo + hi, diff = lo - hi;
+                        memcpy(dst + r * OW + s, &sum, sizeof sum);
+                        memcpy(dst + (r + h) * OW + s, &diff, sizeof diff);
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* max|v| of n int16 values (none is -32768: build16_applies bounds them). */
+HDQT_CLONES
+static int32_t absmax_row16(const int16_t *v, int64_t n) {
+    int16_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        int16_t a = v[i] < 0 ? (int16_t)-v[i] : v[i];
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+/* n int16 values as floats (exact). */
+HDQT_CLONES
+static void widen_row16(const int16_t *v, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = (float)v[i];
+}
+
 static void cols_amax_range(void *arg, int64_t begin, int64_t end, int worker) {
     dw_ctx *c = (dw_ctx *)arg;
     const int64_t offsets = c->g.kh * c->g.kw, L = c->g.OH * c->g.OW;
     float *r = c->rows + worker * c->rows_per_worker * L;
     float *scratch = c->scratch + worker * c->scratch_per_worker;
+    int16_t *r16 = c->use16 ? c->rows16 + worker * c->rows_per_worker * L : NULL;
+    int16_t *scratch16 = c->use16 ? c->scratch16 + worker * scratch16_len(&c->g) : NULL;
     float m = 0.0f;
+    int32_t m16 = 0; /* max over the channels built on int16 */
     for (int64_t b = begin; b < end; ++b) {
         for (int64_t ch = 0; ch < c->g.C; ++ch) {
+            if (r16 && build_channel_rows16(c, b, ch, r16, scratch16) == 0) {
+                int32_t a = absmax_row16(r16, offsets * L);
+                m16 = a > m16 ? a : m16;
+                continue;
+            }
             build_channel_rows(c, b, ch, r, scratch);
             m = absmax_step(m, absmax_row(r, offsets * L));
         }
     }
-    c->amax[worker] = m;
+    c->amax[worker] = absmax_step(m, (float)m16);
 }
 
 /* Sum of the 16 lanes of v. */
@@ -339,6 +499,8 @@ static void dw_range(void *arg, int64_t begin, int64_t end, int worker) {
     float *scratch = c->scratch + worker * c->scratch_per_worker;
     float *part = c->partials + worker * c->N * K;
     round_ctx rc = {NULL, NULL, c->scale, c->qmin, c->qmax, (uint32_t)c->seed, (uint32_t)(c->seed >> 32)};
+    int16_t *r16 = c->use16 ? c->rows16 + worker * c->rows_per_worker * L : NULL;
+    int16_t *scratch16 = c->use16 ? c->scratch16 + worker * scratch16_len(&c->g) : NULL;
     memset(part, 0, (size_t)(c->N * K) * sizeof(float));
 #ifdef HDQT_INT8
     const int64_t Lp = c->padded_len;
@@ -359,7 +521,13 @@ static void dw_range(void *arg, int64_t begin, int64_t end, int worker) {
         for (int64_t ch0 = 0; ch0 < c->g.C; ch0 += c->group) { /* a group's rows fill whole register blocks */
             int64_t channels = c->g.C - ch0 < c->group ? c->g.C - ch0 : c->group;
             int64_t k0 = ch0 * offsets, count = channels * offsets;
-            for (int64_t i = 0; i < channels; ++i) build_channel_rows(c, b, ch0 + i, r + i * offsets * L, scratch);
+            for (int64_t i = 0; i < channels; ++i) {
+                if (r16 && build_channel_rows16(c, b, ch0 + i, r16, scratch16) == 0) {
+                    widen_row16(r16, offsets * L, r + i * offsets * L); /* the float build's values */
+                    continue;
+                }
+                build_channel_rows(c, b, ch0 + i, r + i * offsets * L, scratch);
+            }
             for (int64_t i = 0; i < count; ++i) sr_apply(r + i * L, r + i * L, ((k0 + i) * B + b) * L, L, &rc);
             int64_t padded = (count + DOT_ROWS - 1) / DOT_ROWS * DOT_ROWS;
 #ifdef HDQT_INT8
@@ -396,7 +564,7 @@ static int clamp_threads(int threads) {
 /* Geometry and per-worker buffers of both passes; 0, or -1 if a buffer could not be allocated. */
 static int dw_setup(dw_ctx *c, int threads, const float *x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh,
                     int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t OH,
-                    int64_t OW, int64_t p, int64_t N) {
+                    int64_t OW, int64_t p, int64_t N, int allow_int16) {
     memset(c, 0, sizeof *c);
     c->narrow = narrow_vectors();
     c->g = make_geom(B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW);
@@ -417,6 +585,12 @@ static int dw_setup(dw_ctx *c, int threads, const float *x, int64_t B, int64_t C
         free(c->partials);
         return -1;
     }
+    c->code_bound = allow_int16 && p > 0 ? 32767 / p : 0;
+    if (build16_applies(&c->g, p, c->code_bound)) { /* without memory for them, the float build runs */
+        c->rows16 = (int16_t *)malloc((size_t)threads * c->rows_per_worker * OH * OW * sizeof(int16_t));
+        c->scratch16 = (int16_t *)malloc((size_t)threads * scratch16_len(&c->g) * sizeof(int16_t));
+        c->use16 = c->rows16 != NULL && c->scratch16 != NULL;
+    }
     return 0;
 }
 
@@ -430,19 +604,23 @@ static void dw_setup_bytes(dw_ctx *c, int threads) {
 }
 
 static void dw_release(dw_ctx *c) {
+    free(c->rows16);
+    free(c->scratch16);
     free(c->bytes);
     free(c->rows);
     free(c->scratch);
     free(c->partials);
 }
 
-/* max|H cols| over the batch (NaN if any is NaN); -1 if no buffer could be allocated. */
+/* max|H cols| over the batch (NaN if any is NaN); -1 if no buffer could be allocated.
+ * allow_int16: build on int16 where that is exact (build_channel_rows16; the same result). */
 float hdqt_conv_cols_amax_f32(const float *x, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
                               int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t OH,
-                              int64_t OW, int64_t p, int threads) {
+                              int64_t OW, int64_t p, int allow_int16, int threads) {
     threads = clamp_threads(threads);
     dw_ctx c;
-    if (dw_setup(&c, threads, x, B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, p, 0) != 0) return -1.0f;
+    if (dw_setup(&c, threads, x, B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, p, 0, allow_int16) != 0)
+        return -1.0f;
     int used = parallel_for(B, threads, 1, cols_amax_range, &c);
     dw_release(&c);
     return reduce_amax(c.amax, used);
@@ -450,15 +628,16 @@ float hdqt_conv_cols_amax_f32(const float *x, int64_t B, int64_t C, int64_t H, i
 
 /* dw (N, K) = gq (N, B, L) @ Q_sr(H cols (K, B, L))^T, the columns rounded onto
  * [qmin, qmax] with `scale`. use_int8: multiply bytes where both operands are
- * (the same result). Returns how many samples were multiplied as bytes, or -1 if
- * no buffer could be allocated. */
+ * (the same result); allow_int16: build the columns on int16 where that is exact (the
+ * same values). Returns how many samples were multiplied as bytes, or -1 if no buffer
+ * could be allocated. */
 int hdqt_conv_dw_sr_f32(const float *x, const float *gq, float *dw_out, int64_t N, int64_t B, int64_t C, int64_t H,
                         int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
                         int64_t dw, int64_t OH, int64_t OW, int64_t p, float scale, float qmin, float qmax,
-                        uint64_t seed, int use_int8, int threads) {
+                        uint64_t seed, int use_int8, int allow_int16, int threads) {
     threads = clamp_threads(threads);
     dw_ctx c;
-    if (dw_setup(&c, threads, x, B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, p, N) != 0) return -1;
+    if (dw_setup(&c, threads, x, B, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, p, N, allow_int16) != 0) return -1;
     c.gq = gq, c.scale = scale, c.qmin = qmin, c.qmax = qmax, c.seed = seed;
     if (use_int8) dw_setup_bytes(&c, threads);
     const int64_t NK = N * C * kh * kw;
