@@ -348,18 +348,20 @@ def test_fused_weight_gradient_matches_materialised_columns(case):
 
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("values", ["codes", "some not codes", "too large"])
-def test_int16_column_build_gives_the_float32_build_bit_for_bit(case, values, monkeypatch):
+@pytest.mark.parametrize("int8", ["0", "auto"])
+def test_int16_column_build_gives_the_float32_build_bit_for_bit(case, values, int8, monkeypatch):
     # The columns of integer codes are built on int16 where that is exact (shared-width
     # geometries: whole output rows of width 16 or 32 in a Hadamard block); the scale
     # and every stochastically rounded column, so dW, are those of the float32 build.
     # Channels whose values are not small integers take the float32 build in the same call.
+    # With int8 dot products an int16 row is rounded straight into bytes (one pass).
     (x, g, kernel, stride, padding, dilation, layout), _, _ = _fused_dw_case(case)
     if values == "some not codes":
         x[:, 0] += 0.5
     elif values == "too large":
         x[0, -1, 0, 0] = 40000.0
     q4 = int_quantizer(4, rounding="stochastic")
-    monkeypatch.setenv("HDQT_INT8", "0")  # the float32 dot: both builds then meet the same multiply
+    monkeypatch.setenv("HDQT_INT8", int8)
     runs = [fused_weight_grad(x, g, kernel, stride, padding, dilation, layout, q4, torch.Generator().manual_seed(3),
                               allow_int16=allow) for allow in (True, False)]
     assert runs[0][1] == runs[1][1]  # the scale: max|H cols| alike
