@@ -185,34 +185,44 @@ static int build16_applies(const conv_geom *g, int64_t p, int64_t code_bound) {
            code_bound * p <= 32767;
 }
 
-/* The int16 scratch per worker: the shifted, width-transformed rows and one padded row. */
+/* The int16 scratch per worker: the shifted, width-transformed rows, and the channel's
+ * input rows zero-padded to the padded width. */
+static int64_t padded_width16(const conv_geom *g) {
+    return (g->OW - 1) + (g->kw - 1) * g->dw + 1; /* width stride 1 */
+}
+
 static int64_t scratch16_len(const conv_geom *g) {
-    return g->kw * g->H * g->OW + (g->OW - 1) * g->sw + (g->kw - 1) * g->dw + 1;
+    return g->kw * g->H * g->OW + g->H * padded_width16(g);
 }
 
 /* build_channel_rows' shared-width path on int16 (where build16_applies). Returns 0,
- * or 1 when a value of the channel is not an integer of at most c->code_bound in
- * magnitude (out is then not written: the float build takes the channel). */
+ * or 1 when a value of the channel that the columns read is not an integer of at most
+ * c->code_bound in magnitude (out is then not written: the float build takes the
+ * channel). */
 HDQT_CLONES
 static int build_channel_rows16(const dw_ctx *c, int64_t b, int64_t ch, int16_t *out, int16_t *scratch) {
     const conv_geom *g = &c->g;
     const float *img = c->x + (b * g->C + ch) * g->H * g->W;
     const float bound = (float)c->code_bound;
+    const int64_t OW = g->OW, m = c->p / OW, pw_len = padded_width16(g);
+    const int64_t copy = g->W < pw_len - g->pw ? g->W : pw_len - g->pw;
+    int16_t *rows_in = scratch + g->kw * g->H * OW; /* H rows of pw_len, zero margins */
+    memset(rows_in, 0, (size_t)(g->H * pw_len) * sizeof(int16_t));
     int bad = 0;
-    for (int64_t i = 0; i < g->H * g->W; ++i) { /* integers within the bound (NaN is not) */
-        float v = img[i];
-        bad |= !(v >= -bound && v <= bound) || (float)(int32_t)(v >= -bound && v <= bound ? v : 0.0f) != v;
+    for (int64_t ih = 0; ih < g->H; ++ih) {
+        const float *src = img + ih * g->W;
+        int16_t *dst = rows_in + ih * pw_len + g->pw;
+        for (int64_t i = 0; i < copy; ++i) {
+            float v = src[i];
+            int32_t q = (int32_t)(v >= -bound && v <= bound ? v : 0.0f);
+            bad |= (float)q != v; /* out of range (then q = 0 != v), not an integer, or NaN */
+            dst[i] = (int16_t)q;
+        }
     }
     if (bad) return 1;
-    const int64_t OW = g->OW, m = c->p / OW;
-    int16_t *padded = scratch + g->kw * g->H * OW;
-    const int64_t padded_len = (OW - 1) + (g->kw - 1) * g->dw + 1;
-    for (int64_t i = 0; i < padded_len; ++i) padded[i] = 0;
-    const int64_t copy = g->W < padded_len - g->pw ? g->W : padded_len - g->pw;
     for (int64_t ih = 0; ih < g->H; ++ih) {
-        for (int64_t i = 0; i < copy; ++i) padded[g->pw + i] = (int16_t)(int32_t)img[ih * g->W + i];
         for (int64_t kj = 0; kj < g->kw; ++kj) {
-            const int16_t *src = padded + kj * g->dw;
+            const int16_t *src = rows_in + ih * pw_len + kj * g->dw;
             int16_t *d = scratch + (kj * g->H + ih) * OW;
             vs16 v0;
             memcpy(&v0, src, sizeof v0);
