@@ -25,7 +25,9 @@ is a list, 0 meaning unlimited. fp32 runs once and is the baseline of every tabl
         --recipes fp32,int,hdqt,hdqt:binary,luq,fp134 --seeds 0,1,2 --acc-bits 8 --jobs 2
 
 Interrupt it at any time: rerunning the same command reuses finished runs and
-resumes unfinished ones after their last finished task (the runner's rule).
+resumes unfinished ones after their last finished task (the runner's rule). The same
+command with `--report-only` trains nothing and writes the tables from the runs that
+finished (those made by this code), listing the others as not included.
 Runs live under --out by dataset, method, input clip, accumulator width (with `-bitsN`
 and `-tileN` where --bits and --tile are off their defaults), recipe and seed: give
 another --epochs its own --out (a folder holding another configuration is refused).
@@ -74,6 +76,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--results", default="docs/results_baselines.md")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report from the runs that finished (a grid of days, "
+                             "summarised while it runs); the others are listed as not included")
     return parser.parse_args(argv)
 
 
@@ -252,7 +257,7 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
     failed = [o for o in outcomes if o.metrics is None]
     if failed:
         lines += ["## Runs not included", ""]
-        lines += [f"- `{o.point.name}`: {(o.error or '').strip().splitlines()[-1:]}" for o in failed]
+        lines += [f"- `{o.point.name}`: {((o.error or '').strip().splitlines() or ['no result'])[-1]}" for o in failed]
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -265,7 +270,8 @@ def _torch() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    command = shlex.join(["python", "benchmarks/bench_baselines.py", *argv])
+    # --report-only rewrites the page from finished runs: the command that makes them is the same
+    command = shlex.join(["python", "benchmarks/bench_baselines.py", *(a for a in argv if a != "--report-only")])
     try:
         triples, refused = build_points(args)
     except ConfigError as error:
@@ -274,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     points = [p for _, _, p in triples]
     outcomes = run_benchmark_grid(points, script="bench_baselines.py", out=args.out, jobs=args.jobs,
-                                  threads=args.threads)
+                                  threads=args.threads, report_only=args.report_only)
     if outcomes is None:
         return 130
     for (dataset, method, acc, token), reason in refused.items():

@@ -62,3 +62,20 @@ def test_bits_and_tile_off_their_defaults_get_their_own_folders(bench, tmp_path)
     # fp32 and the float recipes take no --bits: their runs are shared with the 4-bit grid
     assert folders("--bits", "3") == {"fp32": "shared", "int": "acc8-bits3", "fp134": "acc8"}
     assert folders("--tile", "0") == {"fp32": "shared", "int": "acc8-tile0", "fp134": "acc8-tile0"}
+
+
+def test_report_only_trains_nothing_and_reports_the_finished_runs(bench, tmp_path):
+    common = ["--datasets", "digits", "--methods", "icarl", "--seeds", "0", "--epochs", "1", "--out",
+              str(tmp_path / "runs")]
+    # one finished run (fp32), made by the grid
+    assert bench.main([*common, "--recipes", "fp32", "--results", str(tmp_path / "fp32.md")]) == 0
+    report = tmp_path / "report.md"
+    assert bench.main([*common, "--recipes", "fp32,int", "--results", str(report), "--report-only"]) == 1
+    text = report.read_text()
+    assert "--report-only" not in text  # the command that makes the runs
+    fp32_rows = [line for line in text.splitlines() if line.startswith("| fp32 |")]
+    int_rows = [line for line in text.splitlines() if line.startswith("| int |")]
+    assert fp32_rows and all(line.rstrip().endswith("| 1 |") for line in fp32_rows)
+    assert int_rows and all(line.rstrip().endswith("| 0 |") for line in int_rows)
+    assert "## Runs not included" in text and "int/seed0" in text
+    assert not any((tmp_path / "runs").rglob("int/seed0/metrics.json"))  # nothing was trained
