@@ -62,6 +62,14 @@ def exact_dtype(bound: float, dtype: torch.dtype) -> torch.dtype:
     return torch.float64
 
 
+# Multiply-adds below which an exact product of integer codes (an unlimited accumulator)
+# runs as torch's float32 GEMM, not on the int8 kernel: the same numbers, and on the AVX2
+# VM the int8 kernel's fixed cost (~40 us: scanning, packing, two threads' start) lost
+# to MKL up to ~1M multiply-adds (a 19-class head's dX 64 vs 21 us, dW 50 vs 33 us at
+# two threads) and won from 21M (191 vs 283 us).
+SMALL_EXACT_PRODUCT = 4_000_000
+
+
 def tiled_matmul(x: torch.Tensor, w: torch.Tensor, tile: int | None, acc_bits: int | None, *,
                  bounds: Bounds | None = None, saturation: SaturationStats | None = None) -> torch.Tensor:
     """``x @ w.T`` for x (M, K), w (N, K), with each length-``tile`` chunk of the
@@ -104,8 +112,11 @@ def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int | None, acc_bits
             return _torch_tiled(a.to(wide), b.to(wide), tile, acc_bits, saturation).to(dtype)
     if acc_bits is None:
         # The exact product of integer operands: int32 sums on VNNI equal float32's
-        # wherever float32 is exact (below 2^24).
-        exact = _native_product(a, b, a.shape[1], float(2**31 - 1), int8_only=True) if bounds else None
+        # wherever float32 is exact (below 2^24), so either computes it; a small one
+        # (a classifier head's) costs less as torch's float32 GEMM than the int8
+        # kernel's scan, packing and threads.
+        small = a.shape[0] * a.shape[1] * b.shape[1] < SMALL_EXACT_PRODUCT
+        exact = _native_product(a, b, a.shape[1], float(2**31 - 1), int8_only=True) if bounds and not small else None
         return a @ b if exact is None else exact
     out = _native_product(a, b, tile, float(accumulator_limit(acc_bits)), saturation=saturation)
     return out if out is not None else _torch_tiled(a, b, tile, acc_bits, saturation)

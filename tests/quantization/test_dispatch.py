@@ -81,9 +81,14 @@ def test_out_of_memory_is_an_error_not_a_silent_fallback(stand_in):
         _native_product(A, B, 4, 127.0)
 
 
-def test_unlimited_product_asks_int8_only_for_quantized_operands(stand_in):
+def test_unlimited_product_asks_int8_only_for_quantized_operands(stand_in, monkeypatch):
+    from hdqt.quantization import matmul
+
     lib = stand_in(1)  # declined: the product falls to torch's a @ b
     a, b = torch.randint(-7, 8, (4, 8)).float(), torch.randint(-7, 8, (8, 3)).float()
+    assert torch.equal(tiled_matmul_kj(a, b, 32, None, bounds=(7, 7)), a @ b)
+    assert lib.calls == []  # a small product: torch's GEMM, the same exact sums, no kernel asked
+    monkeypatch.setattr(matmul, "SMALL_EXACT_PRODUCT", 0)
     assert torch.equal(tiled_matmul_kj(a, b, 32, None, bounds=(7, 7)), a @ b)
     assert lib.calls == ["i8"]
     lib.calls.clear()
