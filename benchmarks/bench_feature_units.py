@@ -137,18 +137,13 @@ def main(argv=None) -> int:
             print(f"bench_feature_units.py: error: {error}", file=sys.stderr)
             return 2
         meter = DeadUnitMeter()
-        track = runner._track_diagnostics
-        runner._track_diagnostics = lambda learner, *rest: setattr(learner, "on_step", meter.on_step)
         bound = TileL1Bound() if args.a2q_bound else None
-        try:
-            with tempfile.TemporaryDirectory() as out:
-                if bound is None:
-                    result = runner.run_experiment(config, Path(out))
-                else:
-                    with bound:
-                        result = runner.run_experiment(config, Path(out))
-        finally:
-            runner._track_diagnostics = track
+        with tempfile.TemporaryDirectory() as out:
+            if bound is None:
+                result = runner.run_experiment(config, Path(out), on_step=meter.on_step)
+            else:
+                with bound:
+                    result = runner.run_experiment(config, Path(out), on_step=meter.on_step)
         if bound is not None:
             print(f"{recipe}: a2q bound shrank {bound.shrunk:,} of {bound.tiles:,} weight tiles")
         metrics = result.metrics

@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -215,9 +215,13 @@ def _check_same_config(config: RunConfig, config_path: Path) -> None:
 
 
 def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = False,
-                   force: bool = False, progress: Progress | None = None) -> RunResult:
+                   force: bool = False, progress: Progress | None = None,
+                   on_step: Callable[..., None] | None = None) -> RunResult:
     """Run (or resume, or just report) the experiment in ``out_dir``; ``force`` goes on
-    with a run made by other code (see the module docstring)."""
+    with a run made by other code (see the module docstring). ``on_step`` is called
+    before every optimizer step as ``on_step(learner, x, y, task_index, stage)`` (the
+    learner's hook; with ``--diagnose-every`` the diagnostics run first), for a caller's
+    own measurements of the training."""
     from hdqt.cl.learners import create_learner
     from hdqt.cl.scenario import ClassIncrementalScenario, check_split
     from hdqt.data import prepare
@@ -270,6 +274,8 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, overwrite: bool = 
         in_progress = state.get("in_progress")
     resumed_after = len(history)
     _track_diagnostics(learner, config, out_dir / DIAGNOSTICS_JSONL, resumed_after)
+    if on_step is not None:
+        learner.on_step = _both_hooks(learner.on_step, on_step)
 
     progress.run_started(config, scenario.num_tasks, resumed_after)
     for task in scenario.tasks[resumed_after:]:
@@ -377,6 +383,18 @@ def _evaluate(learner, task, scenario, class_names, seconds: float) -> dict[str,
             "class_names": [str(class_names[c]) for c in original],
             "num_seen_classes": len(task.seen_classes), "train_samples": int(len(task.y_train)),
             "seconds": round(seconds, 3), "accuracy": accuracies}
+
+
+def _both_hooks(first: Callable[..., None] | None, second: Callable[..., None]) -> Callable[..., None]:
+    """One ``on_step`` hook that calls ``first`` (if any), then ``second``."""
+    if first is None:
+        return second
+
+    def hooks(*args) -> None:
+        first(*args)
+        second(*args)
+
+    return hooks
 
 
 def _track_diagnostics(learner, config: RunConfig, path: Path, resumed_after: int) -> None:

@@ -237,3 +237,22 @@ def test_every_recipe_of_the_engine_is_diagnosed(name):
     for layer in result.layers:
         for uses in layer.levels.values():
             assert 1 <= uses["plain"].hit <= uses["plain"].levels
+
+
+def test_run_experiment_calls_a_callers_step_hook_after_the_diagnostics(tmp_path):
+    from hdqt.experiments.config import resolve_config
+    from hdqt.experiments.runner import run_experiment
+
+    config = resolve_config(None, {"dataset": "digits", "method": "finetune", "epochs": 1, "recipe": "int",
+                                   "init_classes": 4, "increment": 6, "diagnose_every": 3}, source="test")
+    seen = []
+
+    def hook(learner, x, y, task_index, stage):
+        seen.append((task_index, stage, x.shape[0] == y.shape[0]))
+
+    result = run_experiment(config, tmp_path / "run", on_step=hook)
+    assert result.metrics["complete"]
+    assert {task for task, _, _ in seen} == {0, 1} and all(same for _, _, same in seen)
+    # the diagnostics hook still ran: every third step of both tasks recorded
+    records = read_records(tmp_path / "run" / "diagnostics.jsonl")
+    assert {r["task"] for r in records} == {0, 1} and all(r["step"] % 3 == 0 for r in records)
