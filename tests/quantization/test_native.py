@@ -545,3 +545,36 @@ def test_conv_weight_gradient_is_the_same_with_and_without_the_fused_transform(m
     reference = train(False)
     assert len(calls) == 6  # the reference made no fused call
     assert all(torch.equal(a, b) for a, b in zip(fused, reference))
+
+
+def _fmix32(h):
+    import numpy as np
+
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def test_stochastic_rounding_stream_is_the_documented_hash():
+    """The native stochastic rounding, value for value, from its definition (rounding.c):
+    u = fmix32(((i ^ k1) * 0x9e3779b9 + k0)) >> 8 over 2^24, k0 / k1 from the seed's low /
+    high half (k1 re-keyed by the index's high half), then floor(clamp(x / scale) + u),
+    at most qmax. Kernel rewrites (vector selects, fused passes) must keep every bit."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(100_003, generator=gen) * 3
+    x[:8] = torch.tensor([0.0, -0.0, 2.59, -2.59, 2.5900002, -1e-30, 1e-30, 100.0])
+    seed, scale, qmax = 0x0123456789ABCDEF, 0.37, 7.0
+    out = torch.empty_like(x)
+    native.load().hdqt_sr_quantize_f32(x.data_ptr(), out.data_ptr(), x.numel(), scale, -qmax, qmax, seed, 2)
+    k0, seed_hi = np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)
+    with np.errstate(over="ignore"):
+        k1 = seed_hi ^ _fmix32(np.uint32(0) + np.uint32(0x68E31DA4))  # indices below 2^32: high half 0
+        h = _fmix32(((np.arange(x.numel(), dtype=np.uint32) ^ k1) * np.uint32(0x9E3779B9)) + k0)
+    u = (h >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)
+    v = np.clip(x.numpy() * (np.float32(1.0) / np.float32(scale)), -qmax, qmax).astype(np.float32)
+    expected = np.minimum(np.floor(v + u), np.float32(qmax))
+    assert np.array_equal(out.numpy().view(np.int32), expected.astype(np.float32).view(np.int32))

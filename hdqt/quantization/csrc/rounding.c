@@ -19,6 +19,16 @@ typedef struct {
     uint32_t seed_lo, seed_hi;
 } round_ctx;
 
+/* v < qmin ? qmin : (v > qmax ? qmax : v), NaN kept, written as the two selects x86's
+ * maxps / minps compute (each returns its second operand when the compare fails), so
+ * that the compiler emits them instead of compares and blends (the nested form cost
+ * stochastic rounding about a third of its time on AVX2). The same value for every v,
+ * -0.0 and NaN included. */
+static inline __attribute__((always_inline)) float clamp_grid(float v, float qmin, float qmax) {
+    v = qmin > v ? qmin : v;
+    return qmax < v ? qmax : v;
+}
+
 HDQT_CLONES
 static void sr_span(const float *x, float *out, uint32_t lo0, uint32_t count, float scale, float qmin,
                     float qmax, uint32_t k0, uint32_t k1) {
@@ -27,7 +37,7 @@ static void sr_span(const float *x, float *out, uint32_t lo0, uint32_t count, fl
         uint32_t h = fmix32(((lo0 + j) ^ k1) * 0x9e3779b9u + k0);
         float u = (float)(h >> 8) * (1.0f / 16777216.0f); /* 24 random bits in [0, 1) */
         float v = x[j] * inv; /* stochastic: a multiply suffices (no ties to match) */
-        v = v < qmin ? qmin : (v > qmax ? qmax : v);
+        v = clamp_grid(v, qmin, qmax);
         v = floor_small(v + u);
         out[j] = v > qmax ? qmax : v; /* guards float rounding of v + u at the top */
     }
@@ -72,7 +82,7 @@ static void rtn_range(void *arg, int64_t begin, int64_t end, int worker) {
     for (int64_t i = begin; i < end; ++i) {
         /* clamping to integer bounds first gives the same result and keeps |v| small */
         float v = x[i] / scale;
-        v = v < qmin ? qmin : (v > qmax ? qmax : v);
+        v = clamp_grid(v, qmin, qmax);
         out[i] = round_small(v); /* ties to even, as torch.round */
     }
 }
