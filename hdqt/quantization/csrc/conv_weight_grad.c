@@ -48,6 +48,24 @@ static int rows_share_width_transform(const conv_geom *g, int64_t p) {
     return is_pow2(g->OW) && g->OW >= NV && p % g->OW == 0 && p / g->OW >= NV;
 }
 
+/* The stages h = 16 .. m/2 of the transform across the output rows of a 16-column strip
+ * s of dst (rows of OW elements of vector type T, NV per vector), within blocks of m rows:
+ * the float and the int16 builds' last stages (the first four run in registers). */
+#define STAGES_ACROSS_ROWS(T)                                                                          \
+    do {                                                                                               \
+        for (int64_t h = NV; h < m; h <<= 1) {                                                         \
+            for (int64_t r = 0; r < g->OH; ++r) {                                                      \
+                if (r & h) continue;                                                                   \
+                T lo, hi, sum, diff;                                                                   \
+                memcpy(&lo, dst + r * OW + s, sizeof lo);                                              \
+                memcpy(&hi, dst + (r + h) * OW + s, sizeof hi);                                        \
+                sum = lo + hi, diff = lo - hi;                                                         \
+                memcpy(dst + r * OW + s, &sum, sizeof sum);                                            \
+                memcpy(dst + (r + h) * OW + s, &diff, sizeof diff);                                    \
+            }                                                                                          \
+        }                                                                                              \
+    } while (0)
+
 /* The kh * kw rows of channel ch of sample b into out (row i = kernel offset i),
  * each transformed along the positions in blocks of p (p = 1: plain unfold).
  * scratch holds kw * H * OW floats for the shared path. */
@@ -116,17 +134,7 @@ static void build_channel_rows(const dw_ctx *c, int64_t b, int64_t ch, float *ou
                     butterflies16(v);
                     for (int i = 0; i < NV; ++i) memcpy(dst + (r0 + i) * OW + s, &v[i], sizeof v[i]);
                 }
-                for (int64_t h = NV; h < m; h <<= 1) { /* the remaining stages across rows, within blocks of m */
-                    for (int64_t r = 0; r < g->OH; ++r) {
-                        if (r & h) continue;
-                        vf16 lo, hi, sum, diff;
-                        memcpy(&lo, dst + r * OW + s, sizeof lo);
-                        memcpy(&hi, dst + (r + h) * OW + s, sizeof hi);
-                        sum = lo + hi, diff = lo - hi;
-                        memcpy(dst + r * OW + s, &sum, sizeof sum);
-                        memcpy(dst + (r + h) * OW + s, &diff, sizeof diff);
-                    }
-                }
+                STAGES_ACROSS_ROWS(vf16); /* the remaining stages across rows, within blocks of m */
             }
         }
     }
@@ -165,20 +173,10 @@ static inline __attribute__((always_inline)) vs16 lanes16_i16(vs16 v) {
     return SWAP16(v, 8) + SIGNS16(8) * v;
 }
 
-#define BF16(i, j)                                                                                     \
-    do {                                                                                               \
-        vs16 t_ = v[i];                                                                                \
-        v[i] = t_ + v[j];                                                                              \
-        v[j] = t_ - v[j];                                                                              \
-    } while (0)
-/* butterflies16 on int16 vectors: the four stages between 16 of them. */
+/* butterflies16 on int16 vectors: the four stages between 16 of them (hadamard.c's network). */
 static inline __attribute__((always_inline)) void butterflies16_i16(vs16 *v) {
-    BF16(0, 1); BF16(2, 3); BF16(4, 5); BF16(6, 7); BF16(8, 9); BF16(10, 11); BF16(12, 13); BF16(14, 15);
-    BF16(0, 2); BF16(1, 3); BF16(4, 6); BF16(5, 7); BF16(8, 10); BF16(9, 11); BF16(12, 14); BF16(13, 15);
-    BF16(0, 4); BF16(1, 5); BF16(2, 6); BF16(3, 7); BF16(8, 12); BF16(9, 13); BF16(10, 14); BF16(11, 15);
-    BF16(0, 8); BF16(1, 9); BF16(2, 10); BF16(3, 11); BF16(4, 12); BF16(5, 13); BF16(6, 14); BF16(7, 15);
+    BUTTERFLIES16(vs16);
 }
-#undef BF16
 
 static int build16_applies(const conv_geom *g, int64_t p, int64_t code_bound) {
     return rows_share_width_transform(g, p) && g->sw == 1 && (g->OW == 16 || g->OW == 32) && code_bound > 0 &&
@@ -255,17 +253,7 @@ static int build_channel_rows16(const dw_ctx *c, int64_t b, int64_t ch, int16_t 
                     butterflies16_i16(v);
                     for (int i = 0; i < NV; ++i) memcpy(dst + (r0 + i) * OW + s, &v[i], sizeof v[i]);
                 }
-                for (int64_t h = NV; h < m; h <<= 1) {
-                    for (int64_t r = 0; r < g->OH; ++r) {
-                        if (r & h) continue;
-                        vs16 lo, hi, sum, diff;
-                        memcpy(&lo, dst + r * OW + s, sizeof lo);
-                        memcpy(&hi, dst + (r + h) * OW + s, sizeof hi);
-                        sum = lo + hi, diff = lo - hi;
-                        memcpy(dst + r * OW + s, &sum, sizeof sum);
-                        memcpy(dst + (r + h) * OW + s, &diff, sizeof diff);
-                    }
-                }
+                STAGES_ACROSS_ROWS(vs16);
             }
         }
     }

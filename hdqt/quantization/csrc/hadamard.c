@@ -21,21 +21,29 @@ typedef int32_t vi16 __attribute__((vector_size(64)));
             (8 & h) ? -1.f : 1.f, (9 & h) ? -1.f : 1.f, (10 & h) ? -1.f : 1.f, (11 & h) ? -1.f : 1.f,   \
             (12 & h) ? -1.f : 1.f, (13 & h) ? -1.f : 1.f, (14 & h) ? -1.f : 1.f, (15 & h) ? -1.f : 1.f})
 
-/* The four butterfly stages between 16 vectors (distances 1, 2, 4, 8), spelt
- * out with constant indices so that all 16 stay in registers. */
-#define BF(i, j)                                                                                       \
+/* The four butterfly stages between 16 vectors v[0..15] of type T (distances 1, 2, 4,
+ * 8), spelt out with constant indices so that all 16 stay in registers; a macro, so that
+ * the float and the int16 builds (conv_weight_grad.c) share one network. */
+#define BF(T, i, j)                                                                                    \
     do {                                                                                               \
-        vf16 t_ = v[i];                                                                                \
+        T t_ = v[i];                                                                                   \
         v[i] = t_ + v[j];                                                                              \
         v[j] = t_ - v[j];                                                                              \
     } while (0)
+#define BUTTERFLIES16(T)                                                                               \
+    do {                                                                                               \
+        BF(T, 0, 1); BF(T, 2, 3); BF(T, 4, 5); BF(T, 6, 7);                                            \
+        BF(T, 8, 9); BF(T, 10, 11); BF(T, 12, 13); BF(T, 14, 15);                                      \
+        BF(T, 0, 2); BF(T, 1, 3); BF(T, 4, 6); BF(T, 5, 7);                                            \
+        BF(T, 8, 10); BF(T, 9, 11); BF(T, 12, 14); BF(T, 13, 15);                                      \
+        BF(T, 0, 4); BF(T, 1, 5); BF(T, 2, 6); BF(T, 3, 7);                                            \
+        BF(T, 8, 12); BF(T, 9, 13); BF(T, 10, 14); BF(T, 11, 15);                                      \
+        BF(T, 0, 8); BF(T, 1, 9); BF(T, 2, 10); BF(T, 3, 11);                                          \
+        BF(T, 4, 12); BF(T, 5, 13); BF(T, 6, 14); BF(T, 7, 15);                                        \
+    } while (0)
 static inline __attribute__((always_inline)) void butterflies16(vf16 *v) {
-    BF(0, 1); BF(2, 3); BF(4, 5); BF(6, 7); BF(8, 9); BF(10, 11); BF(12, 13); BF(14, 15);
-    BF(0, 2); BF(1, 3); BF(4, 6); BF(5, 7); BF(8, 10); BF(9, 11); BF(12, 14); BF(13, 15);
-    BF(0, 4); BF(1, 5); BF(2, 6); BF(3, 7); BF(8, 12); BF(9, 13); BF(10, 14); BF(11, 15);
-    BF(0, 8); BF(1, 9); BF(2, 10); BF(3, 11); BF(4, 12); BF(5, 13); BF(6, 14); BF(7, 15);
+    BUTTERFLIES16(vf16);
 }
-#undef BF
 
 /* The four butterfly stages inside one 16-lane vector. */
 static inline __attribute__((always_inline)) vf16 lanes16(vf16 v) {
