@@ -150,20 +150,8 @@ static void build_channel_rows(const dw_ctx *c, int64_t b, int64_t ch, float *ou
  * every channel whose values are integers of at most 32767 / p in magnitude (checked as
  * it is read: others take the float build). */
 typedef int16_t vs16 __attribute__((vector_size(32)));
-#if defined(__clang__)
-#define SWAP16(x, h)                                                                                   \
-    __builtin_shufflevector(x, x, 0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h, 8 ^ h, 9 ^ h, \
-                            10 ^ h, 11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h)
-#else
-#define SWAP16(x, h)                                                                                   \
-    __builtin_shuffle(x, (vs16){0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h, 8 ^ h, 9 ^ h,  \
-                               10 ^ h, 11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h})
-#endif
-#define SIGNS16(h)                                                                                     \
-    ((vs16){(0 & h) ? -1 : 1, (1 & h) ? -1 : 1, (2 & h) ? -1 : 1, (3 & h) ? -1 : 1, (4 & h) ? -1 : 1,  \
-            (5 & h) ? -1 : 1, (6 & h) ? -1 : 1, (7 & h) ? -1 : 1, (8 & h) ? -1 : 1, (9 & h) ? -1 : 1,  \
-            (10 & h) ? -1 : 1, (11 & h) ? -1 : 1, (12 & h) ? -1 : 1, (13 & h) ? -1 : 1,                \
-            (14 & h) ? -1 : 1, (15 & h) ? -1 : 1})
+#define SWAP16(x, h) SWAP_LANES_T(x, h, vs16)
+#define SIGNS16(h) LANE_SIGNS_T(vs16, h)
 
 /* lanes16 on int16 lanes: the four stages inside one 16-lane vector. */
 static inline __attribute__((always_inline)) vs16 lanes16_i16(vs16 v) {

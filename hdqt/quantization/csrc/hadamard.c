@@ -6,20 +6,25 @@
  * becomes x[i ^ h] + x[i] where bit h of i is clear and x[i ^ h] - x[i] where it
  * is set, i.e. shuffle(x) + sign * x: one permute and one multiply-add per stage. */
 typedef int32_t vi16 __attribute__((vector_size(64)));
+/* Lane i of the 16-lane vector x takes lane i ^ h; M is an integer vector type of x's
+ * lane width (GCC's shuffle mask). And the lanes' signs of stage h, as a T. Shared by
+ * the float transforms and the int16 build of conv_weight_grad.c. */
 #if defined(__clang__)
-#define SWAP_LANES(x, h)                                                                               \
+#define SWAP_LANES_T(x, h, M)                                                                          \
     __builtin_shufflevector(x, x, 0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h, 8 ^ h, 9 ^ h, \
                             10 ^ h, 11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h)
 #else
-#define SWAP_LANES(x, h)                                                                               \
-    __builtin_shuffle(x, (vi16){0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h, 8 ^ h, 9 ^ h,  \
-                               10 ^ h, 11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h})
+#define SWAP_LANES_T(x, h, M)                                                                          \
+    __builtin_shuffle(x, (M){0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h, 8 ^ h, 9 ^ h,     \
+                            10 ^ h, 11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h})
 #endif
-#define LANE_SIGNS(h)                                                                                  \
-    ((vf16){(0 & h) ? -1.f : 1.f, (1 & h) ? -1.f : 1.f, (2 & h) ? -1.f : 1.f, (3 & h) ? -1.f : 1.f,     \
-            (4 & h) ? -1.f : 1.f, (5 & h) ? -1.f : 1.f, (6 & h) ? -1.f : 1.f, (7 & h) ? -1.f : 1.f,     \
-            (8 & h) ? -1.f : 1.f, (9 & h) ? -1.f : 1.f, (10 & h) ? -1.f : 1.f, (11 & h) ? -1.f : 1.f,   \
-            (12 & h) ? -1.f : 1.f, (13 & h) ? -1.f : 1.f, (14 & h) ? -1.f : 1.f, (15 & h) ? -1.f : 1.f})
+#define LANE_SIGNS_T(T, h)                                                                             \
+    ((T){(0 & h) ? -1 : 1, (1 & h) ? -1 : 1, (2 & h) ? -1 : 1, (3 & h) ? -1 : 1, (4 & h) ? -1 : 1,     \
+         (5 & h) ? -1 : 1, (6 & h) ? -1 : 1, (7 & h) ? -1 : 1, (8 & h) ? -1 : 1, (9 & h) ? -1 : 1,     \
+         (10 & h) ? -1 : 1, (11 & h) ? -1 : 1, (12 & h) ? -1 : 1, (13 & h) ? -1 : 1, (14 & h) ? -1 : 1, \
+         (15 & h) ? -1 : 1})
+#define SWAP_LANES(x, h) SWAP_LANES_T(x, h, vi16)
+#define LANE_SIGNS(h) LANE_SIGNS_T(vf16, h)
 
 /* The four butterfly stages between 16 vectors v[0..15] of type T (distances 1, 2, 4,
  * 8), spelt out with constant indices so that all 16 stay in registers; a macro, so that
