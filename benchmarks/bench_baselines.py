@@ -197,7 +197,9 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
         group = runs.setdefault((c.dataset, c.method, acc, token), {})
         if outcome.metrics is not None:
             group[c.seed] = outcome.metrics
-    codes = {describe(stored_code(o.point.out_dir)) for o in outcomes if o.metrics is not None}
+    stored = [stored_code(o.point.out_dir) for o in outcomes if o.metrics is not None]
+    codes = {describe(code) for code in stored}
+    sources = {(code or {}).get("source_sha256") for code in stored}  # what decides: the package's source
     epochs = sorted({point.config.epochs for _, _, point in triples})  # the datasets' defaults resolved
     lines = [
         "# Baseline FQT recipes in one engine", "",
@@ -213,7 +215,8 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
          else f"- Feature inputs clipped at {args.input_clip or 3} std (images are never clipped)")
         + " (`--input-clip`); `:binary` is the binary Hadamard block rule, `+fh` the forward Hadamard rotation, `+ps` per-sample scales of the backward's gradients and inputs (`--backward-scales sample`), `+t0` one accumulator tile as long as the whole reduction (`--tile 0`).",
         f"- Code: {', '.join(sorted(codes)) or 'no finished run'}"
-        + (" (the runs were made by different code versions)" if len(codes) > 1 else "") + ".",
+        + ((" (the runs were made by different code versions)" if len(sources) > 1 else
+            " (one package source, run from checkouts at different commits)") if len(codes) > 1 else "") + ".",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {_torch()}, kernels: "
         f"{native.kernel_variant()}; wall time {wall / 60:.1f} min (runs finished earlier are read back).",
         *([f"- Training set cut to {args.train_per_class} samples a class (a seeded choice; the test set "
