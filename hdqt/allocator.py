@@ -20,7 +20,6 @@ may.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -69,10 +68,10 @@ def _glibc_mallopt():
         return None
     try:
         libc = ctypes.CDLL(None)
-        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only (musl lacks it)
+        if not hasattr(libc, "gnu_get_libc_version"):  # glibc only (musl lacks it)
+            return None
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return None
-    gnu_get_libc_version.restype = ctypes.c_char_p
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt
