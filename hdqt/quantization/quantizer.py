@@ -163,13 +163,20 @@ class Quantizer:
         if isinstance(p, bool) or not isinstance(p, int) or p < 1 or p & (p - 1) or n % p:
             raise ValueError(f"quantize_row_transform: p must be a power of two dividing the last dimension "
                              f"({n}), got {p!r}")
-        # one contiguous copy (also of a transposed view), transformed and rounded in place
-        out = tensor.detach().clone(memory_format=torch.contiguous_format)
+        src = tensor.detach()
+        if src.dim() == 2:  # rows read through the strides (a transposed view too): no copy first
+            row_stride, col_stride = src.stride()
+        else:
+            src = src.contiguous()
+            row_stride, col_stride = n, 1
+        # the rows, contiguous, transformed and rounded in place
+        out = torch.empty(src.shape, dtype=src.dtype)
         seed = self.stream_seed(generator) if self.rounding == "stochastic" else 0
         scale = ctypes.c_double()
         status = lib.hdqt_fwht_quantize_f32(
-            out.data_ptr(), out.data_ptr(), out.numel() // n if n else 0, n, p, self.rounding == "stochastic",
-            self.scaling.clip_ratio, self.format.signed_max, seed, ctypes.byref(scale), native.threads(),
+            src.data_ptr(), row_stride, col_stride, out.data_ptr(), out.numel() // n if n else 0, n, p,
+            self.rounding == "stochastic", self.scaling.clip_ratio, self.format.signed_max, seed,
+            ctypes.byref(scale), native.threads(),
         )
         if status != 0:
             return _nonfinite(out, nonfinite, role)

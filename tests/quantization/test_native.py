@@ -448,22 +448,39 @@ def test_conv_training_step_native_and_torch_paths_agree(monkeypatch):
         assert means < one_draw / 3
 
 
+def _row_view(shape: tuple[int, ...], view: str) -> torch.Tensor:
+    """A tensor of ``shape`` with the memory layout ``view`` names (values * 3)."""
+    if view == "transposed":  # the dW operands: the transpose of a batch-major tensor
+        return (torch.randn(shape[::-1]) * 3).T
+    if view == "strided":  # every other column of a wider tensor: neither layout above
+        return (torch.randn(*shape[:-1], 2 * shape[-1]) * 3)[..., ::2]
+    if view == "permuted":  # a 3-d view with the rows' dimension last but not contiguous (conv dW's)
+        return (torch.randn(shape[1], shape[0], shape[2]) * 3).transpose(0, 1)
+    return torch.randn(shape) * 3
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("shape,p,transposed", [((405, 128), 128, True), ((128, 96), 32, False), ((7, 16), 2, False),
-                                                ((3, 256), 256, False), ((1, 1), 1, False)])
-def test_fused_row_transform_and_quantizer_equal_the_two_calls(rounding, shape, p, transposed):
+@pytest.mark.parametrize("shape,p,view", [
+    ((405, 128), 128, "transposed"), ((13, 20), 4, "transposed"), ((8, 16), 16, "transposed"),
+    ((7, 24), 8, "strided"), ((3, 5, 16), 16, "permuted"), ((2, 3, 8), 8, "contiguous"),
+    ((128, 96), 32, "contiguous"), ((7, 16), 2, "contiguous"), ((3, 256), 256, "contiguous"),
+    ((1, 1), 1, "contiguous"),
+])
+def test_fused_row_transform_and_quantizer_equal_the_two_calls(rounding, shape, p, view):
     """Quantizer.quantize_row_transform: transform and quantizer in one native call,
-    value for value the transform's result quantized with its max|.|, same seeds."""
+    value for value the transform's result quantized with its max|.|, same seeds, for
+    rows read through any layout (a transposed view's 8 x 8 blocks and their edges:
+    13 rows of 20 leave 5 rows and 4 columns outside them)."""
     q = int_quantizer(4, rounding=rounding)
-    base = torch.randn(shape[::-1] if transposed else shape) * 3
-    t = base.T if transposed else base  # a transposed view (the dW operands) is copied once
-    layout = BlockLayout((p,) * (shape[1] // p))
-    transformed, amax = hadamard_transform_amax(t, 1, layout)
+    t = _row_view(shape, view)
+    before = t.clone()
+    layout = BlockLayout((p,) * (shape[-1] // p))
+    transformed, amax = hadamard_transform_amax(t, -1, layout)
     expected = q.quantize(transformed, torch.Generator().manual_seed(3), amax=amax)
     assert q.fuses_row_transform(t)
     got = q.quantize_row_transform(t, p, torch.Generator().manual_seed(3))
     assert got.scale == expected.scale and torch.equal(got.values, expected.values)
-    assert got.values.is_contiguous() and torch.equal(t, base.T if transposed else base)  # input untouched
+    assert got.values.is_contiguous() and got.values.shape == t.shape and torch.equal(t, before)  # input untouched
 
 
 def test_fused_row_transform_reports_nonfinite_and_refuses_other_quantizers():

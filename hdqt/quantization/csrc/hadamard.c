@@ -1,4 +1,5 @@
-/* The Walsh-Hadamard transform of contiguous rows, with max|result|.
+/* The Walsh-Hadamard transform of rows (contiguous, or gathered from a strided view),
+ * with max|result|.
  * Part of the one translation unit that kernels.c includes (static helpers are
  * shared across files); not compiled on its own.
  */
@@ -200,24 +201,84 @@ static float absmax_row(const float *r, int64_t n) {
     return m;
 }
 
+/* 8 floats, for the transposes of gather_rows (any target: GCC lowers the shuffles
+ * to what the clone's instruction set has). */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+
+/* The 8x8 floats at (r, r_stride) transposed into (o, o_stride): o[l][k] = r[k][l].
+ * Three rounds of two-input shuffles (pairs of rows, of pairs, of quads), 24 in all. */
+static inline __attribute__((always_inline)) void transpose8(const float *r, int64_t r_stride, float *o,
+                                                             int64_t o_stride) {
+    v8f a[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) memcpy(&a[i], r + i * r_stride, sizeof a[i]);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = SHUFFLE8(a[i], a[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = SHUFFLE8(a[i], a[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        for (int j = 0; j < 2; ++j) {
+            u[i + 2 * j] = SHUFFLE8(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[i + 2 * j + 1] = SHUFFLE8(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    }
+    for (int i = 0; i < 4; ++i) {
+        v8f lo = SHUFFLE8(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        v8f hi = SHUFFLE8(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+        memcpy(o + i * o_stride, &lo, sizeof lo);
+        memcpy(o + (i + 4) * o_stride, &hi, sizeof hi);
+    }
+}
+
+/* Rows [r0, r0 + n) of the (rows, row_len) view of src with strides (sr, sc), into
+ * the same rows of the contiguous out. The transposed view of a row-major matrix
+ * (sr = 1, as a batch-major activation or gradient is along the batch) goes 8 rows
+ * and 8 columns at a time through a register transpose: every source row then gives
+ * 32 contiguous bytes. torch's own copy of such a view took ~40 us for 128 x 405
+ * floats on one thread of the AVX2 VM, and it does not split it over threads. */
+HDQT_CLONES
+static void gather_rows(const float *src, int64_t sr, int64_t sc, float *out, int64_t row_len, int64_t r0,
+                        int64_t n) {
+    if (sc == 1) {
+        for (int64_t r = r0; r < r0 + n; ++r) memcpy(out + r * row_len, src + r * sr, (size_t)row_len * sizeof *out);
+        return;
+    }
+    int64_t k = 0;
+    if (sr == 1 && n == 8)
+        for (; k + 8 <= row_len; k += 8) transpose8(src + k * sc + r0, sc, out + r0 * row_len + k, row_len);
+    for (int64_t r = r0; r < r0 + n; ++r) /* the columns past the last 8, or any other strides */
+        for (int64_t j = k; j < row_len; ++j) out[r * row_len + j] = src[r * sr + j * sc];
+}
+
 typedef struct {
     float *x;
     int64_t row_len, p;
     int narrow; /* fwht_row_narrow (narrow_vectors) */
+    const float *src; /* NULL, or where the rows come from (gather_rows), strides sr, sc */
+    int64_t sr, sc;
     float amax[HDQT_MAX_THREADS];
 } fwht_ctx;
 
 static void fwht_range(void *arg, int64_t begin, int64_t end, int worker) {
     fwht_ctx *c = (fwht_ctx *)arg;
     float m = 0.0f;
-    for (int64_t row = begin; row < end; ++row) {
-        float *r = c->x + row * c->row_len;
+    for (int64_t r0 = begin; r0 < end; r0 += 8) { /* 8 rows: gathered together, then transformed while in cache */
+        const int64_t n = end - r0 < 8 ? end - r0 : 8;
+        if (c->src != NULL) gather_rows(c->src, c->sr, c->sc, c->x, c->row_len, r0, n);
+        for (int64_t row = r0; row < r0 + n; ++row) {
+            float *r = c->x + row * c->row_len;
 #ifdef HDQT_NARROW_BYTES
-        if (c->narrow) fwht_row_narrow(r, c->row_len, c->p);
-        else
+            if (c->narrow) fwht_row_narrow(r, c->row_len, c->p);
+            else
 #endif
-        fwht_row(r, c->row_len, c->p);
-        m = absmax_step(m, absmax_row(r, c->row_len));
+            fwht_row(r, c->row_len, c->p);
+            m = absmax_step(m, absmax_row(r, c->row_len));
+        }
     }
     c->amax[worker] = m;
 }
@@ -228,33 +289,45 @@ static float reduce_amax(const float *amax, int used) {
     return m;
 }
 
-/* In place: every length-p block of `rows` contiguous rows of length row_len.
- * Returns max|result| (NaN if any element is NaN). */
-float hdqt_fwht_rows_f32(float *x, int64_t rows, int64_t row_len, int64_t p, int threads) {
+/* The transform of every length-p block of `rows` rows of length row_len: read
+ * from src through strides (sr, sc) when src is not NULL, written to x (contiguous),
+ * else in place in x. Returns max|result| (NaN if any element is NaN). */
+static float fwht_rows(const float *src, int64_t sr, int64_t sc, float *x, int64_t rows, int64_t row_len, int64_t p,
+                       int threads) {
     fwht_ctx c;
     c.x = x, c.row_len = row_len, c.p = p, c.narrow = narrow_vectors();
+    c.src = src, c.sr = sr, c.sc = sc;
     int64_t grain = ELEMENT_GRAIN / (row_len > 0 ? row_len : 1);
     int used = parallel_for(rows, threads, grain, fwht_range, &c);
     return reduce_amax(c.amax, used);
 }
 
-/* hdqt_fwht_rows_f32, then the dynamic per-tensor quantizer on a signed grid of
- * [-qmax, qmax] from the max|result| the transform returned (Quantizer.grid with
- * lo = -amax: scale = clip_ratio * amax / qmax, or 1 for an all-zero result), then
- * rounding to nearest (stochastic = 0) or stochastically (seed), into out, which
- * may be x. Value for value what the transform and the rounding give as two calls:
- * one pass fewer over memory and one call fewer from Python (a backward operand
- * in the Hadamard domain). Writes the scale to *scale_out. Returns 0, or 1 if the
- * result holds NaN or Inf (x then holds the transform and out is untouched). */
-int hdqt_fwht_quantize_f32(float *x, float *out, int64_t rows, int64_t row_len, int64_t p, int stochastic,
-                           double clip_ratio, double qmax, uint64_t seed, double *scale_out, int threads) {
-    float amax = hdqt_fwht_rows_f32(x, rows, row_len, p, threads);
+/* In place: every length-p block of `rows` contiguous rows of length row_len.
+ * Returns max|result| (NaN if any element is NaN). */
+float hdqt_fwht_rows_f32(float *x, int64_t rows, int64_t row_len, int64_t p, int threads) {
+    return fwht_rows(NULL, 0, 0, x, rows, row_len, p, threads);
+}
+
+/* The transform of the rows of x, a (rows, row_len) view with strides (sr, sc),
+ * into out (contiguous; x is not modified), then the dynamic per-tensor quantizer on
+ * a signed grid of [-qmax, qmax] from the max|result| the transform returned
+ * (Quantizer.grid with lo = -amax: scale = clip_ratio * amax / qmax, or 1 for an
+ * all-zero result), then rounding to nearest (stochastic = 0) or stochastically
+ * (seed), in place in out. Value for value what a contiguous copy, the transform and
+ * the rounding give as three calls: two passes fewer over memory and two calls
+ * fewer from Python (a backward operand in the Hadamard domain, often a transposed
+ * view). Writes the scale to *scale_out. Returns 0, or 1 if the result holds NaN or
+ * Inf (out then holds the transform). */
+int hdqt_fwht_quantize_f32(const float *x, int64_t sr, int64_t sc, float *out, int64_t rows, int64_t row_len,
+                           int64_t p, int stochastic, double clip_ratio, double qmax, uint64_t seed,
+                           double *scale_out, int threads) {
+    float amax = fwht_rows(x, sr, sc, out, rows, row_len, p, threads);
     uint32_t bits;
     memcpy(&bits, &amax, sizeof bits);
     if ((bits & 0x7fffffffu) >= 0x7f800000u) return 1; /* Inf or NaN */
     double scale = grid_scale(clip_ratio, (double)amax, qmax);
     *scale_out = scale;
-    round_ctx c = {x, out, (float)scale, (float)-qmax, (float)qmax, (uint32_t)seed, (uint32_t)(seed >> 32)};
+    round_ctx c = {out, out, (float)scale, (float)-qmax, (float)qmax, (uint32_t)seed, (uint32_t)(seed >> 32)};
     parallel_for(rows * row_len, threads, ELEMENT_GRAIN, stochastic ? sr_range : rtn_range, &c);
     return 0;
 }
