@@ -12,6 +12,8 @@ bench_engine.py (batch 128, FCNet 405 wide, a 16->16 3x3 conv on 32x32 maps):
   * the fused conv weight gradient with its multiply on bytes against floats,
   * a conv's input gradient (unlimited accumulators) on int8 against torch's float32,
   * a linear layer's exact dW product of 4-bit operands on int8 against MKL's float32 GEMM,
+  * the fused transform and rounding of a transposed view read through its strides
+    against torch's contiguous copy first,
   * ReLU's backward on one layout against mixed strides (why dX takes its input's layout),
   * native stochastic rounding against the torch path.
 
@@ -84,6 +86,7 @@ def main() -> None:
           f"{'yes' if native.int8_dot(lib) else 'no (AVX512-VNNI missing or HDQT_INT8=0)'}")
     print(f"{'kernel (fast) against baseline (slow)':<52}{'fast ms':>9}{'slow ms':>10}{'ratio':>8}{'ratio IQR':>12}")
     gen = torch.Generator().manual_seed(0)
+    rng_rows = torch.Generator().manual_seed(3)
     policy = hdqt.recipe("hdqt")
     x_conv = torch.randint(-7, 8, (128, 16, 32, 32), generator=gen).float()
     w_conv = torch.randint(-7, 8, (16, 16, 3, 3), generator=gen).float()
@@ -137,6 +140,14 @@ def main() -> None:
             args.rounds)
     compare("linear dW product 405x128x405: int8 / MKL float32",
             lambda: tiled_matmul(g_fc, x_fc, 32, None, bounds=(7, 7)), lambda: g_fc @ x_fc.T, args.rounds)
+
+    # a linear layer's dW operand: the transposed view of a batch-major (B, N) gradient,
+    # transformed along the batch and rounded; the baseline makes torch's copy first
+    grad_view = torch.randn(128, 405, generator=gen).T
+    sr = policy.grad_output_dw
+    compare("transform+SR, 405x128 transposed: strided / copy",
+            lambda: sr.quantize_row_transform(grad_view, 128, rng_rows),
+            lambda: sr.quantize_row_transform(grad_view.contiguous(), 128, rng_rows), args.rounds)
 
     out = torch.randn(405, 128, generator=gen).T  # a layer's output: the transposed view of (N, B)
     grad_same, grad_mixed = torch.randn(405, 128, generator=gen).T, torch.randn(128, 405, generator=gen)
