@@ -3,13 +3,16 @@
 Measures forward + backward + SGD at batch 128 for
   * FCNet 405-405-405-19 (three Linear layers, no bias), and
   * one 16->16 3x3 conv (padding 1) on 32x32 maps,
+and, with ``--cases tiny``, an FCNet 32-32-32-19 at batch 8, whose step is almost all
+fixed cost (Python, autograd, kernel calls): its hdqt - fp32 difference is what the
+engine adds to every step regardless of size, and what does not shrink with threads,
 under each recipe, and prints each recipe's time divided by fp32's, and the
 activation memory one forward keeps for the backward.
 Targets for `hdqt`: issue 13's where the int8 products run on AVX2 (<= 1.5x fp32 for
 FCNet, <= 2x for the conv), issue 2's elsewhere (<= 2x, <= 3x).
 
     python benchmarks/bench_engine.py [--rounds 15] [--steps 5] [--recipes fp32,hdqt,int] [--threads N]
-                                      [--cases fcnet,conv] [--keep-freed-memory]
+                                      [--cases fcnet,conv,tiny] [--keep-freed-memory]
                                       [--int8 VARIANT] [--vectors narrow] [--emulate-avx2]
 
 ``--keep-freed-memory`` runs with ``hdqt.allocator.keep_freed_memory()`` applied (as the
@@ -54,6 +57,15 @@ def fcnet() -> nn.Module:
         nn.Linear(405, 405, bias=False), nn.ReLU(),
         nn.Linear(405, 405, bias=False), nn.ReLU(),
         nn.Linear(405, 19, bias=False),
+    )
+
+
+def tiny_fcnet() -> nn.Module:
+    """FCNet's shape at width 32: a step of almost nothing but fixed costs."""
+    return nn.Sequential(
+        nn.Linear(32, 32, bias=False), nn.ReLU(),
+        nn.Linear(32, 32, bias=False), nn.ReLU(),
+        nn.Linear(32, 19, bias=False),
     )
 
 
@@ -124,7 +136,7 @@ def main() -> None:
                         help="HDQT_INT8 for the run: the int8 variant (default: the environment's, else auto)")
     parser.add_argument("--vectors", default=None, choices=["narrow", "wide"],
                         help="HDQT_VECTORS for the run: the float kernels' register blocks")
-    parser.add_argument("--cases", default="fcnet,conv", help="which cases to time: fcnet, conv or both")
+    parser.add_argument("--cases", default="fcnet,conv", help="which cases to time: fcnet, conv, tiny (comma-separated)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc keeps freed memory for reuse (hdqt.allocator.keep_freed_memory), all recipes")
     parser.add_argument("--emulate-avx2", action="store_true",
@@ -142,8 +154,8 @@ def main() -> None:
 
         allocator = keep_freed_memory(children=False)
     chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
-    if not chosen or any(c not in ("fcnet", "conv") for c in chosen):
-        parser.error(f"--cases: expected fcnet, conv or both (comma-separated), got {args.cases!r}")
+    if not chosen or any(c not in ("fcnet", "conv", "tiny") for c in chosen):
+        parser.error(f"--cases: expected fcnet, conv and/or tiny (comma-separated), got {args.cases!r}")
     recipes = [r for r in args.recipes.split(",") if r != "fp32"]
     recipes.insert(0, "fp32")
     dev = torch.device(args.device)
@@ -151,16 +163,18 @@ def main() -> None:
     x_fc = torch.randn(128, 405, generator=gen).to(dev)
     y_fc = torch.randint(0, 19, (128,), generator=gen).to(dev)
     x_cv = torch.randn(128, 16, 32, 32, generator=gen).to(dev)
+    x_tiny = torch.randn(8, 32, generator=gen).to(dev)
     lib = native.load()
     avx2 = lib is not None and native.int8_dot(lib) and native.int8_variant(lib) == "avx2"
     targets = (1.5, 2.0) if avx2 else (2.0, 3.0)  # issue 13 (AVX2 int8) or issue 2
     cases = {
         "fcnet 405-405-405-19": (fcnet, x_fc, lambda out: F.cross_entropy(out, y_fc), targets[0]),
         "conv 16->16 3x3 @32x32": (conv, x_cv, lambda out: out.square().mean(), targets[1]),
+        "tiny 32-32-32-19 batch 8": (tiny_fcnet, x_tiny, lambda out: out.square().mean(), None),
     }
     cases = {name: case for name, case in cases.items() if name.split()[0] in chosen}
     print(f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}), "
-          f"threads {torch.get_num_threads()}, device {dev}, batch 128; "
+          f"threads {torch.get_num_threads()}, device {dev}, batch 128 (tiny: 8); "
           f"{args.rounds} rounds x {args.steps} steps, recipes interleaved")
     print(f"hdqt kernels: {native.kernel_variant()}" +
           (f"; HDQT_VECTORS={os.environ['HDQT_VECTORS']}" if "HDQT_VECTORS" in os.environ else ""))
@@ -181,7 +195,7 @@ def main() -> None:
             # the ratio of each round to fp32 in the same round, then its median and spread
             ratios = sorted(t / b for t, b in zip(times[name], times["fp32"]))
             q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-            tgt = f"<={target:g}" if name == "hdqt" else ""
+            tgt = f"<={target:g}" if name == "hdqt" and target else ""
             print(f"{case:<26}{name:<13}{statistics.median(times[name]):>9.2f}{statistics.median(ratios):>8.2f}"
                   f"{f'{q1:.2f}-{q3:.2f}':>14}{tgt:>8}{memory[name]:>10.1f}")
 
