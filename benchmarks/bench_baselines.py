@@ -48,7 +48,7 @@ from hdqt.experiments import outputs
 from hdqt.experiments.benchmark_grid import run_benchmark_grid
 from hdqt.experiments.config import ConfigError, parse_int_list, parse_name_list, resolve_config
 from hdqt.experiments.fingerprint import describe
-from hdqt.experiments.grid import GridOutcome, GridPoint, stat, stored_code
+from hdqt.experiments.grid import GridOutcome, GridPoint, fmt_delta, stat, stored_code
 from hdqt.quantization import native
 
 FLOAT_RECIPES = ("fp134", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1")
@@ -178,7 +178,7 @@ def _cell(value) -> str:
 
 
 def _delta(value) -> str:
-    return "n/a" if value is None else f"{value.mean:+.2f} ± {value.std:.2f}"
+    return fmt_delta(value)  # one seed: "(1 seed)", not a measured zero spread
 
 
 def _row(cells) -> str:

@@ -512,7 +512,8 @@ class Stat:
     n: int
 
     def __str__(self) -> str:
-        return f"{self.mean:.2f} ± {self.std:.2f}"
+        # one seed has no spread: "± 0.00" would claim a measured zero
+        return f"{self.mean:.2f} (1 seed)" if self.n == 1 else f"{self.mean:.2f} ± {self.std:.2f}"
 
 
 def stat(values: Iterable[float | None]) -> Stat | None:
@@ -556,7 +557,9 @@ def fmt_stat(value: Stat | None) -> str:
 
 
 def fmt_delta(value: Stat | None) -> str:
-    return "n/a" if value is None else f"{value.mean:+.2f} ± {value.std:.2f}"
+    if value is None:
+        return "n/a"
+    return f"{value.mean:+.2f} (1 seed)" if value.n == 1 else f"{value.mean:+.2f} ± {value.std:.2f}"
 
 
 def md_row(cells: Iterable[Any]) -> str:

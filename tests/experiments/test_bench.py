@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hdqt.experiments.grid import stat
+from hdqt.experiments.grid import fmt_delta, stat
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +18,9 @@ def test_stat_is_mean_and_sample_std():
     assert (s.mean, s.std, s.n) == (2.0, 1.0, 3)
     assert str(s) == "2.00 ± 1.00"
     assert stat([None]) is None and stat([5.0]).std == 0.0
+    # one seed has no spread to show: the tables say so instead of "± 0.00"
+    assert str(stat([5.0])) == "5.00 (1 seed)" and fmt_delta(stat([-1.5])) == "-1.50 (1 seed)"
+    assert fmt_delta(s) == "+2.00 ± 1.00" and fmt_delta(None) == "n/a"
 
 
 def read(out, run):
