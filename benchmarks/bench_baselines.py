@@ -48,7 +48,7 @@ from hdqt.experiments import outputs
 from hdqt.experiments.benchmark_grid import run_benchmark_grid
 from hdqt.experiments.config import ConfigError, parse_int_list, parse_name_list, resolve_config
 from hdqt.experiments.fingerprint import describe
-from hdqt.experiments.grid import GridOutcome, GridPoint, fmt_delta, stat, stored_code
+from hdqt.experiments.grid import GridOutcome, GridPoint, fmt_delta, fmt_stat, md_row, stat, stored_code
 from hdqt.quantization import native
 
 FLOAT_RECIPES = ("fp134", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1")
@@ -173,18 +173,6 @@ def paired(base: dict[int, dict], runs: dict[int, dict], classifier: str, key: s
     return out
 
 
-def _cell(value) -> str:
-    return "n/a" if value is None else str(value)
-
-
-def _delta(value) -> str:
-    return fmt_delta(value)  # one seed: "(1 seed)", not a measured zero spread
-
-
-def _row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float,
            refused: dict[tuple, str] | None = None) -> str:
     refused = refused or {}
@@ -228,7 +216,7 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
             for acc in accs:
                 lines += [f"## {dataset} / {method} / accumulator {'unlimited' if acc == 0 else f'{acc} bits'}", ""]
                 header = ["recipe", "classifier", "accuracy", "Δ accuracy", "forgetting", "Δ forgetting", "seeds"]
-                lines += [_row(header), _row(["---"] * len(header))]
+                lines += [md_row(header), md_row(["---"] * len(header))]
                 group = {}
                 for token in tokens:
                     name = token.partition("+")[0].partition(":")[0]
@@ -243,17 +231,17 @@ def render(args, command: str, triples, outcomes: list[GridOutcome], wall: float
                                      else "")
                     reason = refused.get((dataset, method, acc, token))
                     if reason is not None:  # the engine's own words, shortened to their first sentence
-                        lines.append(_row([label, "-", f"refused by the engine: {reason.split(': a single')[0]}",
+                        lines.append(md_row([label, "-", f"refused by the engine: {reason.split(': a single')[0]}",
                                            "-", "-", "-", 0]))
                         continue
                     for classifier in classifiers:
                         values = group[token].values()
-                        lines.append(_row([
+                        lines.append(md_row([
                             label, classifier + ("*" if classifier == primary else ""),
-                            _cell(stat((m.get(classifier) or {}).get("avg_incremental_accuracy") for m in values)),
-                            _delta(stat(paired(group[base], group[token], classifier, "avg_incremental_accuracy"))),
-                            _cell(stat((m.get(classifier) or {}).get("forgetting") for m in values)),
-                            _delta(stat(paired(group[base], group[token], classifier, "forgetting"))),
+                            fmt_stat(stat((m.get(classifier) or {}).get("avg_incremental_accuracy") for m in values)),
+                            fmt_delta(stat(paired(group[base], group[token], classifier, "avg_incremental_accuracy"))),
+                            fmt_stat(stat((m.get(classifier) or {}).get("forgetting") for m in values)),
+                            fmt_delta(stat(paired(group[base], group[token], classifier, "forgetting"))),
                             len(group[token]),
                         ]))
                 lines.append("")
