@@ -21,6 +21,7 @@ sum|w| * (largest input code, 15) <= 2^(acc_bits-1) - 1, so that no tile sum can
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -138,12 +139,8 @@ def main(argv=None) -> int:
             return 2
         meter = DeadUnitMeter()
         bound = TileL1Bound() if args.a2q_bound else None
-        with tempfile.TemporaryDirectory() as out:
-            if bound is None:
-                result = runner.run_experiment(config, Path(out), on_step=meter.on_step)
-            else:
-                with bound:
-                    result = runner.run_experiment(config, Path(out), on_step=meter.on_step)
+        with tempfile.TemporaryDirectory() as out, (bound if bound is not None else contextlib.nullcontext()):
+            result = runner.run_experiment(config, Path(out), on_step=meter.on_step)
         if bound is not None:
             print(f"{recipe}: a2q bound shrank {bound.shrunk:,} of {bound.tiles:,} weight tiles")
         metrics = result.metrics
