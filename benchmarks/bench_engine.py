@@ -22,7 +22,10 @@ It applies to every recipe of the run, fp32 included.
 
 A recipe name with the suffix ``:noint8`` (say ``hdqt:noint8``) runs that recipe with
 the 8-bit integer kernels switched off (``HDQT_INT8=0`` during its steps), so the
-float32 kernels' time can be compared in the same run. ``--int8`` forces an int8
+float32 kernels' time can be compared in the same run; ``:unfused`` with each linear
+layer's forward and backward as separate calls from Python instead of one native call
+each (``HDQT_FUSED=0``; the same values), so that ``--recipes fp32,hdqt,hdqt:unfused``
+times what the fused calls save. ``--int8`` forces an int8
 variant (avx512vnni, avxvnni, avx2, sdot; one this CPU lacks falls back, saying so) and
 ``--vectors narrow`` the float kernels' AVX2/NEON register blocks. ``--emulate-avx2``
 times an AVX2-only x86 CPU on a newer one: hdqt's int8 on avx2 with narrow blocks, and
@@ -73,22 +76,27 @@ def conv() -> nn.Module:
     return nn.Conv2d(16, 16, 3, padding=1, bias=False)
 
 
-def make_step(model: nn.Module, x: torch.Tensor, loss_fn, int8: bool = True):
+# recipe variants: the engine switches each sets during its steps (read at every layer call)
+VARIANTS = {"": {}, "noint8": {"HDQT_INT8": "0"}, "unfused": {"HDQT_FUSED": "0"}}
+
+
+def make_step(model: nn.Module, x: torch.Tensor, loss_fn, env: dict[str, str] | None = None):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    env = env or {}
 
     def step() -> None:
-        before = os.environ.get("HDQT_INT8")
-        if not int8:
-            os.environ["HDQT_INT8"] = "0"  # read by the engine at each product
+        before = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
         try:
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x)).backward()
             opt.step()
         finally:
-            if before is None:
-                os.environ.pop("HDQT_INT8", None)
-            else:
-                os.environ["HDQT_INT8"] = before
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     return step
 
@@ -185,10 +193,10 @@ def main() -> None:
         for name in recipes:
             torch.manual_seed(0)
             recipe, _, variant = name.partition(":")
-            if variant not in ("", "noint8"):
-                parser.error(f"--recipes: unknown variant {variant!r} in {name!r} (known: noint8)")
+            if variant not in VARIANTS:
+                parser.error(f"--recipes: unknown variant {variant!r} in {name!r} (known: noint8, unfused)")
             model = hdqt.quantize_model(build().to(dev), hdqt.recipe(recipe))
-            steps[name] = make_step(model, x, loss_fn, int8=variant != "noint8")
+            steps[name] = make_step(model, x, loss_fn, VARIANTS[variant])
             memory[name] = saved_mb(model, x, loss_fn)
         times = interleaved_ms(steps, args.rounds, args.steps)
         for name in recipes:

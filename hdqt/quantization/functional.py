@@ -27,6 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from hdqt.quantization import fused_linear
 from hdqt.quantization.accumulate import FloatBounds, float_conv2d
 from hdqt.quantization.compact_bn import mark_integer_output
 from hdqt.quantization.formats import IntFormat
@@ -157,6 +158,11 @@ def saved_operands(ctx) -> tuple[torch.Tensor | None, torch.Tensor | None]:
 class QuantLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, rt: LayerRuntime) -> torch.Tensor:
+        ctx.rt = rt
+        fused = fused_linear.forward(ctx, x, weight, rt)  # the common case in one native call
+        if fused is not None:
+            return fused
+        ctx.fused_lib = None
         policy = rt.policy
         xq = rt.quantize(policy.forward_input, x, "forward input")
         wq = rt.quantize(policy.forward_weight, weight, "forward weight")
@@ -172,12 +178,14 @@ class QuantLinearFunction(torch.autograd.Function):
             y = tiled_matmul_kj(wv, xv.T, policy.tile, policy.acc_bits, saturation=counts,
                                 bounds=_float_bounds(policy)).T
         save_operands(ctx, xq, wq, policy)
-        ctx.rt = rt
         ctx.input_transposed = not x.is_contiguous() and x.T.is_contiguous()
         return y.to(x.dtype).mul_(xq.scale * wq.scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        fused = fused_linear.backward(ctx, grad)  # the common case in one native call
+        if fused is not None:
+            return fused
         x_values, w_values = saved_operands(ctx)
         x_scale, w_scale = ctx.scales
         rt: LayerRuntime = ctx.rt

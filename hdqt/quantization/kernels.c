@@ -53,3 +53,4 @@
 #include "csrc/conv_int8.c"
 #include "csrc/binary.c"
 #include "csrc/packing.c"
+#include "csrc/linear.c"

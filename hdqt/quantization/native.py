@@ -88,7 +88,7 @@ _C_TYPES = {
     "void": None, "int": ctypes.c_int, "int64_t": ctypes.c_int64, "uint64_t": ctypes.c_uint64,
     "float": ctypes.c_float, "double": ctypes.c_double, "float*": ctypes.c_void_p, "uint64_t*": ctypes.c_void_p,
     "uint32_t*": ctypes.c_void_p, "uint8_t*": ctypes.c_void_p,
-    "double*": ctypes.POINTER(ctypes.c_double),
+    "double*": ctypes.POINTER(ctypes.c_double), "int*": ctypes.POINTER(ctypes.c_int),
 }
 _DECLARATION = re.compile(r"^([a-z0-9_]+\s*\*?)\s*(hdqt_[a-z0-9_]+)\s*\(([^)]*)\)\s*;", re.M)
 

@@ -100,6 +100,7 @@ class LayerRuntime:
         # exponent), one dict per operand; saved with the layer's state_dict.
         self.scaling_state: dict[str, dict] = {}
         self.saturation = SaturationStats()  # the forward product's, recorded by every forward call
+        self.fused_plan = None  # fused_linear.Plan: what its native calls need from this policy
 
     def reseed(self, seed: int) -> None:
         self.seed = seed

@@ -26,10 +26,10 @@ def _run_main(module, argv, monkeypatch, capsys) -> str:
 
 def test_bench_engine_prints_every_case_and_recipe(load_benchmark, monkeypatch, capsys):
     bench = load_benchmark("bench_engine")
-    out = _run_main(bench, ["--rounds", "1", "--steps", "1", "--threads", "1", "--recipes", "fp32,hdqt",
-                            "--cases", "fcnet,tiny"], monkeypatch, capsys)
+    out = _run_main(bench, ["--rounds", "1", "--steps", "1", "--threads", "1", "--recipes",
+                            "fp32,hdqt,hdqt:unfused", "--cases", "fcnet,tiny"], monkeypatch, capsys)
     for case in ("fcnet 405-405-405-19", "tiny 32-32-32-19 batch 8"):
-        for recipe in ("fp32", "hdqt"):
+        for recipe in ("fp32", "hdqt", "hdqt:unfused"):
             assert re.search(rf"^{re.escape(case)}\s+{recipe}\s+\d+\.\d+\s+\d+\.\d+", out, re.M), (case, recipe, out)
     assert "conv 16->16" not in out  # --cases picks
 
@@ -50,3 +50,5 @@ def test_bench_overhead_prints_every_entry_point(load_benchmark, monkeypatch, ca
         line = next((row for row in out.splitlines() if row.startswith(name)), None)
         assert line is not None, (name, out)
         assert len(re.findall(r"-?\d+\.\d", line)) == 4, line  # us, bare us, wrapper, ratio
+    fused = next(row for row in out.splitlines() if row.startswith("fused calls / separate ones"))
+    assert len(re.findall(r"-?\d+\.\d", fused)) == 4, fused  # fused us, separate us, saved, ratio

@@ -501,9 +501,13 @@ def test_fused_row_transform_reports_nonfinite_and_refuses_other_quantizers():
 
 def test_backward_gradients_are_the_same_with_and_without_the_fused_transform(monkeypatch):
     """The fused path (functional._fuses_transform) changes no gradient bit (dX and dW,
-    stochastic rounding seeded alike), and runs for every transformed operand here."""
+    stochastic rounding seeded alike), and runs for every transformed operand here. (The
+    separate calls' path: a linear layer's whole backward in one call is
+    test_fused_linear.py's.)"""
     from hdqt.quantization import functional
     from hdqt.quantization.quantizer import Quantizer
+
+    monkeypatch.setenv("HDQT_FUSED", "0")
 
     def train(fuse: bool) -> list[torch.Tensor]:
         torch.manual_seed(1)

@@ -4,7 +4,7 @@
  * definition whose types differ from its line here; native.py reads the same lines
  * to declare each function's ctypes argument and result types. Keep one
  * declaration per statement, in the plain form below (types from: void, int,
- * int64_t, uint64_t, float, double, and pointers to float or double).
+ * int64_t, uint64_t, float, double, and pointers to float, double, int or bytes).
  */
 #ifndef HDQT_API_H
 #define HDQT_API_H
@@ -82,6 +82,22 @@ int hdqt_pack_bytes_f32(const float *codes, int64_t n, uint8_t *out, int threads
 void hdqt_unpack_bytes_f32(const uint8_t *bytes, int64_t n, int is_signed, float *out, int threads);
 void hdqt_relu_mask_f32(const float *x, float *y, int64_t n, uint8_t *bits, int threads);
 void hdqt_mask_grad_f32(const float *grad, const uint8_t *bits, int64_t n, float *out, int threads);
+
+/* linear.c: a quantized linear layer's forward and backward, one call each (fused_linear.py) */
+int hdqt_linear_forward_f32(const float *x, int x_transposed, const float *w, int64_t batch, int64_t in_features,
+                            int64_t out_features, int x_stochastic, int x_sign_mode, double x_clip, double x_smax,
+                            double x_umax, uint64_t x_seed, int w_stochastic, int w_sign_mode, double w_clip,
+                            double w_smax, double w_umax, uint64_t w_seed, int64_t tile, float limit,
+                            double *saturation, int use_int8, float *y, uint8_t *x_packed, uint8_t *w_packed,
+                            double *scales, int *negative, int threads);
+int hdqt_linear_backward_f32(const float *grad, int64_t gs0, int64_t gs1, int64_t batch, int64_t in_features,
+                             int64_t out_features, const uint8_t *x_packed, int x_signed, int x_transposed,
+                             double x_scale, const uint8_t *w_packed, int w_signed, double w_scale, int64_t p_out,
+                             int64_t p_batch, double extra_dx, double extra_dw, int a_stochastic, double a_clip,
+                             double a_qmax, uint64_t a_seed, int b_stochastic, double b_clip, double b_qmax,
+                             uint64_t b_seed, int c_stochastic, double c_clip, double c_qmax, uint64_t c_seed,
+                             int d_stochastic, double d_clip, double d_qmax, uint64_t d_seed, int use_int8,
+                             float *grad_x, float *grad_w, int threads);
 
 /* common.h, int8_variant.h: what this build and CPU run */
 int hdqt_int8_dot_available(void);
