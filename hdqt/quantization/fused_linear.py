@@ -5,11 +5,14 @@ packing), each paying 7-23 us of Python, ctypes and buffers around kernels of a 
 microseconds at small sizes (``benchmarks/bench_overhead.py``), and, at two threads,
 most of what separates a small layer's step from fp32's.
 
-The native calls make the same kernel calls in the same order with the same
-arguments, and the seeds of stochastic rounding are drawn from the layer's generator
-in the same order, so the results are the same bit for bit, the generator's state
-after the step included (``tests/quantization/test_fused_linear.py`` compares the two
-paths). One difference: a layer that meets NaN or Inf raises the same
+The native calls make the same quantizer, transform and packing calls in the same
+order with the same arguments, and the seeds of stochastic rounding are drawn from
+the layer's generator in the same order, so the results are the same bit for bit,
+the generator's state after the step included (``tests/quantization/test_fused_linear.py``
+compares the two paths). The products run on the int8 kernel, else the float32 one,
+as ``matmul.tiled_matmul_kj`` runs them; the backward's small exact products, which
+the separate calls give to torch's float32 GEMM, run there too (exact integer sums:
+the same values whichever kernel adds them). One difference: a layer that meets NaN or Inf raises the same
 ``NonFiniteError``, but the seeds of the operands after the one that failed have
 been drawn already.
 

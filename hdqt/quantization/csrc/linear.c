@@ -1,8 +1,9 @@
 /* One quantized linear layer's forward, and its backward, each in one call
- * (fused_linear.py): the same kernel calls, in the same order and with the same
- * arguments, that functional.QuantLinearFunction makes one by one from Python,
- * so the values and the random streams are the same bit for bit (the tests
- * compare the two). What is saved is the ~10 Python round trips a layer and
+ * (fused_linear.py): the same quantizer, transform and packing calls, in the same
+ * order and with the same arguments, that functional.QuantLinearFunction makes one
+ * by one from Python, and products whose sums are the same (exact, or tiled and
+ * saturated alike), so the values and the random streams are the same bit for bit
+ * (the tests compare the two). What is saved is the ~10 Python round trips a layer and
  * direction would make otherwise (each 7-23 us of ctypes, buffers and checks
  * around kernels of a few us: benchmarks/bench_overhead.py), which is most of
  * a small layer's step at two threads.
