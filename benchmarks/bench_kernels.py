@@ -149,6 +149,13 @@ def main() -> None:
             lambda: sr.quantize_row_transform(grad_view, 128, rng_rows),
             lambda: sr.quantize_row_transform(grad_view.contiguous(), 128, rng_rows), args.rounds)
 
+    # a conv's dW operand: its (B, N, L) = 128x16x1024 gradient as (N, B, L), rows along each
+    # sample's positions; the baseline makes torch's copy first
+    conv_grad = torch.randn(128, 16, 1024, generator=gen).transpose(0, 1)
+    compare("transform+SR, conv grad (N,B,L): strided / copy",
+            lambda: sr.quantize_row_transform(conv_grad, 1024, rng_rows),
+            lambda: sr.quantize_row_transform(conv_grad.contiguous(), 1024, rng_rows), args.rounds)
+
     out = torch.randn(405, 128, generator=gen).T  # a layer's output: the transposed view of (N, B)
     grad_same, grad_mixed = torch.randn(405, 128, generator=gen).T, torch.randn(128, 405, generator=gen)
     compare("ReLU backward: one layout / mixed strides",

@@ -88,7 +88,7 @@ def main() -> None:
             lambda: lib.hdqt_quantize_f32(x.data_ptr(), out.data_ptr(), x.numel(), 1, 0, 1.0, 7.0, 15.0, 12345,
                                           ctypes.byref(scale), 1), args.rounds, args.calls)
     compare("transform + stochastic rounding of rows", lambda: sr.quantize_row_transform(x, 32, rng),
-            lambda: lib.hdqt_fwht_quantize_f32(x.data_ptr(), 32, 1, out.data_ptr(), 8, 32, 32, 1, 1.0, 7.0, 12345,
+            lambda: lib.hdqt_fwht_quantize_f32(x.data_ptr(), 32, 1, 8, 0, out.data_ptr(), 8, 32, 32, 1, 1.0, 7.0, 12345,
                                                ctypes.byref(scale), 1), args.rounds, args.calls)
     codes = rtn.quantize(x)
     packed_bytes = torch.empty(x.numel() // 2, dtype=torch.uint8)

@@ -164,17 +164,23 @@ class Quantizer:
             raise ValueError(f"quantize_row_transform: p must be a power of two dividing the last dimension "
                              f"({n}), got {p!r}")
         src = tensor.detach()
-        if src.dim() == 2:  # rows read through the strides (a transposed view too): no copy first
-            row_stride, col_stride = src.stride()
+        # The rows are read through the strides, with no copy first: a matrix's (a transposed
+        # view too), or the (D0, D1, n) view's, whose rows come in groups of D1 (a conv's
+        # gradient as (N, B, L), the transpose of its (B, N, L) memory). Other ranks: a copy.
+        if src.dim() == 2:
+            (row_stride, col_stride), group, group_stride = src.stride(), src.shape[0], 0
+        elif src.dim() == 3:
+            group_stride, row_stride, col_stride = src.stride()
+            group = src.shape[1]
         else:
             src = src.contiguous()
-            row_stride, col_stride = n, 1
-        # the rows, contiguous, transformed and rounded in place
-        out = torch.empty(src.shape, dtype=src.dtype)
+            row_stride, col_stride, group, group_stride = n, 1, 1, n
+        out = torch.empty(src.shape, dtype=src.dtype)  # the rows, contiguous, transformed and rounded
         seed = self.stream_seed(generator) if self.rounding == "stochastic" else 0
         scale = ctypes.c_double()
         status = lib.hdqt_fwht_quantize_f32(
-            src.data_ptr(), row_stride, col_stride, out.data_ptr(), out.numel() // n if n else 0, n, p,
+            src.data_ptr(), row_stride, col_stride, group, group_stride, out.data_ptr(),
+            out.numel() // n if n else 0, n, p,
             self.rounding == "stochastic", self.scaling.clip_ratio, self.format.signed_max, seed,
             ctypes.byref(scale), native.threads(),
         )

@@ -456,6 +456,8 @@ def _row_view(shape: tuple[int, ...], view: str) -> torch.Tensor:
         return (torch.randn(*shape[:-1], 2 * shape[-1]) * 3)[..., ::2]
     if view == "permuted":  # a 3-d view with the rows' dimension last but not contiguous (conv dW's)
         return (torch.randn(shape[1], shape[0], shape[2]) * 3).transpose(0, 1)
+    if view == "transposed3":  # a 3-d view whose last two dimensions are transposed
+        return (torch.randn(shape[0], shape[2], shape[1]) * 3).transpose(1, 2)
     return torch.randn(shape) * 3
 
 
@@ -464,13 +466,16 @@ def _row_view(shape: tuple[int, ...], view: str) -> torch.Tensor:
     ((405, 128), 128, "transposed"), ((13, 20), 4, "transposed"), ((8, 16), 16, "transposed"),
     ((7, 24), 8, "strided"), ((3, 5, 16), 16, "permuted"), ((2, 3, 8), 8, "contiguous"),
     ((128, 96), 32, "contiguous"), ((7, 16), 2, "contiguous"), ((3, 256), 256, "contiguous"),
-    ((1, 1), 1, "contiguous"),
+    ((1, 1), 1, "contiguous"), ((16, 8, 32), 32, "permuted"), ((2, 3, 16), 8, "strided"),
+    ((2, 13, 24), 8, "transposed3"), ((3, 16, 8), 8, "transposed3"), ((2, 2, 3, 8), 8, "contiguous"),
+    ((16,), 16, "contiguous"),
 ])
 def test_fused_row_transform_and_quantizer_equal_the_two_calls(rounding, shape, p, view):
     """Quantizer.quantize_row_transform: transform and quantizer in one native call,
     value for value the transform's result quantized with its max|.|, same seeds, for
     rows read through any layout (a transposed view's 8 x 8 blocks and their edges:
-    13 rows of 20 leave 5 rows and 4 columns outside them)."""
+    13 rows of 20 leave 5 rows and 4 columns outside them; 3-d views read in groups of
+    rows, whose 8-row blocks may cross a group's end: 13 rows a group; other ranks copied)."""
     q = int_quantizer(4, rounding=rounding)
     t = _row_view(shape, view)
     before = t.clone()

@@ -21,9 +21,9 @@ int hdqt_quantize_f32(const float *x, float *out, int64_t n, int stochastic, int
 
 /* hadamard.c, im2col.c */
 float hdqt_fwht_rows_f32(float *x, int64_t rows, int64_t row_len, int64_t p, int threads);
-int hdqt_fwht_quantize_f32(const float *x, int64_t sr, int64_t sc, float *out, int64_t rows, int64_t row_len,
-                           int64_t p, int stochastic, double clip_ratio, double qmax, uint64_t seed,
-                           double *scale_out, int threads);
+int hdqt_fwht_quantize_f32(const float *x, int64_t sr, int64_t sc, int64_t group, int64_t sg, float *out,
+                           int64_t rows, int64_t row_len, int64_t p, int stochastic, double clip_ratio, double qmax,
+                           uint64_t seed, double *scale_out, int threads);
 float hdqt_im2col_fwht_f32(const float *x, float *out, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh,
                            int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                            int64_t OH, int64_t OW, int64_t p, int64_t channel_major, int threads);

@@ -235,32 +235,44 @@ static inline __attribute__((always_inline)) void transpose8(const float *r, int
     }
 }
 
-/* Rows [r0, r0 + n) of the (rows, row_len) view of src with strides (sr, sc), into
+/* Where row r of a view of rows starts: rows come in groups of `group`, a row's
+ * index in its group steps by sr and its group by sg (a matrix: group = rows; the
+ * (D0, D1, len) view with strides (sg, sr, .): group = D1). */
+static inline const float *row_start(const float *src, int64_t r, int64_t sr, int64_t group, int64_t sg) {
+    return src + (r / group) * sg + (r % group) * sr;
+}
+
+/* Rows [r0, r0 + n) of the view of src (rows at row_start, columns sc apart), into
  * the same rows of the contiguous out. The transposed view of a row-major matrix
  * (sr = 1, as a batch-major activation or gradient is along the batch) goes 8 rows
  * and 8 columns at a time through a register transpose: every source row then gives
  * 32 contiguous bytes. torch's own copy of such a view took ~40 us for 128 x 405
  * floats on one thread of the AVX2 VM, and it does not split it over threads. */
 HDQT_CLONES
-static void gather_rows(const float *src, int64_t sr, int64_t sc, float *out, int64_t row_len, int64_t r0,
-                        int64_t n) {
+static void gather_rows(const float *src, int64_t sr, int64_t sc, int64_t group, int64_t sg, float *out,
+                        int64_t row_len, int64_t r0, int64_t n) {
     if (sc == 1) {
-        for (int64_t r = r0; r < r0 + n; ++r) memcpy(out + r * row_len, src + r * sr, (size_t)row_len * sizeof *out);
+        for (int64_t r = r0; r < r0 + n; ++r)
+            memcpy(out + r * row_len, row_start(src, r, sr, group, sg), (size_t)row_len * sizeof *out);
         return;
     }
     int64_t k = 0;
-    if (sr == 1 && n == 8)
-        for (; k + 8 <= row_len; k += 8) transpose8(src + k * sc + r0, sc, out + r0 * row_len + k, row_len);
-    for (int64_t r = r0; r < r0 + n; ++r) /* the columns past the last 8, or any other strides */
-        for (int64_t j = k; j < row_len; ++j) out[r * row_len + j] = src[r * sr + j * sc];
+    if (sr == 1 && n == 8 && r0 % group + 8 <= group) { /* 8 rows side by side in memory */
+        const float *base = row_start(src, r0, sr, group, sg);
+        for (; k + 8 <= row_len; k += 8) transpose8(base + k * sc, sc, out + r0 * row_len + k, row_len);
+    }
+    for (int64_t r = r0; r < r0 + n; ++r) { /* the columns past the last 8, or any other strides */
+        const float *row = row_start(src, r, sr, group, sg);
+        for (int64_t j = k; j < row_len; ++j) out[r * row_len + j] = row[j * sc];
+    }
 }
 
 typedef struct {
     float *x;
     int64_t row_len, p;
     int narrow; /* fwht_row_narrow (narrow_vectors) */
-    const float *src; /* NULL, or where the rows come from (gather_rows), strides sr, sc */
-    int64_t sr, sc;
+    const float *src; /* NULL, or where the rows come from (gather_rows: sr, sc, group, sg) */
+    int64_t sr, sc, group, sg;
     float amax[HDQT_MAX_THREADS];
 } fwht_ctx;
 
@@ -269,7 +281,7 @@ static void fwht_range(void *arg, int64_t begin, int64_t end, int worker) {
     float m = 0.0f;
     for (int64_t r0 = begin; r0 < end; r0 += 8) { /* 8 rows: gathered together, then transformed while in cache */
         const int64_t n = end - r0 < 8 ? end - r0 : 8;
-        if (c->src != NULL) gather_rows(c->src, c->sr, c->sc, c->x, c->row_len, r0, n);
+        if (c->src != NULL) gather_rows(c->src, c->sr, c->sc, c->group, c->sg, c->x, c->row_len, r0, n);
         for (int64_t row = r0; row < r0 + n; ++row) {
             float *r = c->x + row * c->row_len;
 #ifdef HDQT_NARROW_BYTES
@@ -290,13 +302,13 @@ static float reduce_amax(const float *amax, int used) {
 }
 
 /* The transform of every length-p block of `rows` rows of length row_len: read
- * from src through strides (sr, sc) when src is not NULL, written to x (contiguous),
- * else in place in x. Returns max|result| (NaN if any element is NaN). */
-static float fwht_rows(const float *src, int64_t sr, int64_t sc, float *x, int64_t rows, int64_t row_len, int64_t p,
-                       int threads) {
+ * from src (gather_rows: sr, sc, group, sg) when src is not NULL, written to x
+ * (contiguous), else in place in x. Returns max|result| (NaN if any element is NaN). */
+static float fwht_rows(const float *src, int64_t sr, int64_t sc, int64_t group, int64_t sg, float *x, int64_t rows,
+                       int64_t row_len, int64_t p, int threads) {
     fwht_ctx c;
     c.x = x, c.row_len = row_len, c.p = p, c.narrow = narrow_vectors();
-    c.src = src, c.sr = sr, c.sc = sc;
+    c.src = src, c.sr = sr, c.sc = sc, c.group = group > 0 ? group : 1, c.sg = sg;
     int64_t grain = ELEMENT_GRAIN / (row_len > 0 ? row_len : 1);
     int used = parallel_for(rows, threads, grain, fwht_range, &c);
     return reduce_amax(c.amax, used);
@@ -305,11 +317,13 @@ static float fwht_rows(const float *src, int64_t sr, int64_t sc, float *x, int64
 /* In place: every length-p block of `rows` contiguous rows of length row_len.
  * Returns max|result| (NaN if any element is NaN). */
 float hdqt_fwht_rows_f32(float *x, int64_t rows, int64_t row_len, int64_t p, int threads) {
-    return fwht_rows(NULL, 0, 0, x, rows, row_len, p, threads);
+    return fwht_rows(NULL, 0, 0, 1, 0, x, rows, row_len, p, threads);
 }
 
-/* The transform of the rows of x, a (rows, row_len) view with strides (sr, sc),
- * into out (contiguous; x is not modified), then the dynamic per-tensor quantizer on
+/* The transform of the rows of x into out (contiguous; x is not modified): row r
+ * starts at x + (r / group) * sg + (r % group) * sr, its columns sc apart (a
+ * (rows, row_len) matrix with strides (sr, sc): group = rows; a (D0, D1, row_len)
+ * view with strides (sg, sr, sc): group = D1), then the dynamic per-tensor quantizer on
  * a signed grid of [-qmax, qmax] from the max|result| the transform returned
  * (Quantizer.grid with lo = -amax: scale = clip_ratio * amax / qmax, or 1 for an
  * all-zero result), then rounding to nearest (stochastic = 0) or stochastically
@@ -318,10 +332,10 @@ float hdqt_fwht_rows_f32(float *x, int64_t rows, int64_t row_len, int64_t p, int
  * fewer from Python (a backward operand in the Hadamard domain, often a transposed
  * view). Writes the scale to *scale_out. Returns 0, or 1 if the result holds NaN or
  * Inf (out then holds the transform). */
-int hdqt_fwht_quantize_f32(const float *x, int64_t sr, int64_t sc, float *out, int64_t rows, int64_t row_len,
-                           int64_t p, int stochastic, double clip_ratio, double qmax, uint64_t seed,
-                           double *scale_out, int threads) {
-    float amax = fwht_rows(x, sr, sc, out, rows, row_len, p, threads);
+int hdqt_fwht_quantize_f32(const float *x, int64_t sr, int64_t sc, int64_t group, int64_t sg, float *out,
+                           int64_t rows, int64_t row_len, int64_t p, int stochastic, double clip_ratio, double qmax,
+                           uint64_t seed, double *scale_out, int threads) {
+    float amax = fwht_rows(x, sr, sc, group, sg, out, rows, row_len, p, threads);
     uint32_t bits;
     memcpy(&bits, &amax, sizeof bits);
     if ((bits & 0x7fffffffu) >= 0x7f800000u) return 1; /* Inf or NaN */

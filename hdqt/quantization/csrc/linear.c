@@ -121,8 +121,8 @@ static int backward_operand(view2 src, int64_t rows, int64_t len, int64_t p, int
                             double qmax, uint64_t seed, float *out, view2 *q, double *scale, int threads) {
     if (p > 1) {
         *q = (view2){out, len, 1};
-        return hdqt_fwht_quantize_f32(src.v, src.rs, src.cs, out, rows, len, p, stochastic, clip, qmax, seed, scale,
-                                      threads) != 0;
+        return hdqt_fwht_quantize_f32(src.v, src.rs, src.cs, rows, 0, out, rows, len, p, stochastic, clip, qmax, seed,
+                                      scale, threads) != 0;
     }
     *q = (view2){out, src.rs, src.cs};
     return hdqt_quantize_f32(src.v, out, rows * len, stochastic, 0, clip, qmax, qmax, seed, scale, threads) != 0;
