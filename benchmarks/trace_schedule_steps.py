@@ -5,6 +5,7 @@ and, before the first optimizer step of each (task, policy) -- every step of a C
 or each task without one -- prints one line per quantized layer, on that batch and the
 network as it stands, in train mode, on copies (the run itself is not touched):
 
+* ``max|w|``: the largest weight entry;
 * ``max|dW|``: the largest weight-gradient entry under the step's policy, and under the same
   policy with a float backward (forward quantized alike, backward quantizers off): the
   quantized backward's gradient should be of the same size;
@@ -123,7 +124,8 @@ def main() -> None:
         for name, layer in layers:
             rows = zero_rows(layer)
             bn = flat.get(name)
-            print(f"  {name:<22} max|dW| {quantized[name]:>10.4g} (float backward {reference[name]:.4g})"
+            print(f"  {name:<22} max|w| {float(layer.weight.detach().abs().max()):>8.4g}, "
+                  f"max|dW| {quantized[name]:>10.4g} (float backward {reference[name]:.4g})"
                   + (f", zero rows {rows} of {layer.weight.shape[0]}" if rows is not None else "")
                   + (f", flat BN inputs {bn[0]} of {bn[1]}" if bn else ""), flush=True)
 

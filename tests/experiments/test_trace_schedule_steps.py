@@ -38,7 +38,7 @@ def test_it_prints_every_step_of_the_schedule(load_benchmark, monkeypatch, capsy
     lines = [line for line in out.splitlines() if "max|dW|" in line]
     assert len(lines) == 2 * 3  # FCNet's two hidden layers and its head, at each step
     for line in lines:
-        assert re.search(r"max\|dW\|\s+\d.*\(float backward \d.*\), zero rows \d+ of \d+$", line), line
+        assert re.search(r"max\|w\|\s+\d.*, max\|dW\|\s+\d.*\(float backward \d.*\), zero rows \d+ of \d+$", line), line
     assert out.rstrip().endswith("stopped before task 2")
 
 
