@@ -17,9 +17,10 @@ the same values whichever kernel adds them). One difference: a layer that meets 
 been drawn already.
 
 The common case (``forward_case`` / ``backward_case`` say why not, for tests):
-integer formats of at most 4 bits with per-tensor dynamic scales (the saved codes
-are nibbles), a limited forward accumulator, unlimited backward accumulators with
-exact float32 sums, signed backward grids, the Hadamard transform always applied in
+integer formats of at most 8 bits with per-tensor dynamic scales (the saved codes are
+nibbles up to 4 bits, bytes above), forward sums exact in float32 (any accumulator,
+limited or not), unlimited backward accumulators with exact float32 sums, signed
+backward grids, the Hadamard transform always applied in
 uniform blocks (or not at all), ``nonfinite="raise"``, CPU float32 tensors with a
 dense input and a contiguous weight, and the native kernels loaded. Everything else,
 and every call under ``HDQT_FUSED=0``, takes the separate calls.
@@ -33,7 +34,7 @@ import torch
 
 from hdqt.quantization import native
 from hdqt.quantization.matmul import _FLOAT32_EXACT, accumulator_limit, reduction_tile, sum_bound, tile_sums
-from hdqt.quantization.packing import PackedLayout
+from hdqt.quantization.packing import PackedLayout, _int_container
 from hdqt.quantization.quantizer import Quantizer, _nonfinite
 from hdqt.quantization.runtime import LayerRuntime
 
@@ -58,7 +59,9 @@ class Plan:
         if self.forward_reason is None:
             self.x_stochastic, self.w_stochastic = qx.rounding == "stochastic", qw.rounding == "stochastic"
             self.forward_bounds = (qx.format.max_magnitude(), qw.format.max_magnitude())
-            self.limit = float(accumulator_limit(policy.acc_bits))
+            # an unlimited accumulator: one tile as long as the reduction, which never saturates
+            self.limit = float(2**31 - 1 if policy.acc_bits is None else accumulator_limit(policy.acc_bits))
+            self.x_nibbles, self.w_nibbles = qx.format.bits <= 4, qw.format.bits <= 4
             self.x_args = (_SIGN_MODES.index(qx.format.signed), qx.scaling.clip_ratio, qx.format.signed_max,
                            qx.format.unsigned_max)
             self.w_args = (_SIGN_MODES.index(qw.format.signed), qw.scaling.clip_ratio, qw.format.signed_max,
@@ -94,17 +97,15 @@ def plan_for(rt: LayerRuntime) -> Plan:
     return plan
 
 
-def _nibble_quantizer(q: Quantizer | None) -> bool:
-    """An integer grid of at most 4 bits with a dynamic per-tensor scale: one native
-    quantizer call, and codes that the forward keeps two to a byte."""
-    return q is not None and q.native_fast and q.format.bits <= 4
+def _byte_quantizer(q: Quantizer | None) -> bool:
+    """An integer grid of at most 8 bits with a dynamic per-tensor scale: one native
+    quantizer call, and codes that the forward keeps in nibbles or bytes."""
+    return q is not None and q.native_fast and q.format.bits <= 8
 
 
 def _forward_policy_reason(policy) -> str | None:
-    if not (_nibble_quantizer(policy.forward_input) and _nibble_quantizer(policy.forward_weight)):
-        return "a forward quantizer is not an integer grid of <= 4 bits with a per-tensor dynamic scale"
-    if policy.acc_bits is None:
-        return "an unlimited forward accumulator"
+    if not (_byte_quantizer(policy.forward_input) and _byte_quantizer(policy.forward_weight)):
+        return "a forward quantizer is not an integer grid of <= 8 bits with a per-tensor dynamic scale"
     if policy.nonfinite != "raise":
         return f"nonfinite={policy.nonfinite!r}"
     return None
@@ -159,18 +160,21 @@ def forward(ctx, x: torch.Tensor, weight: torch.Tensor, rt: LayerRuntime):
         gen = rt.generator(x.device)
         x_seed = Quantizer.stream_seed(gen) if plan.x_stochastic else 0
         w_seed = Quantizer.stream_seed(gen) if plan.w_stochastic else 0
-    counts = (ctypes.c_double * 2)() if rt.saturation.sample() else None  # one call in `every`
+    limited = policy.acc_bits is not None  # an unlimited accumulator counts nothing (as the separate calls)
+    counts = (ctypes.c_double * 2)() if limited and rt.saturation.sample() else None  # one call in `every`
     input_needs_grad, weight_needs_grad = ctx.needs_input_grad[:2]
-    x_packed = torch.empty((batch * k + 1) // 2, dtype=torch.uint8) if weight_needs_grad else None
-    w_packed = torch.empty((n * k + 1) // 2, dtype=torch.uint8) if input_needs_grad else None
-    y = torch.empty(n, batch, dtype=torch.float32)
+    x_packed = _code_buffer(batch * k, plan.x_nibbles) if weight_needs_grad else None
+    w_packed = _code_buffer(n * k, plan.w_nibbles) if input_needs_grad else None
+    # Y^T = W X^T, returned as Y's transposed view, as the separate calls' tiled product does;
+    # their plain product (an unlimited accumulator) gives Y itself
+    y = torch.empty(n, batch, dtype=torch.float32) if limited else torch.empty(batch, n, dtype=torch.float32)
     scales, negative = (ctypes.c_double * 2)(), (ctypes.c_int * 2)()
-    tile = reduction_tile(policy.tile, k)
+    tile = reduction_tile(policy.tile, k) if limited else k
     status = lib.hdqt_linear_forward_f32(
         x.data_ptr(), transposed, weight.data_ptr(), batch, k, n, plan.x_stochastic, *plan.x_args, x_seed,
-        plan.w_stochastic, *plan.w_args, w_seed, tile, plan.limit, counts, use_int8, y.data_ptr(),
-        None if x_packed is None else x_packed.data_ptr(), None if w_packed is None else w_packed.data_ptr(),
-        scales, negative, native.threads(),
+        plan.w_stochastic, *plan.w_args, w_seed, tile, plan.limit, counts, use_int8, y.data_ptr(), not limited,
+        None if x_packed is None else x_packed.data_ptr(), plan.x_nibbles,
+        None if w_packed is None else w_packed.data_ptr(), plan.w_nibbles, scales, negative, native.threads(),
     )
     if status < 0:
         raise MemoryError(f"hdqt fused linear forward of layer {rt.name!r}: out of memory")
@@ -178,30 +182,39 @@ def forward(ctx, x: torch.Tensor, weight: torch.Tensor, rt: LayerRuntime):
         _nonfinite(x, "raise", f"{'forward input' if status == 1 else 'forward weight'} of layer {rt.name!r}")
     if counts is not None:
         rt.saturation.add(tile_sums(n * batch, k, tile), counts[0], counts[1])
-    x_tensors, x_layout = ((x_packed,), _nibbles((batch, k), (1, 0) if transposed else (0, 1),
-                                                 policy.forward_input, negative[0])) if weight_needs_grad else ((), None)
-    w_tensors, w_layout = ((w_packed,), _nibbles((n, k), (0, 1), policy.forward_weight, negative[1])) \
-        if input_needs_grad else ((), None)
+    x_tensors, x_layout = _kept(x_packed, (batch, k), (1, 0) if transposed else (0, 1), policy.forward_input,
+                                negative[0])
+    w_tensors, w_layout = _kept(w_packed, (n, k), (0, 1), policy.forward_weight, negative[1])
     ctx.save_for_backward(*x_tensors, *w_tensors)
     ctx.layouts = (x_layout, len(x_tensors), w_layout)
     ctx.scales = (scales[0], scales[1])
     ctx.input_transposed = transposed
     ctx.fused_lib, ctx.fused_int8 = lib, use_int8  # the backward uses the forward's settings
-    return y.T
+    return y.T if limited else y
 
 
-def _nibbles(shape, order, q: Quantizer, negative: int) -> PackedLayout:
-    """``packing.pack_operand``'s layout of nibbles for these codes."""
-    signed = q.format.signed
-    return PackedLayout("nibbles", shape, order, torch.float32, signed == "signed" or
-                        (signed == "auto" and bool(negative)))
+def _code_buffer(n: int, nibbles: bool) -> torch.Tensor:
+    """The bytes that keep ``n`` codes: two a byte, or one."""
+    return torch.empty((n + 1) // 2 if nibbles else n, dtype=torch.uint8)
+
+
+def _kept(packed: torch.Tensor | None, shape, order, q: Quantizer, negative: int):
+    """``packing.pack_operand``'s (tensors, layout) for codes the native call packed, or
+    ((), None) for an operand not kept."""
+    if packed is None:
+        return (), None
+    fmt = q.format
+    signed = fmt.signed == "signed" or (fmt.signed == "auto" and bool(negative))
+    if fmt.bits <= 4:
+        return (packed,), PackedLayout("nibbles", shape, order, torch.float32, signed)
+    return (packed.view(_int_container(fmt, signed)),), PackedLayout("int", shape, order, torch.float32)
 
 
 def backward_case(ctx, grad: torch.Tensor) -> str | None:
     """Why ``backward`` declines this call (the separate calls compute it), or None."""
     rt: LayerRuntime = ctx.rt
     if getattr(ctx, "fused_lib", None) is None:
-        return "the forward took the separate calls"
+        return "the forward took the separate calls"  # (then the codes are kept as it packed them)
     plan = plan_for(rt)
     if plan.backward_reason is not None:
         return plan.backward_reason
@@ -229,6 +242,7 @@ def backward(ctx, grad: torch.Tensor):
     if (want_x and w_layout is None) or (want_w and x_layout is None):
         return None  # a gradient asked for whose operand was not kept (autograd never does this)
     saved = ctx.saved_tensors
+    x_saved, w_saved = saved[0] if want_w else None, saved[x_count] if want_x else None
     grad = grad.detach()
     if not (grad.is_contiguous() or grad.T.is_contiguous()):
         grad = grad.contiguous()  # the separate calls' quantizer copies such a gradient the same way
@@ -251,8 +265,7 @@ def backward(ctx, grad: torch.Tensor):
     x_scale, w_scale = ctx.scales
     status = ctx.fused_lib.hdqt_linear_backward_f32(
         grad.data_ptr(), grad.stride(0), grad.stride(1), batch, k, n,
-        saved[0].data_ptr() if want_w else None, want_w and x_layout.signed, ctx.input_transposed, x_scale,
-        saved[x_count].data_ptr() if want_x else None, want_x and w_layout.signed, w_scale,
+        *_codes_args(x_saved, x_layout), ctx.input_transposed, x_scale, *_codes_args(w_saved, w_layout), w_scale,
         p_out, p_batch, extra_dx, extra_dw, *args, ctx.fused_int8,
         None if grad_x is None else grad_x.data_ptr(), None if grad_w is None else grad_w.data_ptr(), native.threads(),
     )
@@ -263,3 +276,12 @@ def backward(ctx, grad: torch.Tensor):
     if grad_x is not None and ctx.input_transposed:
         grad_x = grad_x.T
     return grad_x, grad_w, None
+
+
+def _codes_args(stored: torch.Tensor | None, layout: PackedLayout | None) -> tuple:
+    """(address, nibbles, signed) of kept codes for the native backward; (None, 0, 0) for none."""
+    if stored is None:
+        return None, 0, 0
+    if layout.kind == "nibbles":
+        return stored.data_ptr(), 1, int(layout.signed)
+    return stored.data_ptr(), 0, int(stored.dtype == torch.int8)  # bytes: int8 or uint8 (packing.py)

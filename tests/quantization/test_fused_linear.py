@@ -109,6 +109,11 @@ CASES = [  # (policy, widths, batch): each takes the fused calls in both directi
     (SR_FORWARD, (33, 17, 4), 9),  # odd sizes: an odd number of nibbles
     (hdqt.recipe("hdqt"), (5, 7, 3), 1),  # batch 1
     (hdqt.recipe("hdqt"), (1, 8, 1), 4),  # width 1
+    (hdqt.recipe("hdqt", acc_bits=None), (40, 24, 7), 12),  # an unlimited forward accumulator
+    (hdqt.recipe("hdqt", bits=8, acc_bits=20), (40, 24, 7), 12),  # codes kept as bytes
+    (hdqt.recipe("int", bits=6, acc_bits=16), (33, 17, 4), 9),  # 6-bit bytes: unsigned inputs in int8
+    (dataclasses.replace(hdqt.recipe("hdqt", bits=8, acc_bits=20), forward_weight=int_quantizer(4)),
+     (24, 16, 5), 8),  # input bytes, weight nibbles
 ]
 
 
@@ -152,8 +157,7 @@ def test_a_gradient_in_no_dense_layout_is_copied_as_the_separate_calls_do(monkey
 
 @pytest.mark.parametrize("policy, reason", [
     (hdqt.recipe("luq"), "a forward quantizer is not an integer grid"),
-    (hdqt.recipe("hdqt", bits=5, acc_bits=12), "a forward quantizer is not an integer grid of <= 4 bits"),
-    (hdqt.recipe("hdqt", acc_bits=None), "an unlimited forward accumulator"),
+    (hdqt.recipe("hdqt", bits=10, acc_bits=24), "a forward quantizer is not an integer grid of <= 8 bits"),
     (hdqt.recipe("hdqt", nonfinite="propagate"), "nonfinite='propagate'"),
 ])
 def test_forward_cases_the_fused_call_declines(policy, reason):

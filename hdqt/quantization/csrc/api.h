@@ -88,11 +88,13 @@ int hdqt_linear_forward_f32(const float *x, int x_transposed, const float *w, in
                             int64_t out_features, int x_stochastic, int x_sign_mode, double x_clip, double x_smax,
                             double x_umax, uint64_t x_seed, int w_stochastic, int w_sign_mode, double w_clip,
                             double w_smax, double w_umax, uint64_t w_seed, int64_t tile, float limit,
-                            double *saturation, int use_int8, float *y, uint8_t *x_packed, uint8_t *w_packed,
-                            double *scales, int *negative, int threads);
+                            double *saturation, int use_int8, float *y, int batch_major, uint8_t *x_packed,
+                            int x_nibbles, uint8_t *w_packed, int w_nibbles, double *scales, int *negative,
+                            int threads);
 int hdqt_linear_backward_f32(const float *grad, int64_t gs0, int64_t gs1, int64_t batch, int64_t in_features,
-                             int64_t out_features, const uint8_t *x_packed, int x_signed, int x_transposed,
-                             double x_scale, const uint8_t *w_packed, int w_signed, double w_scale, int64_t p_out,
+                             int64_t out_features, const uint8_t *x_packed, int x_nibbles, int x_signed,
+                             int x_transposed, double x_scale, const uint8_t *w_packed, int w_nibbles,
+                             int w_signed, double w_scale, int64_t p_out,
                              int64_t p_batch, double extra_dx, double extra_dw, int a_stochastic, double a_clip,
                              double a_qmax, uint64_t a_seed, int b_stochastic, double b_clip, double b_qmax,
                              uint64_t b_seed, int c_stochastic, double c_clip, double c_qmax, uint64_t c_seed,

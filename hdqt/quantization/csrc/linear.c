@@ -69,22 +69,39 @@ static int product_rows(view2 a, view2 bt, float *out, int64_t M, int64_t K, int
     return 0;
 }
 
+/* The codes of a saved operand: two a byte (nibbles, <= 4 bits: hdqt_pack_nibbles_f32)
+ * or one (hdqt_pack_bytes_f32); returns 1 if one is negative (packing.pack_operand). */
+static int pack_codes(const float *codes, int64_t n, int nibbles, uint8_t *out, int threads) {
+    return nibbles ? hdqt_pack_nibbles_f32(codes, n, out, threads) : hdqt_pack_bytes_f32(codes, n, out, threads);
+}
+
+/* The codes pack_codes kept, as floats (packing.unpack_operand). */
+static void unpack_codes(const uint8_t *packed, int64_t n, int nibbles, int is_signed, float *out, int threads) {
+    if (nibbles) hdqt_unpack_nibbles_f32(packed, n, is_signed, out, threads);
+    else hdqt_unpack_bytes_f32(packed, n, is_signed, out, threads);
+}
+
 /* The quantized layer's forward, Y = Q(X) Q(W)^T, as QuantLinearFunction.forward:
  * x (batch, in) dense (row-major, or x_transposed: stored as (in, batch)), w (out, in)
  * row-major, each quantized by the dynamic per-tensor quantizer (hdqt_quantize_f32,
  * over its memory in order: x first, then w), the tiled product computed as
- * Y^T = W X^T into y (out, batch) with each length-`tile` partial sum saturating at
- * `limit` (saturation: NULL or the counts, as in the product kernels), times the two
- * scales. Then the codes are kept in nibbles (hdqt_pack_nibbles_f32) where x_packed /
- * w_packed is not NULL, and whether any code was negative goes to negative[0] / [1].
+ * Y^T = W X^T into y (out, batch), or with batch_major as Y = X W^T into y (batch, out)
+ * (the layout of the separate calls' plain product, for an unlimited accumulator),
+ * with each length-`tile` partial sum saturating at
+ * `limit` (saturation: NULL or the counts, as in the product kernels; an unlimited
+ * accumulator: tile = in, limit 2^31 - 1, exact sums), times the two scales. Then the
+ * codes are kept (pack_codes: nibbles where x_nibbles / w_nibbles, else bytes) where
+ * x_packed / w_packed is not NULL, and whether any code was negative goes to
+ * negative[0] / [1].
  * The scales go to scales[0], [1]. Returns 0; 1 or 2 if x or w holds NaN or Inf (y
  * then untouched); -1 if memory ran out. */
 int hdqt_linear_forward_f32(const float *x, int x_transposed, const float *w, int64_t batch, int64_t in_features,
                             int64_t out_features, int x_stochastic, int x_sign_mode, double x_clip, double x_smax,
                             double x_umax, uint64_t x_seed, int w_stochastic, int w_sign_mode, double w_clip,
                             double w_smax, double w_umax, uint64_t w_seed, int64_t tile, float limit,
-                            double *saturation, int use_int8, float *y, uint8_t *x_packed, uint8_t *w_packed,
-                            double *scales, int *negative, int threads) {
+                            double *saturation, int use_int8, float *y, int batch_major, uint8_t *x_packed,
+                            int x_nibbles, uint8_t *w_packed, int w_nibbles, double *scales, int *negative,
+                            int threads) {
     const int64_t nx = batch * in_features, nw = out_features * in_features;
     float *xq = (float *)malloc((size_t)(nx + 1) * sizeof(float));
     float *wq = (float *)malloc((size_t)(nw + 1) * sizeof(float));
@@ -97,14 +114,17 @@ int hdqt_linear_forward_f32(const float *x, int x_transposed, const float *w, in
         status = 2;
     if (status == 0) {
         /* X^T's rows are x's columns: (in, batch) row-major when x is stored transposed */
-        view2 a = {wq, in_features, 1}, bt = {xq, x_transposed ? 1 : in_features, x_transposed ? batch : 1};
-        status = product_rows(a, bt, y, out_features, in_features, batch, tile, limit, saturation, use_int8,
-                              threads);
+        view2 w_rows = {wq, in_features, 1};
+        view2 x_rows = {xq, x_transposed ? 1 : in_features, x_transposed ? batch : 1};
+        status = batch_major ? product_rows(x_rows, w_rows, y, batch, in_features, out_features, tile, limit,
+                                            saturation, use_int8, threads)
+                             : product_rows(w_rows, x_rows, y, out_features, in_features, batch, tile, limit,
+                                            saturation, use_int8, threads);
     }
     if (status == 0) {
         scale_values(y, out_features * batch, scales[0] * scales[1], threads);
-        if (x_packed != NULL) negative[0] = hdqt_pack_nibbles_f32(xq, nx, x_packed, threads);
-        if (w_packed != NULL) negative[1] = hdqt_pack_nibbles_f32(wq, nw, w_packed, threads);
+        if (x_packed != NULL) negative[0] = pack_codes(xq, nx, x_nibbles, x_packed, threads);
+        if (w_packed != NULL) negative[1] = pack_codes(wq, nw, w_nibbles, w_packed, threads);
     }
     free(xq);
     free(wq);
@@ -159,8 +179,8 @@ static int backward_product(view2 a, int64_t m, int stochastic_a, double clip_a,
     return status;
 }
 
-/* The quantized layer's backward, as QuantLinearFunction.backward, from the nibbles
- * the forward kept (x_packed: the input codes (batch, in), stored transposed when
+/* The quantized layer's backward, as QuantLinearFunction.backward, from the codes
+ * the forward kept (pack_codes; x_packed: the input codes (batch, in), stored transposed when
  * x_transposed; w_packed: the weight codes (out, in) row-major; NULL where that
  * gradient is not wanted):
  *   grad_x = Qa(G H) Qb(W^T H)^T  (rows of G along out, blocks of p_out), written as
@@ -173,8 +193,9 @@ static int backward_product(view2 a, int64_t m, int stochastic_a, double clip_a,
  * Returns 0; 1-4 if operand a-d holds NaN or Inf (what follows it is not computed);
  * -1 if memory ran out. */
 int hdqt_linear_backward_f32(const float *grad, int64_t gs0, int64_t gs1, int64_t batch, int64_t in_features,
-                             int64_t out_features, const uint8_t *x_packed, int x_signed, int x_transposed,
-                             double x_scale, const uint8_t *w_packed, int w_signed, double w_scale, int64_t p_out,
+                             int64_t out_features, const uint8_t *x_packed, int x_nibbles, int x_signed,
+                             int x_transposed, double x_scale, const uint8_t *w_packed, int w_nibbles,
+                             int w_signed, double w_scale, int64_t p_out,
                              int64_t p_batch, double extra_dx, double extra_dw, int a_stochastic, double a_clip,
                              double a_qmax, uint64_t a_seed, int b_stochastic, double b_clip, double b_qmax,
                              uint64_t b_seed, int c_stochastic, double c_clip, double c_qmax, uint64_t c_seed,
@@ -185,7 +206,7 @@ int hdqt_linear_backward_f32(const float *grad, int64_t gs0, int64_t gs1, int64_
     if (grad_x != NULL) {
         float *wv = (float *)malloc((size_t)(out_features * in_features + 1) * sizeof(float));
         if (wv == NULL) return -1;
-        hdqt_unpack_nibbles_f32(w_packed, out_features * in_features, w_signed, wv, threads);
+        unpack_codes(w_packed, out_features * in_features, w_nibbles, w_signed, wv, threads);
         const view2 wt = {wv, 1, in_features}; /* W^T (in, out) */
         status = x_transposed
                      ? backward_product(g, batch, a_stochastic, a_clip, a_qmax, a_seed, wt, in_features, b_stochastic,
@@ -200,7 +221,7 @@ int hdqt_linear_backward_f32(const float *grad, int64_t gs0, int64_t gs1, int64_
     if (grad_w != NULL) {
         float *xv = (float *)malloc((size_t)(batch * in_features + 1) * sizeof(float));
         if (xv == NULL) return -1;
-        hdqt_unpack_nibbles_f32(x_packed, batch * in_features, x_signed, xv, threads);
+        unpack_codes(x_packed, batch * in_features, x_nibbles, x_signed, xv, threads);
         /* X^T (in, batch): x's columns */
         const view2 xt = x_transposed ? (view2){xv, batch, 1} : (view2){xv, 1, in_features};
         status = backward_product(gt, out_features, c_stochastic, c_clip, c_qmax, c_seed, xt, in_features,
