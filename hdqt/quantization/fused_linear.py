@@ -214,7 +214,7 @@ def backward_case(ctx, grad: torch.Tensor) -> str | None:
     """Why ``backward`` declines this call (the separate calls compute it), or None."""
     rt: LayerRuntime = ctx.rt
     if getattr(ctx, "fused_lib", None) is None:
-        return "the forward took the separate calls"  # (then the codes are kept as it packed them)
+        return "the forward took the separate calls"
     plan = plan_for(rt)
     if plan.backward_reason is not None:
         return plan.backward_reason
