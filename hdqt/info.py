@@ -2,7 +2,8 @@
 
 Versions, the kernel variant this CPU uses (AVX-512, AVX2 or baseline clones; which
 int8 dot products (AVX512-VNNI, AVX-VNNI, AVX2, ARM sdot) or float32 products; or the
-pure-torch path and why) and the int8 variants it could run, torch's threads
+pure-torch path and why) and the int8 variants it could run, whether a linear layer
+runs as one native call a direction (``fused_linear.py``), torch's threads
 and devices, and where datasets are looked for. A slow training step usually has its
 reason here.
 """
@@ -45,6 +46,7 @@ def info_command(args: argparse.Namespace) -> int:
         binary = f"none ({error})"
     print(f"binary (hadanet) product: {binary}; this CPU runs: {', '.join(binary_kernel.available())} "
           "(HDQT_BINARY=auto or a name chooses)")
+    print(f"linear layers: {_linear_calls(lib)}")
     print(f"torch threads: {torch.get_num_threads()}; devices: {', '.join(devices)}")
     from hdqt.allocator import keep_freed_memory_requested
 
@@ -53,3 +55,15 @@ def info_command(args: argparse.Namespace) -> int:
                               "handed back to the OS as the C library decides (HDQT_KEEP_FREED_MEMORY=0)"))
     print("data roots: " + ", ".join(str(root) for root in data_roots()))
     return 0
+
+
+def _linear_calls(lib) -> str:
+    """How a quantized linear layer's forward and backward run here (fused_linear.py)."""
+    from hdqt.quantization import fused_linear
+
+    if lib is None:
+        return "torch operations (no native kernels)"
+    if not fused_linear.enabled():
+        return "separate native calls from Python (HDQT_FUSED=0)"
+    return ("one native call a direction for integer codes of <= 8 bits with per-tensor scales, separate "
+            "calls otherwise (HDQT_FUSED=0: always separate)")

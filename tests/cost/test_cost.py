@@ -138,7 +138,15 @@ def test_hdqt_energy_prints_json_and_tables(capsys):
     assert "acc_bits=8 cannot hold" in capsys.readouterr().err
 
 
-def test_hdqt_info_names_the_kernels(capsys):
+def test_hdqt_info_names_the_kernels(capsys, monkeypatch):
+    from hdqt.quantization import native
+
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "kernels: " in out and ("native: " in out or "pure-torch path" in out)
+    fused = "linear layers: one native call a direction" in out
+    assert fused == (native.load() is not None), out
+    monkeypatch.setenv("HDQT_FUSED", "0")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert ("linear layers: separate native calls from Python (HDQT_FUSED=0)" in out) == (native.load() is not None)
