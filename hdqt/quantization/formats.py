@@ -95,6 +95,11 @@ class IntFormat:
         return 2 ** (self.bits - 1) - 1
 
     @property
+    def sign_mode(self) -> int:
+        """``signed`` as the native quantizer's sign mode: 0 signed, 1 unsigned, 2 auto (csrc/rounding.c)."""
+        return _SIGNEDNESS.index(self.signed)
+
+    @property
     def unsigned_max(self) -> int:
         return 2**self.bits - 1
 

@@ -34,11 +34,10 @@ import torch
 
 from hdqt.quantization import native
 from hdqt.quantization.matmul import _FLOAT32_EXACT, accumulator_limit, reduction_tile, sum_bound, tile_sums
-from hdqt.quantization.packing import PackedLayout, _int_container
+from hdqt.quantization.packing import PackedLayout, kept_codes
 from hdqt.quantization.quantizer import Quantizer, _nonfinite
 from hdqt.quantization.runtime import LayerRuntime
 
-_SIGN_MODES = ("signed", "unsigned", "auto")
 _BACKWARD_OPERANDS = ("output gradient (dX)", "backward weight", "output gradient (dW)", "backward input")
 
 
@@ -62,10 +61,8 @@ class Plan:
             # an unlimited accumulator: one tile as long as the reduction, which never saturates
             self.limit = float(2**31 - 1 if policy.acc_bits is None else accumulator_limit(policy.acc_bits))
             self.x_nibbles, self.w_nibbles = qx.format.bits <= 4, qw.format.bits <= 4
-            self.x_args = (_SIGN_MODES.index(qx.format.signed), qx.scaling.clip_ratio, qx.format.signed_max,
-                           qx.format.unsigned_max)
-            self.w_args = (_SIGN_MODES.index(qw.format.signed), qw.scaling.clip_ratio, qw.format.signed_max,
-                           qw.format.unsigned_max)
+            self.x_args = (qx.format.sign_mode, qx.scaling.clip_ratio, qx.format.signed_max, qx.format.unsigned_max)
+            self.w_args = (qw.format.sign_mode, qw.scaling.clip_ratio, qw.format.signed_max, qw.format.unsigned_max)
         self.backward_quantizers = (policy.grad_output_dx, policy.backward_weight, policy.grad_output_dw,
                                     policy.backward_input)
         self.backward_reason = _backward_policy_reason(policy, self.backward_quantizers)
@@ -201,13 +198,7 @@ def _code_buffer(n: int, nibbles: bool) -> torch.Tensor:
 def _kept(packed: torch.Tensor | None, shape, order, q: Quantizer, negative: int):
     """``packing.pack_operand``'s (tensors, layout) for codes the native call packed, or
     ((), None) for an operand not kept."""
-    if packed is None:
-        return (), None
-    fmt = q.format
-    signed = fmt.signed == "signed" or (fmt.signed == "auto" and bool(negative))
-    if fmt.bits <= 4:
-        return (packed,), PackedLayout("nibbles", shape, order, torch.float32, signed)
-    return (packed.view(_int_container(fmt, signed)),), PackedLayout("int", shape, order, torch.float32)
+    return ((), None) if packed is None else kept_codes(packed, q.format, negative, shape, order, torch.float32)
 
 
 def backward_case(ctx, grad: torch.Tensor) -> str | None:

@@ -237,18 +237,27 @@ def pack_operand(q: QTensor, quantizer: Quantizer | None) -> tuple[tuple[torch.T
                 codes = flat.to(torch.int8)  # [-7, 7] or [0, 15]: both fit
                 packed = pack_nibbles(codes)
                 negative = fmt.signed == "auto" and codes.numel() > 0 and bool(codes.amin() < 0)
-            signed = fmt.signed == "signed" or (fmt.signed == "auto" and negative)
-            return (packed,), PackedLayout("nibbles", shape, order, values.dtype, signed)
+            return kept_codes(packed, fmt, negative, shape, order, values.dtype)
         if lib is not None and fmt.bits <= 8:  # int8 or uint8: the same bytes either way
             stored, negative = _native_pack(lib, "hdqt_pack_bytes_f32", flat, flat.numel())
-            container = _int_container(fmt, fmt.signed == "signed" or (fmt.signed == "auto" and negative))
-            return (stored.view(container),), PackedLayout("int", shape, order, values.dtype)
+            return kept_codes(stored, fmt, negative, shape, order, values.dtype)
         container = _int_container(fmt, _has_negative(fmt, flat))
         return (flat.to(container),), PackedLayout("int", shape, order, values.dtype)
     dtype = compact_float_dtype(fmt)
     if dtype is None or dtype.itemsize >= values.element_size():
         return raw
     return (flat.to(dtype),), PackedLayout("float", shape, order, values.dtype)
+
+
+def kept_codes(packed: torch.Tensor, fmt: IntFormat, negative: bool, shape, order,
+               dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], PackedLayout]:
+    """What ``pack_operand`` saves for the codes of an integer format of at most 8 bits,
+    given their packed bytes (two codes a byte up to 4 bits, one above) and whether one
+    was negative (which decides the sign of an "auto" format's nibbles or container)."""
+    signed = fmt.signed == "signed" or (fmt.signed == "auto" and bool(negative))
+    if fmt.bits <= 4:
+        return (packed,), PackedLayout("nibbles", tuple(shape), tuple(order), dtype, signed)
+    return (packed.view(_int_container(fmt, signed)),), PackedLayout("int", tuple(shape), tuple(order), dtype)
 
 
 def keep_operand(q: QTensor, quantizer: Quantizer | None) -> tuple[tuple[torch.Tensor, ...], PackedLayout]:

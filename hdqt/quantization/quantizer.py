@@ -261,10 +261,9 @@ class Quantizer:
         """Range, grid (as ``grid``) and rounding in one native call."""
         src, out = _native_buffers(tensor)
         seed = self.stream_seed(generator) if self.rounding == "stochastic" else 0
-        sign_mode = ("signed", "unsigned", "auto").index(self.format.signed)
         scale = ctypes.c_double()
         status = lib.hdqt_quantize_f32(
-            src.data_ptr(), out.data_ptr(), src.numel(), self.rounding == "stochastic", sign_mode,
+            src.data_ptr(), out.data_ptr(), src.numel(), self.rounding == "stochastic", self.format.sign_mode,
             self.scaling.clip_ratio, self.format.signed_max, self.format.unsigned_max, seed, ctypes.byref(scale),
             native.threads(),
         )
