@@ -162,7 +162,6 @@ class QuantLinearFunction(torch.autograd.Function):
         fused = fused_linear.forward(ctx, x, weight, rt)  # the common case in one native call
         if fused is not None:
             return fused
-        ctx.fused_lib = None
         policy = rt.policy
         xq = rt.quantize(policy.forward_input, x, "forward input")
         wq = rt.quantize(policy.forward_weight, weight, "forward weight")

@@ -30,12 +30,14 @@ static void scale_values(float *y, int64_t n, double scale, int threads) {
     parallel_for(n, threads, ELEMENT_GRAIN, scale_range, &c);
 }
 
-/* (rows, cols) row-major -> (cols, rows) row-major: the float kernel reads B as (K, J). */
+/* (rows, cols) row-major -> (cols, rows) row-major: the float kernel reads B as (K, J).
+ * Row c of the copy is column c of x, gathered 8 rows at a time (hadamard.c's
+ * gather_rows, whose 8x8 register transposes serve here too). */
 static float *transposed_copy(const float *x, int64_t rows, int64_t cols) {
     float *t = (float *)malloc((size_t)(rows * cols + 1) * sizeof(float));
     if (t == NULL) return NULL;
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = x[r * cols + c];
+    for (int64_t c0 = 0; c0 < cols; c0 += 8)
+        gather_rows(x, 1, cols, cols, 0, t, rows, c0, cols - c0 < 8 ? cols - c0 : 8);
     return t;
 }
 
