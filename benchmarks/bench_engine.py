@@ -3,16 +3,21 @@
 Measures forward + backward + SGD at batch 128 for
   * FCNet 405-405-405-19 (three Linear layers, no bias), and
   * one 16->16 3x3 conv (padding 1) on 32x32 maps,
+with ``--cases resnet32`` ResNet-32 (``hdqt.models``, 3x32x32, 100 classes; the model of the
+CIFAR-100 runs, slow on a CPU, the case to time on a GPU),
 and, with ``--cases tiny``, an FCNet 32-32-32-19 at batch 8, whose step is almost all
 fixed cost (Python, autograd, kernel calls): its hdqt - fp32 difference is what the
 engine adds to every step regardless of size, and what does not shrink with threads,
 under each recipe, and prints each recipe's time divided by fp32's, and the
 activation memory one forward keeps for the backward.
 Targets for `hdqt`: issue 13's where the int8 products run on AVX2 (<= 1.5x fp32 for
-FCNet, <= 2x for the conv), issue 2's elsewhere (<= 2x, <= 3x).
+FCNet, <= 2x for the conv), issue 2's elsewhere (<= 2x, <= 3x). On a GPU (``--device
+cuda``) the quantized layers take torch's path (no native kernels) and no target is
+printed; every timed step ends with ``torch.cuda.synchronize()``, so a step's time is
+the GPU's work, not only its launch.
 
     python benchmarks/bench_engine.py [--rounds 15] [--steps 5] [--recipes fp32,hdqt,int] [--threads N]
-                                      [--cases fcnet,conv,tiny] [--keep-freed-memory]
+                                      [--cases fcnet,conv,resnet32,tiny] [--keep-freed-memory] [--device cuda]
                                       [--int8 VARIANT] [--vectors narrow] [--emulate-avx2]
 
 ``--keep-freed-memory`` runs with ``hdqt.allocator.keep_freed_memory()`` applied (as the
@@ -76,6 +81,12 @@ def conv() -> nn.Module:
     return nn.Conv2d(16, 16, 3, padding=1, bias=False)
 
 
+def resnet32() -> nn.Module:
+    from hdqt.models import create_model
+
+    return nn.Sequential(create_model("resnet32", (3, 32, 32)), nn.Linear(64, 100))
+
+
 # recipe variants: the engine switches each sets during its steps (read at every layer call)
 VARIANTS = {"": {}, "noint8": {"HDQT_INT8": "0"}, "unfused": {"HDQT_FUSED": "0"}}
 
@@ -83,6 +94,8 @@ VARIANTS = {"": {}, "noint8": {"HDQT_INT8": "0"}, "unfused": {"HDQT_FUSED": "0"}
 def make_step(model: nn.Module, x: torch.Tensor, loss_fn, env: dict[str, str] | None = None):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     env = env or {}
+    # CUDA runs asynchronously: without waiting, a step would time its launches only
+    wait = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
 
     def step() -> None:
         before = {key: os.environ.get(key) for key in env}
@@ -91,6 +104,7 @@ def make_step(model: nn.Module, x: torch.Tensor, loss_fn, env: dict[str, str] | 
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x)).backward()
             opt.step()
+            wait()
         finally:
             for key, value in before.items():
                 if value is None:
@@ -162,28 +176,40 @@ def main() -> None:
 
         allocator = keep_freed_memory(children=False)
     chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
-    if not chosen or any(c not in ("fcnet", "conv", "tiny") for c in chosen):
-        parser.error(f"--cases: expected fcnet, conv and/or tiny (comma-separated), got {args.cases!r}")
+    if not chosen or any(c not in ("fcnet", "conv", "resnet32", "tiny") for c in chosen):
+        parser.error(f"--cases: expected fcnet, conv, resnet32 and/or tiny (comma-separated), got {args.cases!r}")
     recipes = [r for r in args.recipes.split(",") if r != "fp32"]
     recipes.insert(0, "fp32")
-    dev = torch.device(args.device)
+    try:
+        dev = torch.device(args.device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as err:
+        parser.error(f"--device {args.device!r}: not usable here ({err})")
     gen = torch.Generator().manual_seed(0)
     x_fc = torch.randn(128, 405, generator=gen).to(dev)
     y_fc = torch.randint(0, 19, (128,), generator=gen).to(dev)
     x_cv = torch.randn(128, 16, 32, 32, generator=gen).to(dev)
     x_tiny = torch.randn(8, 32, generator=gen).to(dev)
+    x_rn = torch.randn(128, 3, 32, 32, generator=gen).to(dev)
+    y_rn = torch.randint(0, 100, (128,), generator=gen).to(dev)
     lib = native.load()
     avx2 = lib is not None and native.int8_dot(lib) and native.int8_variant(lib) == "avx2"
     targets = (1.5, 2.0) if avx2 else (2.0, 3.0)  # issue 13 (AVX2 int8) or issue 2
+    if dev.type != "cpu":
+        targets = (None, None)  # the targets are the CPU kernels'; a GPU runs torch's path
     cases = {
         "fcnet 405-405-405-19": (fcnet, x_fc, lambda out: F.cross_entropy(out, y_fc), targets[0]),
         "conv 16->16 3x3 @32x32": (conv, x_cv, lambda out: out.square().mean(), targets[1]),
+        "resnet32 3x32x32, 100 cl.": (resnet32, x_rn, lambda out: F.cross_entropy(out, y_rn), None),
         "tiny 32-32-32-19 batch 8": (tiny_fcnet, x_tiny, lambda out: out.square().mean(), None),
     }
     cases = {name: case for name, case in cases.items() if name.split()[0] in chosen}
     print(f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}), "
           f"threads {torch.get_num_threads()}, device {dev}, batch 128 (tiny: 8); "
           f"{args.rounds} rounds x {args.steps} steps, recipes interleaved")
+    if dev.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda}); "
+              f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}")
     print(f"hdqt kernels: {native.kernel_variant()}" +
           (f"; HDQT_VECTORS={os.environ['HDQT_VECTORS']}" if "HDQT_VECTORS" in os.environ else ""))
     print(allocator)

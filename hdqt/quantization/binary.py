@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from hdqt.quantization import binarize, binary_kernel
 from hdqt.quantization.im2col import unfold_channel_major
+from hdqt.quantization.precision import backward_without_autocast
 from hdqt.quantization.quantizer import NonFiniteError
 from hdqt.quantization.runtime import LayerRuntime
 
@@ -90,6 +91,7 @@ class BinaryLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad: torch.Tensor):
         x, weight, bx, bw = ctx.saved_tensors
         group = ctx.group
@@ -133,6 +135,7 @@ class BinaryConv2dFunction(torch.autograd.Function):
         return y.reshape(b, oh, ow, n).permute(0, 3, 1, 2)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad):
         x, weight, bx, bw = ctx.saved_tensors
         group, kernel, stride, padding, dilation = ctx.conv

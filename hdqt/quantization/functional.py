@@ -35,6 +35,7 @@ from hdqt.quantization.hadamard import BlockLayout, block_layout, hadamard_trans
 from hdqt.quantization.im2col import exact_input_grad, fused_weight_grad, tiled_conv2d, unfold_channel_major
 from hdqt.quantization.matmul import Bounds, exact_dtype, sum_bound, tiled_matmul, tiled_matmul_batched, tiled_matmul_kj
 from hdqt.quantization.packing import holds_codes, keep_operand, pack_operand, unpack_operand
+from hdqt.quantization.precision import backward_without_autocast
 from hdqt.quantization.quantizer import QTensor, Quantizer
 from hdqt.quantization.runtime import LayerRuntime
 from hdqt.quantization.selection import relative_rounding_error, transform_helps
@@ -181,6 +182,7 @@ class QuantLinearFunction(torch.autograd.Function):
         return y.to(x.dtype).mul_(xq.scale * wq.scale)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad: torch.Tensor):
         fused = fused_linear.backward(ctx, grad)  # the common case in one native call
         if fused is not None:
@@ -250,6 +252,7 @@ class QuantConv2dFunction(torch.autograd.Function):
         return out if bound is None else mark_integer_output(out, xq.scale * wq.scale, bound)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad):
         x_values, w_values = saved_operands(ctx)
         x_shape, w_shape = ctx.shapes

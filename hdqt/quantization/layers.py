@@ -17,6 +17,7 @@ from hdqt.quantization.binary import binary_conv2d, binary_linear
 from hdqt.quantization.functional import QuantConv2dFunction, QuantLinearFunction
 from hdqt.quantization.hadamard import BlockLayout, block_layout, hadamard_transform
 from hdqt.quantization.policy import QuantPolicy
+from hdqt.quantization.precision import autocast_off, autocast_on, float32_input
 from hdqt.quantization.runtime import LayerRuntime, derive_seed
 
 
@@ -95,6 +96,12 @@ class _QuantMixin:
         self._rt.restore_generator_states(state.get("generator_states", {}))
         self._rt.restore_scaling_states(state.get("scaling_states", {}))
 
+    def _forward_outside_autocast(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized forward as float32 with autocast off (precision.py): under
+        autocast, float16/bfloat16 products would round the sums of integer codes."""
+        with autocast_off(x.device.type):
+            return self.forward(float32_input(x))
+
     def extra_repr(self) -> str:  # shown by print(model)
         return f"{super().extra_repr()}, policy={self._rt.policy.name!r}"
 
@@ -120,6 +127,8 @@ class QuantLinear(_QuantMixin, nn.Linear):
         policy = self._rt.policy
         if policy.is_float:
             return F.linear(x, self.weight, self.bias)
+        if autocast_on(x.device.type):
+            return self._forward_outside_autocast(x)
         lead = x.shape[:-1]
         if policy.is_binary:  # HadaNets: its own product and float backward (binary.py)
             y = binary_linear(x.reshape(-1, x.shape[-1]), self.weight, self._rt).reshape(*lead, self.out_features)
@@ -185,6 +194,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         policy = self._rt.policy
         if policy.is_float:
             return F.conv2d(x, self.weight, self.bias, self.stride, self._explicit_pad, self.dilation)
+        if autocast_on(x.device.type):
+            return self._forward_outside_autocast(x)
         if policy.is_binary:  # HadaNets: its own product and float backward (binary.py)
             y = binary_conv2d(x, self.weight, self._rt, self.stride, self._explicit_pad, self.dilation)
             return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
