@@ -59,12 +59,14 @@ def _float_bounds(policy) -> FloatBounds | None:
     return bounds if isinstance(bounds, FloatBounds) else None
 
 
-def _forward_dtype(policy, reduction: int, dtype: torch.dtype) -> torch.dtype:
-    """The operands' dtype when every partial sum of the forward product is exact in it, else float64."""
+def _forward_dtype(policy, reduction: int, x: torch.Tensor) -> torch.dtype:
+    """The operands' dtype when the forward product is exact in it (its partial sums, and
+    on a GPU its operands under TF32), else float64."""
     bounds = integer_bounds(policy.forward_input, policy.forward_weight)
     if bounds is None:
-        return dtype
-    return exact_dtype(sum_bound(reduction, bounds, policy.tile, policy.acc_bits), dtype)
+        return x.dtype
+    return exact_dtype(sum_bound(reduction, bounds, policy.tile, policy.acc_bits), x.dtype,
+                       operands=bounds, device=x.device)
 
 
 def backward_layout(rt: LayerRuntime, size: int, qa: Quantizer | None, qb: Quantizer | None) -> BlockLayout | None:
@@ -166,7 +168,7 @@ class QuantLinearFunction(torch.autograd.Function):
         policy = rt.policy
         xq = rt.quantize(policy.forward_input, x, "forward input")
         wq = rt.quantize(policy.forward_weight, weight, "forward weight")
-        dtype = _forward_dtype(policy, x.shape[1], x.dtype)
+        dtype = _forward_dtype(policy, x.shape[1], x)
         xv, wv = xq.values.to(dtype), wq.values.to(dtype)
         if policy.acc_bits is None:
             y = xv @ wv.T
@@ -230,7 +232,7 @@ class QuantConv2dFunction(torch.autograd.Function):
         xq = rt.quantize(policy.forward_input, x, "forward input")
         wq = rt.quantize(policy.forward_weight, weight, "forward weight")
         n, c, kh, kw = weight.shape
-        dtype = _forward_dtype(policy, c * kh * kw, x.dtype)
+        dtype = _forward_dtype(policy, c * kh * kw, x)
         xv, wv = xq.values.to(dtype), wq.values.to(dtype)
         if policy.acc_bits is None:
             # Unlimited accumulator: a plain convolution of the integer operands (exact in dtype).
@@ -280,7 +282,8 @@ class QuantConv2dFunction(torch.autograd.Function):
                 grad_x = exact_input_grad(g4, w4, x_shape, stride, padding, dilation) if bounds else None
                 if grad_x is None:
                     # a position of dX sums at most N*kh*kw products
-                    wide = exact_dtype(sum_bound(n * kh * kw, bounds), g4.dtype) if bounds else g4.dtype
+                    wide = (exact_dtype(sum_bound(n * kh * kw, bounds), g4.dtype, operands=bounds, device=g4.device)
+                            if bounds else g4.dtype)
                     grad_x = torch.nn.grad.conv2d_input(x_shape, w4.to(wide), g4.to(wide), stride=stride,
                                                         padding=padding, dilation=dilation).to(g4.dtype)
             else:

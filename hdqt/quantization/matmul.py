@@ -55,11 +55,25 @@ def sum_bound(k: int, bounds: Bounds, tile: int | None = None, acc_bits: int | N
     return max(per_tile, min(k * product, tiles * min(per_tile, accumulator_limit(acc_bits))))
 
 
-def exact_dtype(bound: float, dtype: torch.dtype) -> torch.dtype:
-    """``dtype`` if every partial sum up to ``bound`` is exact in it, else float64."""
-    if dtype == torch.float64 or bound < _FLOAT32_EXACT:
+# On a GPU, TF32 (cuDNN's convolutions by default, matmuls where the user allows it)
+# reads float32 operands to 11 significant bits: integer codes above 2^11 (integer
+# formats of 13+ bits) would be rounded before they are multiplied.
+_TF32_EXACT = 2**11
+
+
+def exact_dtype(bound: float, dtype: torch.dtype, *, operands: Bounds | None = None,
+                device: torch.device | None = None) -> torch.dtype:
+    """``dtype`` if every partial sum up to ``bound`` is exact in it, else float64; on
+    CUDA also float64 where integer ``operands`` (their largest magnitudes) exceed what
+    TF32 reads exactly (float formats' few significant bits always fit)."""
+    if dtype == torch.float64:
         return dtype
-    return torch.float64
+    if bound >= _FLOAT32_EXACT:
+        return torch.float64
+    tf32 = device is not None and device.type == "cuda" and dtype == torch.float32
+    if tf32 and operands is not None and not isinstance(operands, FloatBounds) and max(operands) > _TF32_EXACT:
+        return torch.float64
+    return dtype
 
 
 # Multiply-adds below which an exact product of integer codes (an unlimited accumulator)
@@ -103,7 +117,7 @@ def tiled_matmul_kj(a: torch.Tensor, b: torch.Tensor, tile: int | None, acc_bits
     if acc_bits is not None and isinstance(bounds, FloatBounds):  # float operands: a float accumulator
         return float_tiled_matmul(a, b, tile, acc_bits, bounds)
     if bounds is not None:
-        wide = exact_dtype(sum_bound(a.shape[1], bounds, tile, acc_bits), dtype)
+        wide = exact_dtype(sum_bound(a.shape[1], bounds, tile, acc_bits), dtype, operands=bounds, device=a.device)
         if wide != dtype:
             if acc_bits is None:  # int32 sums of bytes are exact far beyond 2^24
                 exact = _native_product(a, b, a.shape[1], float(2**31 - 1), int8_only=True)
@@ -212,7 +226,7 @@ def tiled_matmul_batched(w: torch.Tensor, x: torch.Tensor, tile: int | None, acc
     if acc_bits is not None and isinstance(bounds, FloatBounds):
         return float_tiled_matmul_batched(w, x, tile, acc_bits, bounds)
     if bounds is not None:
-        wide = exact_dtype(sum_bound(x.shape[1], bounds, tile, acc_bits), dtype)
+        wide = exact_dtype(sum_bound(x.shape[1], bounds, tile, acc_bits), dtype, operands=bounds, device=x.device)
         if wide != dtype:
             return tiled_matmul_batched(w.to(wide), x.to(wide), tile, acc_bits, saturation=saturation).to(dtype)
     b, k, l = x.shape

@@ -108,3 +108,43 @@ def test_resnet_trains_alike_under_autocast(monkeypatch):
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name
+
+
+def test_wide_integer_codes_leave_tf32_on_a_gpu():
+    """TF32 reads 11 significant bits: on CUDA a float32 product of integer codes above
+    2^11 (13+ bit formats) takes float64; 12-bit and narrower codes, float formats and
+    the CPU keep float32 (exact there); sums past 2^24 take float64 anywhere."""
+    from hdqt.quantization.accumulate import FloatBounds
+    from hdqt.quantization.matmul import exact_dtype
+
+    cuda, cpu, f32, f64 = torch.device("cuda"), torch.device("cpu"), torch.float32, torch.float64
+    assert exact_dtype(1e6, f32, operands=(2047, 2047), device=cuda) == f32  # 12-bit signed codes
+    assert exact_dtype(1e6, f32, operands=(2048, 7), device=cuda) == f32
+    assert exact_dtype(1e6, f32, operands=(2049, 7), device=cuda) == f64
+    assert exact_dtype(1e6, f32, operands=(7, 32767), device=cuda) == f64  # 16-bit codes
+    assert exact_dtype(1e6, f32, operands=(32767, 32767), device=cpu) == f32
+    assert exact_dtype(1e6, f32, operands=FloatBounds((448.0, 57344.0)), device=cuda) == f32
+    assert exact_dtype(2.0**24, f32, operands=(7, 7), device=cpu) == f64
+    assert exact_dtype(1e6, f32) == f32 and exact_dtype(1e9, f64, operands=(9999, 9999), device=cuda) == f64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sixteen_bit_codes_are_exact_on_the_device(monkeypatch, device):
+    """A 16-bit integer recipe (codes up to 32767, no Hadamard) on torch's path with
+    nearest rounding everywhere: output and gradients on ``device`` are the CPU's (whose
+    float32 products are exact), with cuDNN's TF32 left at torch's default (on)."""
+    monkeypatch.setenv("HDQT_NATIVE", "0")
+    policy = hdqt.recipe("int", bits=16, acc_bits=None, seed=3)
+    policy = dataclasses.replace(policy, **{f: dataclasses.replace(getattr(policy, f), rounding="nearest")
+                                             for f in ("grad_output_dx", "grad_output_dw", "backward_weight",
+                                                       "backward_input") if getattr(policy, f) is not None})
+    torch.manual_seed(0)
+    model = hdqt.quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.Flatten(), nn.Linear(8 * 36, 5)),
+                                policy)
+    on_device = copy.deepcopy(model).to(device)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3])
+    expected = step(model, x, y)
+    got = step(on_device, x.to(device), y.to(device))
+    for i, (a, b) in enumerate(zip(expected, got)):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=0, msg=f"tensor {i}")
