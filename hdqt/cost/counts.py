@@ -100,7 +100,8 @@ def layer_geometries(model: nn.Module, input_shape: tuple[int, ...]) -> list[Lay
     forward of two zero samples (in eval mode, without gradients; the model is unchanged)."""
     found: list[LayerGeometry] = []
     names = {module: name for name, module in model.named_modules()}
-    data = torch.zeros(2, *input_shape)
+    parameter = next(model.parameters(), None)  # the samples go where the model is (a GPU's too)
+    data = torch.zeros(2, *input_shape, device=None if parameter is None else parameter.device)
 
     def record(module, inputs, output):
         x = inputs[0]

@@ -98,6 +98,8 @@ def _from_run(args):
     """(model, x, y, run policy name, description) from a run directory's checkpoint."""
     from pathlib import Path
 
+    import dataclasses
+
     import numpy as np
 
     from hdqt.cl.learners import create_learner
@@ -119,12 +121,14 @@ def _from_run(args):
     scenario = ClassIncrementalScenario(data.x_train, data.y_train, data.x_test, data.y_test,
                                         init_classes=config.init_classes, increment=config.increment,
                                         seed=config.seed)
+    # diagnose measures on the CPU: a run trained with --device cuda loads there too,
+    # also on a machine without a GPU (the checkpoint holds CPU tensors)
     learner = create_learner(config.method, backbone=config.backbone, input_shape=data.input_shape,
                              num_classes=len(data.class_names), policy=build_policy(config),
-                             config=build_train_config(config), seed=config.seed)
+                             config=dataclasses.replace(build_train_config(config), device="cpu"),
+                             seed=config.seed)
     state = outputs.read_checkpoint(run / outputs.CHECKPOINT)
     learner.load_state_dict(state["learner"])
-    learner.network.cpu()
     tasks = scenario.tasks[: learner.finished_tasks]
     x_all = np.concatenate([t.x_train for t in tasks])
     y_all = np.concatenate([np.asarray(t.y_train) for t in tasks])

@@ -17,7 +17,7 @@ from hdqt.quantization.binary import binary_conv2d, binary_linear
 from hdqt.quantization.functional import QuantConv2dFunction, QuantLinearFunction
 from hdqt.quantization.hadamard import BlockLayout, block_layout, hadamard_transform
 from hdqt.quantization.policy import QuantPolicy
-from hdqt.quantization.precision import autocast_off, autocast_on, float32_input
+from hdqt.quantization.precision import autocast_off, autocast_on, needs_float32
 from hdqt.quantization.runtime import LayerRuntime, derive_seed
 
 
@@ -96,11 +96,19 @@ class _QuantMixin:
         self._rt.restore_generator_states(state.get("generator_states", {}))
         self._rt.restore_scaling_states(state.get("scaling_states", {}))
 
-    def _forward_outside_autocast(self, x: torch.Tensor) -> torch.Tensor:
-        """The quantized forward as float32 with autocast off (precision.py): under
-        autocast, float16/bfloat16 products would round the sums of integer codes."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        policy = self._rt.policy
+        if policy.is_float:
+            return self._float_forward(x)
+        if not (autocast_on(x.device.type) or needs_float32(x, self.weight)):
+            return self._quantized_forward(x, self.weight, self.bias)
+        # precision.py: under autocast, or in a float16/bfloat16 model, the quantized
+        # product runs as float32 (half sums of codes round and overflow); the casts are
+        # differentiable, so the half parameters get their gradients in their own dtype.
         with autocast_off(x.device.type):
-            return self.forward(float32_input(x))
+            bias = None if self.bias is None else self.bias.float()
+            y = self._quantized_forward(x.float(), self.weight.float(), bias)
+        return y if autocast_on(x.device.type) else y.to(x.dtype)
 
     def extra_repr(self) -> str:  # shown by print(model)
         return f"{super().extra_repr()}, policy={self._rt.policy.name!r}"
@@ -123,22 +131,20 @@ class QuantLinear(_QuantMixin, nn.Linear):
         layer.train(linear.training)
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        policy = self._rt.policy
-        if policy.is_float:
-            return F.linear(x, self.weight, self.bias)
-        if autocast_on(x.device.type):
-            return self._forward_outside_autocast(x)
+    def _float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _quantized_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
-        if policy.is_binary:  # HadaNets: its own product and float backward (binary.py)
-            y = binary_linear(x.reshape(-1, x.shape[-1]), self.weight, self._rt).reshape(*lead, self.out_features)
-            return y if self.bias is None else y + self.bias
-        x2, weight, factor = _forward_rotation(self._rt, x.reshape(-1, x.shape[-1]), self.weight, 1)
+        if self._rt.policy.is_binary:  # HadaNets: its own product and float backward (binary.py)
+            y = binary_linear(x.reshape(-1, x.shape[-1]), weight, self._rt).reshape(*lead, self.out_features)
+            return y if bias is None else y + bias
+        x2, weight, factor = _forward_rotation(self._rt, x.reshape(-1, x.shape[-1]), weight, 1)
         y = QuantLinearFunction.apply(x2, weight, self._rt)
         if factor is not None and factor != 1.0:
             y = y * factor
         y = y.reshape(*lead, self.out_features)
-        return y if self.bias is None else y + self.bias  # the bias stays in float
+        return y if bias is None else y + bias  # the bias stays in float
 
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -190,20 +196,18 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         layer.train(conv.training)
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        policy = self._rt.policy
-        if policy.is_float:
-            return F.conv2d(x, self.weight, self.bias, self.stride, self._explicit_pad, self.dilation)
-        if autocast_on(x.device.type):
-            return self._forward_outside_autocast(x)
-        if policy.is_binary:  # HadaNets: its own product and float backward (binary.py)
-            y = binary_conv2d(x, self.weight, self._rt, self.stride, self._explicit_pad, self.dilation)
-            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+    def _float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self._explicit_pad, self.dilation)
+
+    def _quantized_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._rt.policy.is_binary:  # HadaNets: its own product and float backward (binary.py)
+            y = binary_conv2d(x, weight, self._rt, self.stride, self._explicit_pad, self.dilation)
+            return y if bias is None else y + bias.view(1, -1, 1, 1)
         # the input channels are part of the reduction (C_in x kh x kw): rotating them in
         # both operands leaves every position's sum unchanged
-        x, weight, factor = _forward_rotation(self._rt, x, self.weight, 1)
+        x, weight, factor = _forward_rotation(self._rt, x, weight, 1)
         y = QuantConv2dFunction.apply(x, weight, self._rt, tuple(self.stride), self._explicit_pad,
                                       tuple(self.dilation))
         if factor is not None and factor != 1.0:
             y = y * factor
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        return y if bias is None else y + bias.view(1, -1, 1, 1)

@@ -65,7 +65,8 @@ def exact_dtype(bound: float, dtype: torch.dtype, *, operands: Bounds | None = N
                 device: torch.device | None = None) -> torch.dtype:
     """``dtype`` if every partial sum up to ``bound`` is exact in it, else float64; on
     CUDA also float64 where integer ``operands`` (their largest magnitudes) exceed what
-    TF32 reads exactly (float formats' few significant bits always fit)."""
+    TF32 reads exactly (float formats' few significant bits always fit). The layers
+    call the products in float32 or float64 only (precision.py)."""
     if dtype == torch.float64:
         return dtype
     if bound >= _FLOAT32_EXACT:

@@ -9,6 +9,11 @@ A quantized layer under autocast therefore runs as ``torch.amp.custom_fwd(cast_i
 torch.float32)`` would make it, on whatever device it is on: its input cast to float32
 and autocast off in its forward and its backward. It returns float32, and the float
 ops around it autocast as before.
+
+A model converted with ``.half()`` or ``.bfloat16()`` (no autocast) is handled alike: each
+quantized layer casts its input and parameters to float32 (differentiable casts, so the
+half parameters get their gradients in their own dtype), computes as a float32 layer
+with those values would, and returns its output in the input's dtype.
 """
 from __future__ import annotations
 
@@ -25,9 +30,10 @@ def autocast_on(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
 
 
-def float32_input(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a quantized layer under autocast takes it: float32 (``cast_inputs``)."""
-    return x.float() if x.dtype in _LOW_PRECISION else x
+def needs_float32(*tensors: torch.Tensor) -> bool:
+    """Whether a quantized layer's input or weight is float16/bfloat16 (a model
+    converted with ``.half()``): its product then runs as float32 too."""
+    return any(t.dtype in _LOW_PRECISION for t in tensors)
 
 
 @contextlib.contextmanager

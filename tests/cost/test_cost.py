@@ -150,3 +150,11 @@ def test_hdqt_info_names_the_kernels(capsys, monkeypatch):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert ("linear layers: separate native calls from Python (HDQT_FUSED=0)" in out) == (native.load() is not None)
+
+
+def test_a_model_off_the_cpu_is_counted_where_it_is():
+    """The probing forward's samples go to the model's device (a GPU's, here torch's
+    shape-only "meta" device, which any other device's tensors cannot meet)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).to("meta")
+    layers = count_costs(model, (3, 8, 8), hdqt.recipe("hdqt"), batch=2)
+    assert [layer.macs["forward"] for layer in layers] == [2 * 4 * 27 * 36, 2 * 5 * 144]

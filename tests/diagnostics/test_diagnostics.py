@@ -216,6 +216,13 @@ def test_diagnose_reads_a_run_directory(tmp_path, capsys):
     (fp32,) = json.loads(capsys.readouterr().out)["results"]
     assert all(layer["dw"]["cosine"] == pytest.approx(1.0) for layer in fp32["layers"])
     assert main(["diagnose", "--run", str(tmp_path / "nothing")]) == 2
+    # a run trained on a GPU (its config says cuda) is diagnosed on the CPU, GPU or not
+    config_file = tmp_path / "run" / "config.json"
+    saved = json.loads(config_file.read_text())
+    saved["config"]["device"] = "cuda"
+    config_file.write_text(json.dumps(saved))
+    assert main(["diagnose", "--run", str(tmp_path / "run"), "--draws", "2", "--batch-size", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["batch"] == 16
 
 
 def test_level_use_on_a_float_grid():
