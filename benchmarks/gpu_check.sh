@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 13's GPU part as one prepared command, sized for a 15-minute device lease
-# (about 8 minutes of work here). Run from the repository root on a machine whose
+# (its steps' limits add up to 12 minutes). Run from the repository root on a machine whose
 # python3 has a CUDA build of torch (and pytest); hdqt need not be installed:
 #
 #     bash benchmarks/gpu_check.sh            # writes its logs to $OUT (default gpu_check/)
