@@ -54,6 +54,10 @@ _FLAGS = [
      "scales of the backward's gradient and input operands. tensor: one per tensor; sample: "
      "one per sample, as the official code's conv backward (its products then run on "
      "dequantized values: needs unlimited backward accumulators) (default: tensor)"),
+    ("--weight-scales", "weight_scales", str,
+     "scales of the forward weight. tensor: one per tensor (the paper); channel: one per "
+     "output feature or channel, so that one large row does not round small rows to zero "
+     "(default: tensor)"),
     ("--group", "group", int,
      "hadanet: values per beta along the reduction, a power of two >= 2, or 0 = one beta "
      "per row (default: the recipe's, one per row)"),
@@ -92,7 +96,7 @@ _FLAGS = [
      "into diagnostics.jsonl; they do not change the results (default: 0, off)"),
 ]
 
-_METAVARS = {"schedule": "{none,ctmq}", "hadamard_rule": "{paper,binary}", "hadamard_select": "{always,noise}", "backward_scales": "{tensor,sample}", "input_clip": "{STD,none}"}
+_METAVARS = {"schedule": "{none,ctmq}", "hadamard_rule": "{paper,binary}", "hadamard_select": "{always,noise}", "backward_scales": "{tensor,sample}", "weight_scales": "{tensor,channel}", "input_clip": "{STD,none}"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

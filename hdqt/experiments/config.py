@@ -47,6 +47,7 @@ class RunConfig:
     hadamard_select: str | None = None  # None: the recipe's ("always")
     forward_hadamard: bool | None = None  # None: the recipe's (off)
     backward_scales: str | None = None  # None: the recipe's (one scale per tensor); or "sample"
+    weight_scales: str | None = None  # None: the recipe's (one scale per tensor); or "channel"
     group: int | None = None  # hadanet's betas: values per group; None (or 0): one group per row
     # Bound of the normalised feature inputs in standard deviations: None is the
     # default (prepare's 3.0; also what 3 is stored as), 0 is unbounded ("none").
@@ -112,7 +113,8 @@ _INT_KEYS = {"epochs", "memory", "init_classes", "increment", "seed", "bits",
 _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "temperature", "test_fraction",
                "bic_val_fraction", "aux_loss_weight"}
 _STR_KEYS = {"dataset", "method", "recipe", "backbone", "selection", "data_root", "device",
-             "hadamard_rule", "hadamard_select", "backward_scales", "schedule", "ctmq_recipe"}
+             "hadamard_rule", "hadamard_select", "backward_scales", "weight_scales", "schedule",
+             "ctmq_recipe"}
 _BOOL_KEYS = {"saturate_backward", "forward_hadamard"}
 # Keys without a command-line flag; every other key X has the flag --X (with - for _).
 FILE_ONLY_KEYS = frozenset({"momentum", "weight_decay", "gamma", "selection", "temperature",
@@ -120,7 +122,7 @@ FILE_ONLY_KEYS = frozenset({"momentum", "weight_decay", "gamma", "selection", "t
                             "aux_loss_weight", "balanced_finetune_epochs"})
 # The quantization options: recipe overrides; None keeps the recipe's default.
 QUANT_KEYS = ("bits", "acc_bits", "tile", "saturate_backward", "hadamard_rule", "hadamard_select",
-              "forward_hadamard", "backward_scales", "group")
+              "forward_hadamard", "backward_scales", "weight_scales", "group")
 # The options TrainConfig validates (and the learners use); the optional ones are
 # passed only when set, so that unset ones keep the learner's default.
 TRAIN_KEYS = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "milestones", "gamma",
@@ -467,6 +469,10 @@ def check_quantization(config: RunConfig, origin: Mapping[str, str] | None = Non
         from hdqt.quantization.recipes import check_backward_scales
 
         _under_name("backward_scales", origin, check_backward_scales, config.backward_scales)
+    if config.weight_scales is not None:
+        from hdqt.quantization.recipes import check_weight_scales
+
+        _under_name("weight_scales", origin, check_weight_scales, config.weight_scales)
     if config.recipe == "fp32":
         return
     try:

@@ -39,7 +39,7 @@ from hdqt.experiments.progress import Progress, SilentProgress
 from hdqt.experiments.scheduling import describe_steps, schedule_steps
 from hdqt.experiments.summary import summarize
 from hdqt.quantization import reset_saturation, saturation_report
-from hdqt.quantization.recipes import backward_scales_of
+from hdqt.quantization.recipes import backward_scales_of, weight_scales_of
 from hdqt.quantization.runtime import restore_saturation
 
 DIAGNOSTICS_JSONL = "diagnostics.jsonl"  # --diagnose-every (hdqt.diagnostics.tracking)
@@ -176,7 +176,8 @@ def resolved_quantization(config: RunConfig, policy) -> dict[str, Any]:
     values = {"bits": bits, "acc_bits": 0 if policy.acc_bits is None else policy.acc_bits,
               "tile": policy.tile, "saturate_backward": policy.saturate_backward,
               "hadamard_rule": policy.hadamard_rule, "hadamard_select": policy.hadamard_select,
-              "forward_hadamard": policy.forward_hadamard, "backward_scales": backward_scales_of(policy)}
+              "forward_hadamard": policy.forward_hadamard, "backward_scales": backward_scales_of(policy),
+              "weight_scales": weight_scales_of(policy)}
     if policy.is_binary:  # hadanet's group (0: one per row); other recipes have none
         values["group"] = policy.binary_group or 0
     return {**values, "hadamard": policy.hadamard,

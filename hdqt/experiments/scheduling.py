@@ -31,7 +31,7 @@ _FIELD_KEYS = {"start_bits": "ctmq_start_bits", "target_bits": "bits", "cycles":
                "epochs": "epochs"}
 # The run's options the wider steps take: those of the integer recipes, bar the width.
 STEP_KEYS = ("acc_bits", "tile", "saturate_backward", "hadamard_rule", "hadamard_select",
-             "forward_hadamard", "backward_scales")
+             "forward_hadamard", "backward_scales", "weight_scales")
 MAX_ACC_BITS = 32
 
 

@@ -136,6 +136,26 @@ def _integer_output_bound(policy, reduction: int, xq: QTensor, wq: QTensor) -> f
     return sum_bound(reduction, bounds, policy.tile, policy.acc_bits)
 
 
+def output_scale(xq: QTensor, wq: QTensor) -> float | torch.Tensor:
+    """The scale of the forward product's integer sums: one float, or with per-channel
+    weight scales (one per output feature, dimension 0 of the weight) a tensor over the
+    output's dimension 1, (1, N) for a linear layer and (1, N, 1, 1) for a conv."""
+    if not isinstance(wq.scale, torch.Tensor):
+        return xq.scale * wq.scale
+    channels = wq.scale.reshape(1, -1, *([1] * (wq.values.dim() - 2)))
+    return channels * xq.scale
+
+
+def per_tensor_weight(w_values: torch.Tensor | None, w_scale):
+    """The saved weight for the backward with one scale: per-channel weights come
+    dequantized (scale 1). Their scales do not factor out of dX, a sum over the output
+    features (in the Hadamard domain, mixed along them), so the backward weight's own
+    quantizer takes the forward's quantized values, as it takes codes times a scale."""
+    if w_values is None or not isinstance(w_scale, torch.Tensor):
+        return w_values, w_scale
+    return w_values * w_scale, 1.0
+
+
 def save_operands(ctx, xq: QTensor, wq: QTensor, policy) -> None:
     """Keep, compactly, the forward operands the backward will need: the quantized
     input for dW (when the weight needs a gradient), the quantized weight for dX."""
@@ -181,7 +201,7 @@ class QuantLinearFunction(torch.autograd.Function):
                                 bounds=_float_bounds(policy)).T
         save_operands(ctx, xq, wq, policy)
         ctx.input_transposed = not x.is_contiguous() and x.T.is_contiguous()
-        return y.to(x.dtype).mul_(xq.scale * wq.scale)
+        return y.to(x.dtype).mul_(output_scale(xq, wq))
 
     @staticmethod
     @backward_without_autocast
@@ -191,6 +211,7 @@ class QuantLinearFunction(torch.autograd.Function):
             return fused
         x_values, w_values = saved_operands(ctx)
         x_scale, w_scale = ctx.scales
+        w_values, w_scale = per_tensor_weight(w_values, w_scale)
         rt: LayerRuntime = ctx.rt
         policy = rt.policy
         acc = policy.acc_bits if policy.saturate_backward else None
@@ -248,7 +269,7 @@ class QuantConv2dFunction(torch.autograd.Function):
         ctx.rt = rt
         ctx.conv = (stride, padding, dilation)
         ctx.shapes = (x.shape, weight.shape)
-        out = y.to(x.dtype).mul_(xq.scale * wq.scale)
+        out = y.to(x.dtype).mul_(output_scale(xq, wq))
         bound = _integer_output_bound(policy, c * kh * kw, xq, wq)
         # a BatchNorm after it may keep the integer sums instead of this float tensor (compact_bn.py)
         return out if bound is None else mark_integer_output(out, xq.scale * wq.scale, bound)
@@ -259,6 +280,7 @@ class QuantConv2dFunction(torch.autograd.Function):
         x_values, w_values = saved_operands(ctx)
         x_shape, w_shape = ctx.shapes
         x_scale, w_scale = ctx.scales
+        w_values, w_scale = per_tensor_weight(w_values, w_scale)
         rt: LayerRuntime = ctx.rt
         policy = rt.policy
         stride, padding, dilation = ctx.conv

@@ -205,11 +205,12 @@ def _has_negative(fmt: IntFormat, values: torch.Tensor) -> bool:
 
 
 def holds_codes(quantizer: Quantizer | None) -> bool:
-    """True when ``quantizer`` returns values on its format's grid with one float scale per
-    tensor: the formats and scalings this module knows. Any other quantizer (per-sample
-    or per-group scales, whose values come back dequantized, or a format added later)
-    is kept as it is, so that packing can never round a value."""
-    return (quantizer is not None and quantizer.granularity == "tensor"
+    """True when ``quantizer`` returns values on its format's grid, with one float scale per
+    tensor or one per output channel (a weight's, kept by the caller): the formats and
+    scalings this module knows. Any other quantizer (per-sample or per-group scales,
+    whose values come back dequantized, or a format added later) is kept as it is, so
+    that packing can never round a value."""
+    return (quantizer is not None and quantizer.granularity in ("tensor", "channel")
             and type(quantizer.format) in (IntFormat, FloatFormat, LogFormat)
             and type(quantizer.scaling) in (DynamicScaling, SAWBScaling, ExponentBiasScaling))
 
@@ -222,7 +223,9 @@ def pack_operand(q: QTensor, quantizer: Quantizer | None) -> tuple[tuple[torch.T
     values = q.values
     raw = (values,), PackedLayout("raw")
     scale = q.scale
-    if (not holds_codes(quantizer) or isinstance(scale, torch.Tensor) or not math.isfinite(scale)
+    finite = bool(torch.isfinite(scale).all()) if isinstance(scale, torch.Tensor) else math.isfinite(scale)
+    per_channel = isinstance(scale, torch.Tensor) and quantizer is not None and quantizer.granularity == "channel"
+    if (not holds_codes(quantizer) or (isinstance(scale, torch.Tensor) and not per_channel) or not finite
             or not values.dtype.is_floating_point):
         return raw
     order = memory_order(values)

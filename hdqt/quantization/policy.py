@@ -95,6 +95,13 @@ class QuantPolicy:
             q = getattr(self, op)
             if q is not None and q.granularity == "sample":
                 raise ValueError(f"{op} has no sample dimension: granularity='sample' applies to inputs and gradients")
+        for op in OPERANDS:
+            q = getattr(self, op)
+            if op != "forward_weight" and q is not None and q.granularity == "channel":
+                # only there does a per-row scale factor out of every sum it enters: the backward
+                # weight is reduced over its rows (dX), and transformed along them
+                raise ValueError(f"{op}: granularity='channel' (a scale per output feature) applies to "
+                                 "forward_weight only")
         if not isinstance(self.float_first_last, bool):
             raise ValueError(f"float_first_last must be True or False, got {self.float_first_last!r}")
         self._check_binary()
@@ -150,7 +157,7 @@ class QuantPolicy:
         for product, op_a, op_b in limited:
             qa, qb = getattr(self, op_a), getattr(self, op_b)
             for op, q in ((op_a, qa), (op_b, qb)):
-                if q is not None and q.granularity != "tensor":
+                if q is not None and q.granularity == "sample":
                     raise ValueError(
                         f"acc_bits={self.acc_bits} limits the {product} product, whose {op} has per-sample scales: "
                         "its products run on dequantized values, without accumulator units. Use acc_bits=None "

@@ -1,12 +1,13 @@
 """A quantizer is a format, a scaling rule and a rounding mode (QPyTorch style),
-plus the granularity of its scale (per tensor, or per sample).
+plus the granularity of its scale (per tensor, per sample, or per output channel of a weight).
 
 ``Quantizer.quantize`` returns a ``QTensor``: ``values`` on the format's grid (kept
 in a float dtype: integer codes for an ``IntFormat``, so that BLAS multiplies them
 exactly; the float or log format's own values otherwise) and a ``scale`` such that
 ``values * scale`` approximates the input. The scale is a float per tensor, or a
 tensor broadcastable to the values (per sample: the sample dimension keeps its
-size, the others are 1).
+size, the others are 1; per channel: dimension 0, a weight's output features or
+channels, keeps its size).
 
 An integer format with per-tensor dynamic scaling runs on the native kernels where
 they apply (one fused pass); every other combination runs on torch operations
@@ -47,7 +48,7 @@ class QTensor(NamedTuple):
         return self.values * self.scale
 
 
-GRANULARITIES = ("tensor", "sample")
+GRANULARITIES = ("tensor", "sample", "channel")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,9 @@ class Quantizer:
     format: Format = field(default_factory=IntFormat)
     scaling: Scaling = field(default_factory=DynamicScaling)
     rounding: str = "nearest"
-    granularity: str = "tensor"  # "tensor", or "sample": one scale per index of the sample dimension
+    # "tensor"; "sample": one scale per index of the sample dimension; "channel": one per
+    # index of dimension 0 (a weight's output features: forward weights only, see QuantPolicy)
+    granularity: str = "tensor"
 
     def __post_init__(self) -> None:
         check_rounding(self.rounding)
@@ -195,9 +198,9 @@ class Quantizer:
         if isinstance(fmt, BinaryFormat):
             return self._binarize(t, nonfinite, role)
         dims = None
-        if self.granularity == "sample" and t.dim() > 1:
-            sample_dim %= t.dim()
-            dims = tuple(d for d in range(t.dim()) if d != sample_dim)
+        if self.granularity != "tensor" and t.dim() > 1:
+            kept = sample_dim % t.dim() if self.granularity == "sample" else 0
+            dims = tuple(d for d in range(t.dim()) if d != kept)
             amax_t = t.abs().amax(dims, keepdim=True)
             top = float(amax_t.max()) if amax_t.numel() else 0.0
         else:

@@ -162,12 +162,30 @@ def backward_scales_of(policy: QuantPolicy) -> str:
     return "sample" if any(q is not None and q.granularity == "sample" for q in operands) else "tensor"
 
 
-def recipe(name: str, /, backward_scales: str = "tensor", **overrides) -> QuantPolicy:
+WEIGHT_SCALES = ("tensor", "channel")
+
+
+def check_weight_scales(value: str) -> None:
+    if value not in WEIGHT_SCALES:
+        raise ValueError(f"weight_scales must be one of {', '.join(WEIGHT_SCALES)}, got {value!r}")
+
+
+def weight_scales_of(policy: QuantPolicy) -> str:
+    """"channel" when ``policy``'s forward weight has a scale per output feature, else "tensor"."""
+    q = policy.forward_weight
+    return "channel" if q is not None and q.granularity == "channel" else "tensor"
+
+
+def recipe(name: str, /, backward_scales: str = "tensor", weight_scales: str = "tensor",
+           **overrides) -> QuantPolicy:
     """Build the named policy. Overrides: bits, acc_bits, tile, clip_ratio, group, or any QuantPolicy field.
 
     ``backward_scales="sample"`` gives the backward's gradient and input operands one
     scale per sample instead of one per tensor (the official code's conv backward); the
     policy is then renamed, e.g. ``hdqt[backward_scales='sample']``.
+    ``weight_scales="channel"`` gives the forward weight one scale per output feature
+    (a linear layer's rows, a conv's output channels) instead of one per tensor, so that
+    one large row no longer rounds the small rows to zero; renamed likewise.
 
     An override that changes what the recipe computes renames the policy after it
     (``recipe("hdqt", hadamard=False).name == "hdqt[hadamard=False]"``) unless ``name``
@@ -205,7 +223,23 @@ def recipe(name: str, /, backward_scales: str = "tensor", **overrides) -> QuantP
             overrides["name"] = _overridden_name(policy, overrides)
         overrides.setdefault("acc_bits", acc_bits)
     policy = replace(policy, **overrides) if overrides else policy
-    return _with_backward_scales(policy, backward_scales)
+    return _with_weight_scales(_with_backward_scales(policy, backward_scales), weight_scales)
+
+
+def _with_weight_scales(policy: QuantPolicy, weight_scales: str) -> QuantPolicy:
+    """``policy`` with its forward weight scaled per ``weight_scales``."""
+    check_weight_scales(weight_scales)
+    q = policy.forward_weight
+    if weight_scales == "tensor" or q is None:  # fp32: nothing to scale
+        return policy
+    if policy.is_binary:
+        raise ValueError("weight_scales='channel' does not apply to a binarized forward weight (hadanet): "
+                         "its magnitudes are per-group betas already")
+    if q.scaling.kind == "exponent_bias":
+        raise ValueError(f"weight_scales='channel' does not apply to {policy.name}: its forward weight's "
+                         "exponent bias is tracked per tensor")
+    return replace(policy, forward_weight=replace(q, granularity="channel"),
+                   name=f"{policy.name}[weight_scales='channel']")
 
 
 def _with_backward_scales(policy: QuantPolicy, backward_scales: str) -> QuantPolicy:

@@ -143,9 +143,11 @@ class LayerRuntime:
         state = self.scaling_state.setdefault(operand, {}) if quantizer.scaling.kind == "exponent_bias" else None
         q = quantizer.quantize(tensor, gen, nonfinite=self.policy.nonfinite, role=f"{operand} of layer {self.name!r}",
                                state=state, sample_dim=SAMPLE_DIM.get(operand, 0))
-        if isinstance(q.scale, torch.Tensor):
+        if isinstance(q.scale, torch.Tensor) and quantizer.granularity == "sample":
             # Per-sample scales: the products take the dequantized operand (scale 1), so
             # they are float products (the policy allows no limited accumulator there).
+            # A weight's per-channel scales stay beside its codes: each output feature's
+            # scale factors out of its sum, so the product stays one of integers.
             return QTensor(q.values.mul_(q.scale), 1.0)
         return q
 

@@ -27,14 +27,14 @@ def test_run_writes_config_metrics_csv_and_checkpoint(reference_run):
     assert config["quantization"] == {
         "bits": 4, "acc_bits": 8, "tile": 32, "saturate_backward": False,
         "hadamard_rule": "paper", "hadamard_select": "always", "forward_hadamard": False,
-        "backward_scales": "tensor", "hadamard": True,
+        "backward_scales": "tensor", "weight_scales": "tensor", "hadamard": True,
         "from_recipe": ["bits", "acc_bits", "tile", "saturate_backward", "hadamard_rule", "hadamard_select",
-                        "forward_hadamard", "backward_scales"]}
+                        "forward_hadamard", "backward_scales", "weight_scales"]}
     toml_text = (reference_run / "config.toml").read_text()
     assert 'recipe = "hdqt"' in toml_text
     assert ("# Not set, so the hdqt recipe's defaults apply: bits = 4, acc_bits = 8, tile = 32, "
             "saturate_backward = false, hadamard_rule = \"paper\", hadamard_select = \"always\", "
-            "forward_hadamard = false, backward_scales = \"tensor\".") in toml_text
+            "forward_hadamard = false, backward_scales = \"tensor\", weight_scales = \"tensor\".") in toml_text
 
     metrics = read_metrics(reference_run)
     assert metrics["complete"] and metrics["num_tasks"] == 5 and metrics["finished_tasks"] == 5
