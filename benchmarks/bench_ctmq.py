@@ -55,6 +55,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--acc-bits", type=int, default=None,
                         help="accumulator of the integer targets (default: the recipe's; "
                              "CTMQ's wider steps add 2 bits per extra bit)")
+    parser.add_argument("--weight-scales", default=None, choices=["tensor", "channel"],
+                        help="forward weight scales of the integer targets and of CTMQ's steps "
+                             "(default: the recipe's, per tensor); the binary target keeps its betas")
     parser.add_argument("--start-bits", type=int, default=8)
     parser.add_argument("--cycles", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=None,
@@ -88,6 +91,10 @@ def targets(args) -> tuple[list[str], list[str]]:
             continue
         if target != BINARY:
             parse_int_list(target, "--targets")
+        elif args.weight_scales == "channel":
+            notes.append("binary: skipped, --weight-scales channel does not apply to binarized weights "
+                         "(and CTMQ's steps share the run's scales)")
+            continue
         kept.append(target)
     return kept, notes
 
@@ -106,7 +113,7 @@ def build_points(args) -> tuple[list[GridPoint], list[str]]:
                         flags["recipe"] = args.binary_recipe
                     else:
                         flags.update(recipe=args.recipe, bits=int(target),
-                                     acc_bits=args.acc_bits)
+                                     acc_bits=args.acc_bits, weight_scales=args.weight_scales)
                     if schedule == "ctmq":
                         flags.update(schedule="ctmq", ctmq_start_bits=args.start_bits,
                                      ctmq_cycles=args.cycles, ctmq_recipe=args.recipe)
@@ -131,7 +138,9 @@ def render(args, command: str, points: list[GridPoint], outcomes: list[GridOutco
              f"policy for all the epochs.",
              f"- Integer targets: `{args.recipe}` (acc_bits "
              f"{'the recipe default' if args.acc_bits is None else args.acc_bits}; CTMQ's wider "
-             f"steps 2 bits more per extra bit). Binary: `{args.binary_recipe}`, its wider "
+             f"steps 2 bits more per extra bit"
+             f"{'; forward weights scaled per output channel (--weight-scales channel)' if args.weight_scales == 'channel' else ''}"
+             f"). Binary: `{args.binary_recipe}`, its wider "
              f"CTMQ steps `{args.recipe}`.",
              *([f"- Training data: at most {args.train_per_class} samples of each class (a "
                 f"seeded choice per seed, the same for both runs); the test set whole."]
