@@ -30,7 +30,9 @@ the 8-bit integer kernels switched off (``HDQT_INT8=0`` during its steps), so th
 float32 kernels' time can be compared in the same run; ``:unfused`` with each linear
 layer's forward and backward as separate calls from Python instead of one native call
 each (``HDQT_FUSED=0``; the same values), so that ``--recipes fp32,hdqt,hdqt:unfused``
-times what the fused calls save. ``--int8`` forces an int8
+times what the fused calls save; ``:channel`` with per-channel forward weight scales
+(``hdqt.recipe(name, weight_scales="channel")``: its quantizer on torch operations, the
+separate calls). ``--int8`` forces an int8
 variant (avx512vnni, avxvnni, avx2, sdot; one this CPU lacks falls back, saying so) and
 ``--vectors narrow`` the float kernels' AVX2/NEON register blocks. ``--emulate-avx2``
 times an AVX2-only x86 CPU on a newer one: hdqt's int8 on avx2 with narrow blocks, and
@@ -87,8 +89,10 @@ def resnet32() -> nn.Module:
     return nn.Sequential(create_model("resnet32", (3, 32, 32)), nn.Linear(64, 100))
 
 
-# recipe variants: the engine switches each sets during its steps (read at every layer call)
-VARIANTS = {"": {}, "noint8": {"HDQT_INT8": "0"}, "unfused": {"HDQT_FUSED": "0"}}
+# recipe variants: the engine switches each sets during its steps (read at every layer call),
+# or the recipe's options
+VARIANTS = {"": {}, "noint8": {"HDQT_INT8": "0"}, "unfused": {"HDQT_FUSED": "0"}, "channel": {}}
+RECIPE_OPTIONS = {"channel": {"weight_scales": "channel"}}
 
 
 def make_step(model: nn.Module, x: torch.Tensor, loss_fn, env: dict[str, str] | None = None):
@@ -220,8 +224,8 @@ def main() -> None:
             torch.manual_seed(0)
             recipe, _, variant = name.partition(":")
             if variant not in VARIANTS:
-                parser.error(f"--recipes: unknown variant {variant!r} in {name!r} (known: noint8, unfused)")
-            model = hdqt.quantize_model(build().to(dev), hdqt.recipe(recipe))
+                parser.error(f"--recipes: unknown variant {variant!r} in {name!r} (known: noint8, unfused, channel)")
+            model = hdqt.quantize_model(build().to(dev), hdqt.recipe(recipe, **RECIPE_OPTIONS.get(variant, {})))
             steps[name] = make_step(model, x, loss_fn, VARIANTS[variant])
             memory[name] = saved_mb(model, x, loss_fn)
         times = interleaved_ms(steps, args.rounds, args.steps)

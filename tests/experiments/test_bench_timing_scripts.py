@@ -27,9 +27,9 @@ def _run_main(module, argv, monkeypatch, capsys) -> str:
 def test_bench_engine_prints_every_case_and_recipe(load_benchmark, monkeypatch, capsys):
     bench = load_benchmark("bench_engine")
     out = _run_main(bench, ["--rounds", "1", "--steps", "1", "--threads", "1", "--recipes",
-                            "fp32,hdqt,hdqt:unfused", "--cases", "fcnet,tiny"], monkeypatch, capsys)
+                            "fp32,hdqt,hdqt:unfused,hdqt:channel", "--cases", "fcnet,tiny"], monkeypatch, capsys)
     for case in ("fcnet 405-405-405-19", "tiny 32-32-32-19 batch 8"):
-        for recipe in ("fp32", "hdqt", "hdqt:unfused"):
+        for recipe in ("fp32", "hdqt", "hdqt:unfused", "hdqt:channel"):
             assert re.search(rf"^{re.escape(case)}\s+{recipe}\s+\d+\.\d+\s+\d+\.\d+", out, re.M), (case, recipe, out)
     assert "conv 16->16" not in out  # --cases picks
 
