@@ -56,8 +56,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="accumulator of the integer targets (default: the recipe's; "
                              "CTMQ's wider steps add 2 bits per extra bit)")
     parser.add_argument("--weight-scales", default=None, choices=["tensor", "channel"],
-                        help="forward weight scales of the integer targets and of CTMQ's steps "
-                             "(default: the recipe's, per tensor); the binary target keeps its betas")
+                        help="forward weight scales of the integer targets and of CTMQ's integer steps "
+                             "(default: the recipe's, per tensor); binary targets keep their betas "
+                             "(a beta per row already)")
     parser.add_argument("--start-bits", type=int, default=8)
     parser.add_argument("--cycles", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=None,
@@ -91,10 +92,6 @@ def targets(args) -> tuple[list[str], list[str]]:
             continue
         if target != BINARY:
             parse_int_list(target, "--targets")
-        elif args.weight_scales == "channel":
-            notes.append("binary: skipped, --weight-scales channel does not apply to binarized weights "
-                         "(and CTMQ's steps share the run's scales)")
-            continue
         kept.append(target)
     return kept, notes
 
@@ -110,7 +107,7 @@ def build_points(args) -> tuple[list[GridPoint], list[str]]:
                              "epochs": args.epochs, "data_root": args.data_root,
                              "train_per_class": args.train_per_class}
                     if target == BINARY:
-                        flags["recipe"] = args.binary_recipe
+                        flags.update(recipe=args.binary_recipe, weight_scales=args.weight_scales)
                     else:
                         flags.update(recipe=args.recipe, bits=int(target),
                                      acc_bits=args.acc_bits, weight_scales=args.weight_scales)

@@ -185,7 +185,8 @@ def recipe(name: str, /, backward_scales: str = "tensor", weight_scales: str = "
     policy is then renamed, e.g. ``hdqt[backward_scales='sample']``.
     ``weight_scales="channel"`` gives the forward weight one scale per output feature
     (a linear layer's rows, a conv's output channels) instead of one per tensor, so that
-    one large row no longer rounds the small rows to zero; renamed likewise.
+    one large row no longer rounds the small rows to zero; renamed likewise (hadanet,
+    whose binarized weights have a beta per row or finer, is returned as it is).
 
     An override that changes what the recipe computes renames the policy after it
     (``recipe("hdqt", hadamard=False).name == "hdqt[hadamard=False]"``) unless ``name``
@@ -233,8 +234,10 @@ def _with_weight_scales(policy: QuantPolicy, weight_scales: str) -> QuantPolicy:
     if weight_scales == "tensor" or q is None:  # fp32: nothing to scale
         return policy
     if policy.is_binary:
-        raise ValueError("weight_scales='channel' does not apply to a binarized forward weight (hadanet): "
-                         "its magnitudes are per-group betas already")
+        # hadanet's weight magnitudes are betas per row, or per group along a row: at least
+        # one per output feature already, so the policy is what was asked for, unchanged
+        # (a CTMQ chain to a binary target then scales its wider integer steps per channel)
+        return policy
     if q.scaling.kind == "exponent_bias":
         raise ValueError(f"weight_scales='channel' does not apply to {policy.name}: its forward weight's "
                          "exponent bias is tracked per tensor")

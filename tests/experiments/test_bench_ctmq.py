@@ -21,10 +21,12 @@ def test_grid_pairs_direct_and_ctmq_runs_per_target_and_seed(bench, tmp_path):
         ("target2", "direct"), ("target2", "ctmq"), ("targetbinary", "direct"), ("targetbinary", "ctmq")}
 
 
-def test_weight_scales_channel_reaches_the_integer_runs_and_skips_binary(bench, tmp_path):
-    args = bench.parse_args(["--datasets", "dsads", "--targets", "3,binary", "--seeds", "0", "--epochs", "12",
+def test_weight_scales_channel_reaches_every_run(bench, tmp_path):
+    """The integer targets and CTMQ's integer steps scale their weights per channel; a
+    binary target's own policy is hadanet's unchanged (a beta per row already)."""
+    args = bench.parse_args(["--datasets", "dsads", "--targets", "3,binary", "--seeds", "0", "--epochs", "16",
                              "--weight-scales", "channel", "--out", str(tmp_path)])
     points, notes = bench.build_points(args)
-    assert [p.config.weight_scales for p in points] == ["channel", "channel"]
-    assert {p.config.schedule for p in points} == {"none", "ctmq"}
-    assert len(notes) == 1 and notes[0].startswith("binary: skipped, --weight-scales channel")
+    assert not notes and [p.config.weight_scales for p in points] == ["channel"] * 4
+    assert {(p.config.recipe, p.config.schedule) for p in points} == {
+        ("hdqt", "none"), ("hdqt", "ctmq"), ("hadanet", "none"), ("hadanet", "ctmq")}

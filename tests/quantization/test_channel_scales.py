@@ -156,8 +156,8 @@ def test_recipe_option_names_and_refusals():
     assert hdqt.recipe("fp32", weight_scales="channel") == hdqt.recipe("fp32")
     with pytest.raises(ValueError, match=r"weight_scales must be one of tensor, channel, got 'row'"):
         hdqt.recipe("hdqt", weight_scales="row")
-    with pytest.raises(ValueError, match=r"binarized forward weight \(hadanet\)"):
-        hdqt.recipe("hadanet", weight_scales="channel")
+    # hadanet's binarized weights have a beta per row already: the policy as it is
+    assert hdqt.recipe("hadanet", weight_scales="channel") == hdqt.recipe("hadanet")
     with pytest.raises(ValueError, match=r"exponent bias is tracked per tensor"):
         hdqt.recipe("fp134", weight_scales="channel")
     base = hdqt.recipe("hdqt")
