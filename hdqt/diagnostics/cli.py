@@ -96,9 +96,8 @@ def _batch(x_all, y_all, size: int, seed: int):
 
 def _from_run(args):
     """(model, x, y, run policy name, description) from a run directory's checkpoint."""
-    from pathlib import Path
-
     import dataclasses
+    from pathlib import Path
 
     import numpy as np
 
